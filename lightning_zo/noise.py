@@ -1,0 +1,127 @@
+"""The perturbation z, regenerated on demand from (seed, logical element index), never stored.
+
+Reference semantics (every backend must reproduce these bits; tests/test_noise.py holds them to it):
+
+* Element g of the flat trainable-parameter space (see `ParamLayout`) draws from Philox4x32-10 keyed by the
+  64-bit seed.
+* Rademacher: counter block g // 128, bit g % 128 of the 16 little-endian output bytes (byte b = bit // 8, LSB
+  first); a set bit means z = -1, a clear bit z = +1. One Philox call feeds 128 elements.
+* Gaussian: counter block g // 8, lane g % 8 = the little-endian uint16 at bytes 2*lane..2*lane+1; z is
+  GAUSSIAN_TABLE[uint16], a 65536-level inverse-CDF table (integer indexing only, so identical on every device).
+* What callers get is coeff * z in float32, one IEEE multiply (exact for Rademacher).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import statistics
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .philox import philox_blocks_numpy, philox_blocks_torch
+
+DISTRIBUTIONS = ("rademacher", "gaussian")
+CHUNK = 1 << 22  # elements generated at a time: bounds the temporaries, not the result
+
+
+@functools.cache
+def gaussian_table() -> np.ndarray:
+    """float32[65536]: the midpoint quantiles of N(0, 1), rescaled to unit second moment."""
+    dist = statistics.NormalDist()
+    q = np.array([dist.inv_cdf((h + 0.5) / 65536) for h in range(65536)], dtype=np.float64)
+    q /= np.sqrt(np.mean(q * q))
+    return q.astype(np.float32)
+
+
+def gaussian_table_sha256() -> str:
+    return hashlib.sha256(gaussian_table().tobytes()).hexdigest()
+
+
+@functools.cache
+def _sign_bits() -> np.ndarray:
+    """float32 [256, 8]: the +-1 signs of the 8 elements a byte encodes (bit set = -1)."""
+    bits = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1, bitorder="little")
+    return np.where(bits == 1, -1.0, 1.0).astype(np.float32)
+
+
+def _check_distribution(distribution: str) -> None:
+    if distribution not in DISTRIBUTIONS:
+        raise ValueError(f"unknown distribution {distribution!r}; choose one of {', '.join(DISTRIBUTIONS)}")
+
+
+def _numpy_chunk(seed: int, start: int, n: int, coeff: np.float32, distribution: str) -> np.ndarray:
+    if distribution == "rademacher":
+        first, last = start >> 7, (start + n - 1) >> 7
+        raw = philox_blocks_numpy(first, last - first + 1, seed).reshape(-1)
+        table = _sign_bits() * coeff  # exact: +-coeff
+        return np.take(table, raw, axis=0).reshape(-1)[start - (first << 7):][:n]
+    first, last = start >> 3, (start + n - 1) >> 3
+    lanes = philox_blocks_numpy(first, last - first + 1, seed).reshape(-1).view("<u2")
+    z = np.take(gaussian_table(), lanes[start - (first << 3):][:n])
+    return z * coeff
+
+
+def _torch_chunk(seed: int, start: int, n: int, coeff: float, distribution: str, device) -> torch.Tensor:
+    c = torch.tensor(coeff, dtype=torch.float32, device=device)
+    if distribution == "rademacher":
+        first, last = start >> 7, (start + n - 1) >> 7
+        raw = philox_blocks_torch(first, last - first + 1, seed, device).reshape(-1)
+        table = torch.from_numpy(_sign_bits()).to(device) * c
+        return table[raw.long()].reshape(-1)[start - (first << 7):][:n]
+    first, last = start >> 3, (start + n - 1) >> 3
+    raw = philox_blocks_torch(first, last - first + 1, seed, device).reshape(-1, 2).long()
+    lanes = raw[:, 0] | (raw[:, 1] << 8)
+    z = torch.from_numpy(gaussian_table()).to(device)[lanes[start - (first << 3):][:n]]
+    return z * c
+
+
+def scaled_noise(seed: int, offset: int, numel: int, coeff: float, distribution: str,
+                 device: torch.device | str = "cpu") -> torch.Tensor:
+    """coeff * z for flat elements offset..offset+numel-1, as a float32 tensor on `device`."""
+    _check_distribution(distribution)
+    device = torch.device(device)
+    c32 = np.float32(coeff)
+    out = torch.empty(numel, dtype=torch.float32, device=device)
+    for lo in range(0, numel, CHUNK):
+        n = min(CHUNK, numel - lo)
+        if device.type == "cpu":
+            out[lo:lo + n] = torch.from_numpy(_numpy_chunk(seed, offset + lo, n, c32, distribution))
+        else:
+            out[lo:lo + n] = _torch_chunk(seed, offset + lo, n, float(c32), distribution, device)
+    return out
+
+
+def reference_noise(seed: int, offset: int, numel: int, coeff: float, distribution: str) -> torch.Tensor:
+    """The torch-op implementation on the CPU: the cross-check for the numpy (and CUDA) paths."""
+    _check_distribution(distribution)
+    return _torch_chunk(seed, offset, numel, float(np.float32(coeff)), distribution, "cpu")
+
+
+@dataclass(frozen=True)
+class ParamSlot:
+    name: str
+    param: torch.nn.Parameter
+    offset: int  # start of this parameter in the flat trainable-parameter space
+
+
+class ParamLayout:
+    """The flat order of trainable parameters: `named_parameters()` order, tied weights counted once."""
+
+    def __init__(self, module: torch.nn.Module):
+        slots, offset = [], 0
+        for name, p in module.named_parameters():  # named_parameters() already skips tied duplicates
+            if p.requires_grad:
+                slots.append(ParamSlot(name, p, offset))
+                offset += p.numel()
+        self.slots: list[ParamSlot] = slots
+        self.numel = offset
+        self._by_id = {id(s.param): s for s in slots}
+
+    def slot_of(self, param: torch.nn.Parameter) -> ParamSlot | None:
+        return self._by_id.get(id(param))
+
+    def __iter__(self):
+        return iter(self.slots)
