@@ -45,6 +45,8 @@ def build(cfg: DictConfig):
         warnings.warn(f"quantization={codec.name}: the payload is {codec.bytes_per_slot} bytes per slot; "
                       "this ablation breaks the one-byte-per-step property", stacklevel=1)
     dm = PromptDataModule(task, lm.tokenizer, lm.kind, **cfg.data)
+    if not task.per_rank_data:
+        dm.setup()  # fail on bad data here, in one process, before any rank starts
     scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
     module = ZOClassifier(lm.model, label_word_ids(lm.tokenizer, task.spec.label_words, lm.kind), lm.kind,
                           optimizer=optimizer, codec=codec, scheduler=scheduler)

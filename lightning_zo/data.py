@@ -88,7 +88,7 @@ class PromptDataModule(pl.LightningDataModule):
         self.train = self.val = self.evaluation = None
 
     def _rank(self) -> tuple[int, int]:
-        trainer = self._trainer if hasattr(self, "_trainer") else None
+        trainer = self.trainer
         if trainer is None:
             return 0, 1
         return trainer.global_rank, trainer.world_size

@@ -55,10 +55,22 @@ class ZOClassifier(pl.LightningModule):
 
     @staticmethod
     def micro_batches(batch: dict, k: int) -> list[dict]:
-        """Strided split: chunk j = rows j, j+k, ... (what rank j of k would have drawn from the same permutation)."""
+        """Strided split: chunk j = rows j, j+k, ... (what rank j of k would have drawn from the same permutation),
+        with the padding columns no row of the chunk needs removed, so its tensors are exactly that rank's batch."""
         if len(batch["labels"]) % k:
             raise ValueError(f"batch size {len(batch['labels'])} is not divisible by k={k}")
-        return [{key: value[j::k] for key, value in batch.items()} for j in range(k)]
+        if k == 1:
+            return [batch]
+        chunks = []
+        for j in range(k):
+            chunk = {key: value[j::k] for key, value in batch.items()}
+            start = int(chunk["attention_mask"].any(0).int().argmax())  # first column a row of this chunk uses
+            chunk["input_ids"] = chunk["input_ids"][:, start:].contiguous()
+            chunk["attention_mask"] = chunk["attention_mask"][:, start:].contiguous()
+            if "mask_pos" in chunk:
+                chunk["mask_pos"] = chunk["mask_pos"] - start
+            chunks.append(chunk)
+        return chunks
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         opt = self.optimizers()

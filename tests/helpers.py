@@ -1,0 +1,106 @@
+"""Test-only callbacks (loaded into real rank processes through Hydra overrides) and subprocess helpers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+
+REPO = Path(__file__).resolve().parents[1]
+COLLECTIVES = ("all_reduce", "broadcast", "all_gather", "all_gather_into_tensor", "all_gather_object", "barrier",
+               "reduce", "reduce_scatter", "reduce_scatter_tensor", "gather", "scatter", "broadcast_object_list",
+               "all_to_all", "all_to_all_single", "send", "recv", "isend", "irecv", "monitored_barrier")
+
+
+class CollectiveCensus(pl.Callback):
+    """Counts every torch.distributed collective per training step (validation windows excluded)."""
+
+    def __init__(self, out_dir: str):
+        self.out_dir = out_dir
+        self.steps: list[list[dict]] = []
+        self.current: list[dict] = []
+        self.in_validation = False
+        self._originals = {}
+
+    def _wrap(self, name, fn):
+        def counted(*args, **kwargs):
+            if not self.in_validation:
+                t = args[0] if args and isinstance(args[0], torch.Tensor) else kwargs.get("tensor")
+                self.current.append({"op": name, "dtype": str(t.dtype) if t is not None else None,
+                                     "numel": t.numel() if t is not None else None})
+            return fn(*args, **kwargs)
+        return counted
+
+    def on_train_start(self, trainer, pl_module):
+        for name in COLLECTIVES:
+            if hasattr(dist, name):
+                self._originals[name] = getattr(dist, name)
+                setattr(dist, name, self._wrap(name, self._originals[name]))
+        self.current = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.steps.append(self.current)  # everything since the previous step ended: loop + step + hooks
+        self.current = []
+
+    def on_validation_start(self, trainer, pl_module):
+        self.in_validation = True
+
+    def on_validation_end(self, trainer, pl_module):
+        self.in_validation = False
+
+    def on_train_end(self, trainer, pl_module):
+        for name, fn in self._originals.items():
+            setattr(dist, name, fn)
+        path = Path(self.out_dir) / f"census.rank{trainer.global_rank}.json"
+        path.write_text(json.dumps(self.steps))
+
+
+class PoisonLoss(pl.Callback):
+    """Makes one rank's forward produce NaN logits during one step."""
+
+    def __init__(self, rank: int, step: int):
+        self.rank, self.step, self.handle = rank, step, None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_rank == self.rank and trainer.global_step == self.step:
+            def poison(module, args, output):
+                output.logits = output.logits * float("nan")
+                return output
+            self.handle = pl_module.model.register_forward_hook(poison)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+
+
+def env() -> dict:
+    e = dict(os.environ)
+    e["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "tests")])
+    e["TOKENIZERS_PARALLELISM"] = "false"
+    e["PYTHONUNBUFFERED"] = "1"
+    return e
+
+
+TINY = ["model=tiny", "trainer.accelerator=cpu", "trainer.val_check_interval=1000", "trainer.enable_progress_bar=false",
+        "~callbacks.progress_bar"]
+
+
+def train(run_dir: Path, *overrides: str, launcher: list[str] | None = None, timeout: int = 300,
+          check: bool = True) -> subprocess.CompletedProcess:
+    cmd = [*(launcher or [sys.executable]), str(REPO / "train.py"), *TINY, f"hydra.run.dir={run_dir}", *overrides]
+    proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def summaries(run_dir: Path) -> list[dict]:
+    files = sorted(Path(run_dir).glob("summary.rank*.json"))
+    return [json.loads(f.read_text()) for f in files]

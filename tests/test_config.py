@@ -1,0 +1,95 @@
+"""Every config composes and instantiates; the CLI runs and rejects bad input with one clear line."""
+
+import json
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+
+from helpers import REPO, summaries, train
+
+CONF = REPO / "conf"
+GROUPS = {g.name: sorted(p.stem for p in g.glob("*.yaml")) for g in CONF.iterdir() if g.is_dir()}
+NEEDS_NETWORK_OR_ARGS = {("model", "hf"), ("model", "smollm2")}
+
+
+def _compose(*overrides):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="config", overrides=["trainer.default_root_dir=/tmp/x", "logger.save_dir=/tmp/x",
+                                                        *overrides])
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g, opts in GROUPS.items() for o in opts])
+def test_every_config_composes_and_instantiates(group, option, tmp_path, shared_data):
+    cfg = _compose(f"{group}={option}")
+    if (group, option) in NEEDS_NETWORK_OR_ARGS:
+        assert cfg[group]["_target_"].startswith("lightning_zo.models.")
+        return
+    if group == "experiment":
+        group, option = "model", cfg.model._target_.rsplit(".", 1)[1]  # an experiment is a bundle of overrides
+    node = cfg[group]
+    if group == "task" and cfg.task.data_dir is None and option != "sentiment":
+        cfg.task.data_dir = str(shared_data / option)
+    if group in ("task", "quantization", "model", "logger"):
+        assert instantiate(node) is not None
+    elif group == "callbacks":
+        assert all(instantiate(c) is not None for c in node.values())
+    elif group == "trainer":
+        cfg.trainer.default_root_dir = str(tmp_path)
+        if cfg.trainer.accelerator in ("gpu", "cuda"):
+            return  # composes; instantiating needs the device
+        assert instantiate(cfg.trainer, logger=False).max_steps == cfg.trainer.max_steps
+
+
+def test_smoke_run_writes_the_run_directory(tmp_path):
+    proc = train(tmp_path, "trainer.max_steps=12", "trainer.val_check_interval=6")
+    (s,) = summaries(tmp_path)
+    assert s["steps"] == 12 and s["world_size"] == 1 and s["payload_bytes_per_step"] == 1
+    assert 0 <= s["val_acc_zero_shot"] <= 1 and 0 <= s["val_acc_final"] <= 1
+    assert len(s["weights_sha256"]) == 64
+    assert (tmp_path / "weights.safetensors").stat().st_size > 100_000
+    metrics = (tmp_path / "csv" / "metrics.csv").read_text()
+    assert "train/loss" in metrics and "val/acc" in metrics
+    assert "val_acc_zero_shot" in proc.stdout
+
+
+def test_eval_file_is_reported(tmp_path, shared_data):
+    train(tmp_path, "task=sst2", f"task.data_dir={shared_data / 'sst2'}", "task.train_per_class=8",
+          "task.val_per_class=8", f"task.eval_file={shared_data / 'sst2' / 'train.tsv'}", "trainer.max_steps=2",
+          "data.eval_batch_size=512")
+    (s,) = summaries(tmp_path)
+    assert 0 <= s["eval_acc_final"] <= 1 and "eval_acc_zero_shot" in s
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["task.name=nope"], "unknown task 'nope'"),
+    (["optimizer.eps=0"], "optimizer: eps must be a positive"),
+    (["optimizer.eps=-0.001"], "optimizer: eps must be a positive"),
+    (["task.data_dir=/does/not/exist"], "task.data_dir not found: /does/not/exist"),
+    (["task.eval_file=/does/not/exist.tsv"], "data file not found: /does/not/exist.tsv"),
+    (["task.val_per_class=500"], "task sentiment: the training split is empty"),
+    (["model.dtype=float8"], "unknown dtype"),
+])
+def test_bad_input_is_one_clear_line(tmp_path, overrides, message):
+    proc = train(tmp_path, "trainer.max_steps=2", *overrides, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"error: {message}" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_malformed_tsv_reports_file_and_line(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.tsv").write_text("sentence\tlabel\ngood film\t1\nbad film\t0\textra\n")
+    proc = train(tmp_path / "run", f"task.data_dir={data}", check=False)
+    assert proc.returncode == 2
+    assert f"error: {data / 'train.tsv'}:3: expected 2 tab-separated fields, got 3" in proc.stderr
+    (data / "train.tsv").write_text("sentence\tlabel\ngood film\tpositive\n")
+    proc = train(tmp_path / "run", f"task.data_dir={data}", check=False)
+    assert f"{data / 'train.tsv'}:2: unknown label 'positive'" in proc.stderr
+
+
+def test_unknown_model_option_is_reported(tmp_path):
+    proc = train(tmp_path, "model=nope", check=False)
+    assert proc.returncode != 0 and "model/nope" in proc.stderr and "Traceback" not in proc.stderr

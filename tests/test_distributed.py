@@ -1,0 +1,123 @@
+"""Real multi-process runs on CPU (gloo): replica identity, the one-int8-collective wire, launchers, faults."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import REPO, TINY, env, summaries, train
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _assert_identical(run_dir, world_size, steps):
+    s = summaries(run_dir)
+    assert [x["rank"] for x in s] == list(range(world_size))
+    assert {x["weights_sha256"] for x in s} == {s[0]["weights_sha256"]}
+    assert all(x["steps"] == steps and x["world_size"] == world_size for x in s)
+    return s
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_spawned_ranks_stay_bit_identical(tmp_path, world_size):
+    train(tmp_path, "trainer.strategy=zo_spawn", f"trainer.devices={world_size}", "trainer.max_steps=20",
+          "data.batch_size=4")
+    s = _assert_identical(tmp_path, world_size, 20)
+    assert s[0]["payload_bytes_per_step"] == world_size
+
+
+def test_collective_census_one_int8_all_reduce_per_step(tmp_path):
+    train(tmp_path, "trainer.strategy=zo_spawn", "trainer.devices=2", "trainer.max_steps=12", "optimizer.k=2",
+          "data.batch_size=4", "trainer.val_check_interval=5",
+          "+callbacks.census._target_=helpers.CollectiveCensus", f"+callbacks.census.out_dir={tmp_path}")
+    for rank in range(2):
+        steps = json.loads((tmp_path / f"census.rank{rank}.json").read_text())
+        assert len(steps) == 12
+        for ops in steps:
+            assert ops == [{"op": "all_reduce", "dtype": "torch.int8", "numel": 4}], ops
+
+
+def test_two_ranks_equal_one_process_simulating_two_machines(tmp_path):
+    """The distributed run is exactly the algorithm: world size 2 (k=1) == world size 1 with k=2."""
+    train(tmp_path / "ddp", "trainer.strategy=zo_spawn", "trainer.devices=2", "trainer.max_steps=15",
+          "data.batch_size=4")
+    train(tmp_path / "single", "optimizer.k=2", "trainer.max_steps=15", "data.batch_size=8")
+    (two_a, two_b), (one,) = summaries(tmp_path / "ddp"), summaries(tmp_path / "single")
+    assert two_a["weights_sha256"] == two_b["weights_sha256"] == one["weights_sha256"]
+    assert one["payload_bytes_per_step"] == two_a["payload_bytes_per_step"] == 2
+
+
+def test_torchrun_standalone(tmp_path):
+    train(tmp_path, "trainer.devices=2", "trainer.max_steps=20",
+          launcher=[*TORCHRUN, "--standalone", "--nproc-per-node=2"])
+    _assert_identical(tmp_path, 2, 20)
+
+
+def test_two_nodes_on_loopback(tmp_path):
+    port = _free_port()
+    procs = []
+    for node in range(2):
+        cmd = [*TORCHRUN, "--nnodes=2", "--nproc-per-node=1", f"--node-rank={node}", "--rdzv-backend=c10d",
+               f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=lzo-test", str(REPO / "train.py"), *TINY,
+               f"hydra.run.dir={tmp_path}", "trainer.num_nodes=2", "trainer.devices=1", "trainer.max_steps=15"]
+        procs.append(subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True))
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+    _assert_identical(tmp_path, 2, 15)
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def test_sigterm_to_one_rank_stops_every_rank_cleanly(tmp_path):
+    cmd = [*TORCHRUN, "--standalone", "--nproc-per-node=2", str(REPO / "train.py"), *TINY,
+           f"hydra.run.dir={tmp_path}", "trainer.devices=2", "trainer.max_steps=100000"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:  # wait until training runs
+        lines.append(line)
+        if "val_acc_zero_shot" in line:
+            break
+    time.sleep(2)
+    workers = sorted(_children(proc.pid))
+    assert len(workers) == 2, lines
+    os.kill(workers[1], signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, "".join(lines) + out[-4000:]
+    s = summaries(tmp_path)
+    assert len(s) == 2 and s[0]["weights_sha256"] == s[1]["weights_sha256"]
+    assert s[0]["steps"] == s[1]["steps"] < 100000
+    assert s[0]["stopped_by_signal"] and s[1]["stopped_by_signal"]
+
+
+def test_nan_on_one_rank_is_skipped_identically(tmp_path):
+    train(tmp_path, "trainer.strategy=zo_spawn", "trainer.devices=2", "trainer.max_steps=8", "data.batch_size=4",
+          "+callbacks.poison._target_=helpers.PoisonLoss", "+callbacks.poison.rank=1", "+callbacks.poison.step=3")
+    s = _assert_identical(tmp_path, 2, 8)
+    metrics = (tmp_path / "csv" / "metrics.csv").read_text().splitlines()
+    header = metrics[0].split(",")
+    rows = [dict(zip(header, r.split(","))) for r in metrics[1:]]
+    contributions = {int(r["step"]): float(r["train/contributions"]) for r in rows if r.get("train/contributions")}
+    assert contributions[3] == 1.0 and all(v == 2.0 for k, v in contributions.items() if k != 3)
