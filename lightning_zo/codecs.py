@@ -55,8 +55,17 @@ class Codec:
     def load_state_dict(self, state: dict) -> None:
         pass
 
-    def describe(self) -> dict:
-        return {"name": self.name, **self.state_dict()}
+    def config(self) -> dict:
+        """How to rebuild this codec in its initial state (stored in the trajectory log's header)."""
+        return {"_target_": f"{type(self).__module__}.{type(self).__qualname__}", **getattr(self, "init_args", {})}
+
+
+def codec_from_config(config: dict) -> Codec:
+    import importlib
+
+    module, _, name = config["_target_"].rpartition(".")
+    cls = getattr(importlib.import_module(module), name)
+    return cls(**{k: v for k, v in config.items() if k != "_target_"})
 
 
 class LinearCodec(Codec):
@@ -73,6 +82,8 @@ class LinearCodec(Codec):
                  stochastic_rounding: bool = True):
         if init_scale <= 0 or target <= 0 or not 0 <= beta < 1:
             raise ValueError("linear codec needs init_scale > 0, target > 0 and 0 <= beta < 1")
+        self.init_args = {"init_scale": init_scale, "target": target, "beta": beta,
+                          "stochastic_rounding": stochastic_rounding}
         self.scale = float(init_scale)
         self.target, self.beta = float(target), float(beta)
         self.stochastic_rounding = stochastic_rounding
@@ -118,6 +129,7 @@ class LogCodec(Codec):
 
     def __init__(self, min_exp: int = -20):
         self.min_exp = int(min_exp)
+        self.init_args = {"min_exp": self.min_exp}
 
     def encode(self, g: float, step: int, slot: int) -> int:
         mag = abs(g)
@@ -143,6 +155,7 @@ class SignCodec(Codec):
 
     def __init__(self, magnitude: float = 1.0):
         self.magnitude = float(magnitude)
+        self.init_args = {"magnitude": self.magnitude}
 
     def encode(self, g: float, step: int, slot: int) -> int:
         return (g > 0) - (g < 0)

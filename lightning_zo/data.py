@@ -6,7 +6,7 @@ import warnings
 
 import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Sampler
 
 from .errors import UserError
 from .tasks import Example, PromptTask
@@ -75,6 +75,33 @@ class ShardSampler(Sampler):
         return len(self.indices)
 
 
+class ShardStream(Sampler):
+    """An endless, step-addressable stream of this rank's training indices.
+
+    Data epoch e is one permutation for all ranks (seeded by seed + e, as DistributedSampler), truncated to a
+    multiple of world_size; rank r takes perm[r::N], in whole batches. Starting at `start_step` skips exactly the
+    batches the first start_step steps used, so a resumed run sees what an uninterrupted one would have seen, and
+    N ranks see what one process simulating N machines (k = N micro-batches) sees.
+    """
+
+    def __init__(self, n: int, rank: int, world_size: int, batch_size: int, seed: int, start_step: int = 0):
+        self.n, self.rank, self.world_size, self.batch_size = n, rank, world_size, batch_size
+        self.seed, self.start_step = seed, start_step
+        self.batches_per_epoch = (n // world_size) // batch_size
+        if self.batches_per_epoch == 0:
+            raise UserError(f"{n} training examples over {world_size} rank(s) do not fill one batch of {batch_size}")
+
+    def __iter__(self):
+        epoch, skip = divmod(self.start_step, self.batches_per_epoch)
+        while True:
+            g = torch.Generator()
+            g.manual_seed(self.seed + epoch)
+            perm = torch.randperm(self.n, generator=g)[: self.n - self.n % self.world_size]
+            shard = perm[self.rank::self.world_size][: self.batches_per_epoch * self.batch_size]
+            yield from shard[skip * self.batch_size:].tolist()
+            epoch, skip = epoch + 1, 0
+
+
 class PromptDataModule(pl.LightningDataModule):
     def __init__(self, task: PromptTask, tokenizer, kind: str = "causal", batch_size: int = 16,
                  eval_batch_size: int = 32, max_length: int = 128, seed: int = 0):
@@ -86,6 +113,7 @@ class PromptDataModule(pl.LightningDataModule):
         self.collate = LeftPadCollator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None
                                        else tokenizer.eos_token_id)
         self.train = self.val = self.evaluation = None
+        self.start_step = 0  # set on resume, before the train loader is built
 
     def _rank(self) -> tuple[int, int]:
         trainer = self.trainer
@@ -104,6 +132,7 @@ class PromptDataModule(pl.LightningDataModule):
             if evaluation else None
         if len(self.train) < self.batch_size:
             raise UserError(f"only {len(self.train)} training examples for data.batch_size={self.batch_size}")
+        ShardStream(len(self.train), 0, 1, self.batch_size, self.seed)  # validates the sizes early
 
     def _shard(self) -> tuple[int, int]:
         """Which shard this rank reads: everything when it has its own data directory."""
@@ -112,12 +141,8 @@ class PromptDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         rank, world = self._shard()
-        # DistributedSampler at any world size: one permutation for all ranks (seed + epoch), rank r takes
-        # perm[r::N]. So N ranks see exactly what one process with k = N micro-batches sees.
-        sampler = DistributedSampler(self.train, num_replicas=world, rank=rank, shuffle=True, seed=self.seed,
-                                     drop_last=True)
-        return DataLoader(self.train, batch_size=self.batch_size, sampler=sampler, collate_fn=self.collate,
-                          drop_last=True)
+        sampler = ShardStream(len(self.train), rank, world, self.batch_size, self.seed, self.start_step)
+        return DataLoader(self.train, batch_size=self.batch_size, sampler=sampler, collate_fn=self.collate)
 
     def _eval_loader(self, items: list[dict]) -> DataLoader:
         rank, world = self._shard()

@@ -80,6 +80,13 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.exchange: Callable[[torch.Tensor], torch.Tensor] = lambda payload: payload
         self.step_count = 0
         self.last_record: Optional[StepRecord] = None
+        self.weight_decay = float(weight_decay)
+
+    def describe(self) -> dict:
+        """Everything besides the base weights and the per-step records that replay needs."""
+        return {"generator": "philox4x32-10", "distribution": self.distribution, "norm": self.norm, "eps": self.eps,
+                "seed": self.seed, "weight_decay": self.weight_decay, "codec": self.codec.config(),
+                "payload_dtype": str(self.codec.dtype).replace("torch.", ""), "numel": self.layout.numel}
 
     def attach(self, rank: int, world_size: int, exchange: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Called by the strategy: who we are and how codes travel."""

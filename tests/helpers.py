@@ -88,8 +88,7 @@ def env() -> dict:
     return e
 
 
-TINY = ["model=tiny", "trainer.accelerator=cpu", "trainer.val_check_interval=1000", "trainer.enable_progress_bar=false",
-        "~callbacks.progress_bar"]
+TINY = ["model=tiny", "trainer.accelerator=cpu", "trainer.val_check_interval=1000", "trainer.enable_progress_bar=false"]
 
 
 def train(run_dir: Path, *overrides: str, launcher: list[str] | None = None, timeout: int = 300,
