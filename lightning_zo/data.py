@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
@@ -102,12 +103,38 @@ class ShardStream(Sampler):
             epoch, skip = epoch + 1, 0
 
 
+def dirichlet_partition(labels: list[int], world_size: int, alpha: float, seed: int) -> list[list[int]]:
+    """Non-IID shards: each class is split across ranks in Dirichlet(alpha) proportions (small alpha = more skew).
+
+    Seeded, so every rank computes the same partition and keeps its own part.
+    """
+    rng = np.random.default_rng(seed)
+    shards: list[list[int]] = [[] for _ in range(world_size)]
+    for c in sorted(set(labels)):
+        members = [i for i, y in enumerate(labels) if y == c]
+        members = [members[i] for i in rng.permutation(len(members))]
+        cuts = (np.cumsum(rng.dirichlet([alpha] * world_size))[:-1] * len(members)).astype(int)
+        for rank, part in enumerate(np.split(np.array(members, dtype=int), cuts)):
+            shards[rank] += part.tolist()
+    return [sorted(s) for s in shards]
+
+
+PARTITIONS = ("iid", "dirichlet")
+
+
 class PromptDataModule(pl.LightningDataModule):
+    """`partition`: "iid" (one shared permutation, rank r takes every N-th example) or "dirichlet" (label-skewed
+    shards, `dirichlet_alpha`); with "dirichlet" a rank's k simulated machines share its shard."""
+
     def __init__(self, task: PromptTask, tokenizer, kind: str = "causal", batch_size: int = 16,
-                 eval_batch_size: int = 32, max_length: int = 128, seed: int = 0):
+                 eval_batch_size: int = 32, max_length: int = 128, seed: int = 0, partition: str = "iid",
+                 dirichlet_alpha: float = 0.5):
         super().__init__()
         if batch_size < 1 or eval_batch_size < 1:
             raise UserError("data.batch_size and data.eval_batch_size must be >= 1")
+        if partition not in PARTITIONS or dirichlet_alpha <= 0:
+            raise UserError(f"data.partition must be one of {', '.join(PARTITIONS)} and data.dirichlet_alpha > 0")
+        self.partition, self.dirichlet_alpha = partition, dirichlet_alpha
         self.task, self.tokenizer, self.kind = task, tokenizer, kind
         self.batch_size, self.eval_batch_size, self.max_length, self.seed = batch_size, eval_batch_size, max_length, seed
         self.collate = LeftPadCollator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None
@@ -141,8 +168,15 @@ class PromptDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         rank, world = self._shard()
-        sampler = ShardStream(len(self.train), rank, world, self.batch_size, self.seed, self.start_step)
-        return DataLoader(self.train, batch_size=self.batch_size, sampler=sampler, collate_fn=self.collate)
+        items = self.train
+        if self.partition == "dirichlet" and world > 1:
+            shard = dirichlet_partition([it["label"] for it in items], world, self.dirichlet_alpha, self.seed)[rank]
+            if len(shard) < self.batch_size:
+                raise UserError(f"rank {rank}'s Dirichlet shard has {len(shard)} examples, fewer than "
+                                f"data.batch_size={self.batch_size}; raise data.dirichlet_alpha or add data")
+            items, rank, world = [items[i] for i in shard], 0, 1
+        sampler = ShardStream(len(items), rank, world, self.batch_size, self.seed, self.start_step)
+        return DataLoader(items, batch_size=self.batch_size, sampler=sampler, collate_fn=self.collate)
 
     def _eval_loader(self, items: list[dict]) -> DataLoader:
         rank, world = self._shard()

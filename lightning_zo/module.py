@@ -73,6 +73,9 @@ class ZOClassifier(pl.LightningModule):
         return chunks
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
+        if self.model.training:
+            # loss(theta + eps z) - loss(theta - eps z) must compare one function: no dropout masks.
+            self.model.eval()
         opt = self.optimizers()
         zo: ZOOptimizer = opt.optimizer
         chunks = self.micro_batches(batch, zo.k)

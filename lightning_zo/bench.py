@@ -1,0 +1,194 @@
+"""Benchmark the ZO step against a MeZO-style reference, measured in the same run (DESIGN §8).
+
+    python -m lightning_zo.bench [--model tiny|smollm2|roberta-large|opt-1.3b|opt-13b] [--device cpu|cuda]
+
+Prints one JSON line per configuration. Ratios are what to compare across machines; milliseconds are this
+machine's. The reference ("mezo_*") is a faithful re-implementation of MeZO's per-parameter reseeded
+torch.normal: perturb +eps, forward, -2 eps, forward, +eps (restore), then regenerate again for the update.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import threading
+import time
+
+import torch
+
+from .engine import PerturbedForward, apply_update
+from .noise import ParamLayout
+
+SIZES = {"tiny": (16, 32), "smollm2": (16, 33), "roberta-large": (64, 128), "opt-1.3b": (16, 256),
+         "opt-13b": (16, 256)}
+
+
+def build(name: str, dtype: torch.dtype):
+    """(model, vocab size): random init for the architecture figures (speed does not depend on the weights)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
+
+    if name == "tiny":
+        from .models import tiny
+
+        lm = tiny()
+        return lm.model.to(dtype), lm.model.config.vocab_size
+    if name == "smollm2":
+        from .models import smollm2
+
+        lm = smollm2()
+        return lm.model.to(dtype), lm.model.config.vocab_size
+    hub = {"roberta-large": ("roberta", dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                                             intermediate_size=4096, vocab_size=50265, max_position_embeddings=514)),
+           "opt-1.3b": ("opt", dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=32, ffn_dim=8192,
+                                    vocab_size=50272, word_embed_proj_dim=2048)),
+           "opt-13b": ("opt", dict(hidden_size=5120, num_hidden_layers=40, num_attention_heads=40, ffn_dim=20480,
+                                   vocab_size=50272, word_embed_proj_dim=5120))}[name]
+    config = AutoConfig.for_model(hub[0], **hub[1])
+    cls = AutoModelForMaskedLM if hub[0] == "roberta" else AutoModelForCausalLM
+    with torch.device("meta"):
+        model = cls.from_config(config, dtype=dtype)
+    model = model.to_empty(device="cpu")
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    return model, config.vocab_size
+
+
+class PeakMemory:
+    """Peak device memory (CUDA) or peak resident set size sampled every ms (CPU) within a `with` block."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak, self._stop = device, 0, threading.Event()
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            self.peak, self._stop = self._rss(), threading.Event()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._rss())
+            time.sleep(0.001)
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated()
+        else:
+            self._stop.set()
+            self._thread.join()
+
+
+def timed(fn, device: torch.device, repeat: int) -> float:
+    """Median milliseconds of `repeat` calls after one warm-up."""
+    fn()
+    times = []
+    for _ in range(repeat):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def mezo_perturb(params, seed: int, scale: float) -> None:
+    torch.manual_seed(seed)
+    for p in params:
+        p.data.add_(torch.normal(0, 1, size=p.shape, device=p.device, dtype=p.dtype), alpha=scale)
+
+
+def run(name: str, device: torch.device, dtype: torch.dtype, repeat: int, machines: list[int]) -> dict:
+    model, vocab = build(name, dtype)
+    model = model.to(device).eval()
+    batch, length = SIZES[name]
+    ids = torch.randint(0, vocab, (batch, length), device=device)
+    layout = ParamLayout(model)
+    params = [s.param for s in layout]
+    hooks = PerturbedForward(model, layout, "rademacher")
+
+    @torch.no_grad()
+    def forward():
+        return model(input_ids=ids).logits.float().mean()
+
+    @torch.no_grad()
+    def zo_step(distribution="rademacher"):
+        hooks.distribution = distribution
+        with hooks.perturb(1, 1e-3):
+            a = float(forward())
+        with hooks.perturb(1, -1e-3):
+            b = float(forward())
+        apply_update(layout, [1], [-1e-9 * (a - b)], distribution)
+
+    @torch.no_grad()
+    def mezo_step():
+        mezo_perturb(params, 1, 1e-3)
+        a = float(forward())
+        mezo_perturb(params, 1, -2e-3)
+        b = float(forward())
+        mezo_perturb(params, 1, 1e-3)
+        mezo_perturb(params, 1, -1e-9 * (a - b))
+
+    with PeakMemory(device) as base:
+        forward()
+    with PeakMemory(device) as inference:
+        forward()
+    fwd_ms = timed(forward, device, repeat)
+    with PeakMemory(device) as step_mem:
+        zo_step()
+    step_ms = timed(zo_step, device, repeat)
+    mezo_ms = timed(mezo_step, device, max(1, repeat // 2))
+    floor_ms = timed(lambda: [p.data.mul_(1.0) for p in params], device, repeat)  # one read + write of theta
+    numel = layout.numel
+    element = params[0].element_size()
+    out = {"model": name, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+           "dtype": str(dtype).replace("torch.", ""), "params": numel, "batch": batch, "seq_len": length,
+           "threads": torch.get_num_threads(), "fwd_ms": round(fwd_ms, 2), "step_ms": round(step_ms, 2),
+           "step_over_2fwd": round(step_ms / (2 * fwd_ms), 3), "mezo_step_ms": round(mezo_ms, 2),
+           "mezo_step_over_2fwd": round(mezo_ms / (2 * fwd_ms), 3), "rw_floor_ms": round(floor_ms, 2),
+           "peak_mem_over_inference": round((step_mem.peak - base.peak * 0) / max(inference.peak, 1), 3),
+           "largest_param_bytes": max(p.numel() for p in params) * element,
+           "payload_bytes_per_step": 1, "ddp_grad_bytes_per_step": numel * element}
+    for distribution in ("rademacher", "gaussian"):
+        for n in machines:
+            seeds, coeffs = list(range(n)), [1e-9] * n
+            ms = timed(lambda: apply_update(layout, seeds, coeffs, distribution), device, max(1, repeat // 2))
+            out[f"update_ms_{distribution}_n{n}"] = round(ms, 2)
+            out[f"update_over_floor_{distribution}_n{n}"] = round(ms / floor_ms, 2)
+        ms = timed(lambda: [mezo_perturb(params, s, 1e-9) for s in range(machines[-1])], device, 1)
+        out[f"mezo_update_ms_n{machines[-1]}"] = round(ms, 2)
+    hooks.remove()
+    return out
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m lightning_zo.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", action="append", choices=sorted(SIZES), help="repeatable; default: tiny and "
+                        "smollm2 on CPU, roberta-large and opt-1.3b on CUDA")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (CUDA default)")
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--machines", default="1,8,64", help="N values for the update figures")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    models = args.model or (["tiny", "smollm2"] if device.type == "cpu" else ["roberta-large", "opt-1.3b"])
+    dtype = getattr(torch, args.dtype or ("float32" if device.type == "cpu" else "bfloat16"))
+    machines = [int(n) for n in args.machines.split(",")]
+    for name in models:
+        print(json.dumps(run(name, device, dtype, args.repeat, machines)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
