@@ -12,7 +12,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from .noise import ParamLayout, scaled_noise
+from .noise import ParamLayout, round_to_bfloat16, scaled_noise
 
 
 class PerturbedForward:
@@ -70,11 +70,13 @@ class PerturbedForward:
 
 @torch.no_grad()
 def apply_update(layout: ParamLayout, seeds: Sequence[int], coeffs: Sequence[float], distribution: str,
-                 decay: dict[int, float] | None = None) -> None:
+                 decay: dict[int, float] | None = None, rounding_seed: int | None = None) -> None:
     """theta <- theta * decay_p + sum_i coeffs[i] * z(seeds[i]), with a device-independent rounding order.
 
     The sum is accumulated in float32 in the given order (slot order), each product rounded once; the decayed
-    weight (if any) is rounded once; the final add rounds once into the storage dtype.
+    weight (if any) is rounded once; the final add rounds once into the storage dtype: to nearest, or for
+    bfloat16 weights with `rounding_seed`, stochastically from the shared generator (so updates far below one
+    bf16 ulp still move the weights in expectation, DESIGN I5).
     """
     decay = decay or {}
     for slot in layout:
@@ -91,4 +93,6 @@ def apply_update(layout: ParamLayout, seeds: Sequence[int], coeffs: Sequence[flo
             theta = theta * torch.tensor(factor, dtype=torch.float32, device=theta.device)
         if acc is not None:
             theta = theta + acc
+        if p.dtype == torch.bfloat16 and rounding_seed is not None:
+            theta = round_to_bfloat16(theta, rounding_seed, slot.offset)
         p.data.copy_(theta.view_as(p.data))

@@ -94,6 +94,31 @@ def scaled_noise(seed: int, offset: int, numel: int, coeff: float, distribution:
     return out
 
 
+def random_uint16(seed: int, offset: int, numel: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """16 shared random bits per element (the Gaussian lane layout), as int32 in [0, 65536)."""
+    device = torch.device(device)
+    if numel == 0:
+        return torch.zeros(0, dtype=torch.int32, device=device)
+    first, last = offset >> 3, (offset + numel - 1) >> 3
+    if device.type == "cpu":
+        lanes = philox_blocks_numpy(first, last - first + 1, seed).reshape(-1).view("<u2")
+        return torch.from_numpy(lanes[offset - (first << 3):][:numel].astype(np.int32))
+    raw = philox_blocks_torch(first, last - first + 1, seed, device).reshape(-1, 2).int()
+    return (raw[:, 0] | (raw[:, 1] << 8))[offset - (first << 3):][:numel]
+
+
+def round_to_bfloat16(x: torch.Tensor, seed: int, offset: int) -> torch.Tensor:
+    """Stochastic rounding of float32 to bfloat16 with shared randomness: unbiased, identical on every rank.
+
+    Adding 16 random bits below the bf16 mantissa, then truncating, rounds away from zero with probability
+    equal to the dropped fraction.
+    """
+    bits = x.contiguous().view(torch.int32)
+    r = random_uint16(seed, offset, x.numel(), x.device).view_as(bits)
+    rounded = (bits + r) & ~0xFFFF
+    return rounded.view(torch.float32).to(torch.bfloat16)
+
+
 def reference_noise(seed: int, offset: int, numel: int, coeff: float, distribution: str) -> torch.Tensor:
     """The torch-op implementation on the CPU: the cross-check for the numpy (and CUDA) paths."""
     _check_distribution(distribution)

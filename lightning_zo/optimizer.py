@@ -19,6 +19,7 @@ from .noise import DISTRIBUTIONS, ParamLayout
 from .philox import derive_seed
 
 NORMS = ("mean", "sqrt")
+ROUNDING_STREAM = 1  # derive_seed stream for stochastic rounding of low-precision weights
 
 
 @dataclass
@@ -72,6 +73,9 @@ class ZOOptimizer(torch.optim.Optimizer):
                               {"params": plain, "weight_decay": 0.0}) if g["params"]]
         super().__init__(groups, {"lr": lr, "weight_decay": weight_decay})
         self.layout = layout
+        if any(s.param.dtype == torch.float16 for s in layout):
+            warnings.warn("float16 weights are updated with round-to-nearest: updates below half an ulp vanish. "
+                          "Use bf16-true (stochastic rounding from the shared generator) or 32-true.", stacklevel=2)
         self.eps, self.k, self.distribution, self.norm = float(eps), int(k), distribution, norm
         self.seed = int(seed)
         self.codec = codec if codec is not None else LinearCodec()
@@ -150,7 +154,8 @@ class ZOOptimizer(torch.optim.Optimizer):
             if group["weight_decay"] > 0 and record.lr > 0:
                 factor = 1.0 - record.lr * group["weight_decay"]
                 decay.update({id(p): factor for p in group["params"]})
-        apply_update(self.layout, seeds, coeffs, self.distribution, decay)
+        apply_update(self.layout, seeds, coeffs, self.distribution, decay,
+                     rounding_seed=derive_seed(self.seed, record.step, 0, ROUNDING_STREAM))
         self.step_count = record.step + 1
 
     def state_dict(self) -> dict:

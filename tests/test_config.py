@@ -93,3 +93,18 @@ def test_malformed_tsv_reports_file_and_line(tmp_path):
 def test_unknown_model_option_is_reported(tmp_path):
     proc = train(tmp_path, "model=nope", check=False)
     assert proc.returncode != 0 and "model/nope" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_slurm_sweep_launcher_ties_tasks_to_devices(tmp_path):
+    import subprocess
+    import sys
+
+    from helpers import env
+
+    proc = subprocess.run([sys.executable, str(REPO / "train.py"), "hydra/launcher=slurm", "model=tiny",
+                           "trainer=multi_node", "trainer.devices=4", "trainer.num_nodes=3", "--cfg", "all",
+                           "--resolve"], cwd=REPO, env=env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    assert "SlurmLauncher" in out
+    assert "tasks_per_node: 4" in out and "gpus_per_node: 4" in out and "nodes: 3" in out
