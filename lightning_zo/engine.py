@@ -12,7 +12,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from .noise import ParamLayout, round_to_bfloat16, scaled_noise
+from .noise import ParamLayout, add_noise, round_to_bfloat16
 
 
 class PerturbedForward:
@@ -39,9 +39,13 @@ class PerturbedForward:
             if slot is None:
                 continue
             original = p.data
-            cz = scaled_noise(seed, slot.offset, p.numel(), coeff, self.distribution, original.device)
-            # theta + eps*z in fp32 (two separate ops: no device-dependent FMA), one rounding to storage dtype.
-            p.data = (original.reshape(-1).float() + cz).to(original.dtype).view_as(original)
+            # theta + eps*z in fp32 (product and sum rounded separately: no FMA), one rounding to storage dtype.
+            theta = original.reshape(-1)
+            if theta.dtype == torch.float32:
+                perturbed = add_noise(torch.empty_like(theta), theta, seed, slot.offset, coeff, self.distribution)
+            else:
+                perturbed = add_noise(theta.float(), theta.float(), seed, slot.offset, coeff, self.distribution)
+            p.data = perturbed.to(original.dtype).view_as(original)
             saved.append((p, original))
         self._saved.setdefault(id(module), []).extend(saved)
 
@@ -85,9 +89,12 @@ def apply_update(layout: ParamLayout, seeds: Sequence[int], coeffs: Sequence[flo
         if not seeds and factor == 1.0:
             continue
         acc = None
-        for seed, c in zip(seeds, coeffs):
-            cz = scaled_noise(seed, slot.offset, p.numel(), c, distribution, p.device)
-            acc = cz if acc is None else acc.add_(cz)
+        for seed, c in zip(seeds, coeffs):  # acc = ((c0 z0 + c1 z1) + c2 z2) + ...
+            if acc is None:
+                acc = add_noise(torch.empty(p.numel(), dtype=torch.float32, device=p.device), None, seed,
+                                slot.offset, c, distribution)
+            else:
+                add_noise(acc, acc, seed, slot.offset, c, distribution)
         theta = p.data.reshape(-1).float()
         if factor != 1.0:
             theta = theta * torch.tensor(factor, dtype=torch.float32, device=theta.device)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from . import cpu_kernel
 from .philox import philox_blocks_numpy, philox_blocks_torch
 
 DISTRIBUTIONS = ("rademacher", "gaussian")
@@ -78,20 +79,46 @@ def _torch_chunk(seed: int, start: int, n: int, coeff: float, distribution: str,
     return z * c
 
 
-def scaled_noise(seed: int, offset: int, numel: int, coeff: float, distribution: str,
-                 device: torch.device | str = "cpu") -> torch.Tensor:
-    """coeff * z for flat elements offset..offset+numel-1, as a float32 tensor on `device`."""
+BACKENDS = ("auto", "kernel", "numpy", "torch")
+
+
+def add_noise(dst: torch.Tensor, src: torch.Tensor | None, seed: int, offset: int, coeff: float, distribution: str,
+              backend: str = "auto") -> torch.Tensor:
+    """dst = src + coeff * z (or dst = coeff * z without src) over flat elements offset..offset+dst.numel()-1.
+
+    dst and src are flat contiguous float32 on one device. Backends give identical bits: "kernel" (fused C, CPU),
+    "numpy" (CPU), "torch" (any device); "auto" picks the kernel on CPU when it compiled, torch elsewhere.
+    """
     _check_distribution(distribution)
-    device = torch.device(device)
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}")
     c32 = np.float32(coeff)
-    out = torch.empty(numel, dtype=torch.float32, device=device)
-    for lo in range(0, numel, CHUNK):
-        n = min(CHUNK, numel - lo)
-        if device.type == "cpu":
-            out[lo:lo + n] = torch.from_numpy(_numpy_chunk(seed, offset + lo, n, c32, distribution))
+    cpu = dst.device.type == "cpu"
+    if backend == "auto":
+        backend = "kernel" if cpu and cpu_kernel.load() is not None else ("numpy" if cpu else "torch")
+    if backend == "kernel":
+        if cpu_kernel.load() is None:
+            raise RuntimeError("the CPU noise kernel is not available (no C compiler?)")
+        cpu_kernel.fill(dst, src, seed, offset, c32, distribution, gaussian_table())
+        return dst
+    for lo in range(0, dst.numel(), CHUNK):
+        n = min(CHUNK, dst.numel() - lo)
+        if backend == "numpy":
+            cz = torch.from_numpy(_numpy_chunk(seed, offset + lo, n, c32, distribution))
         else:
-            out[lo:lo + n] = _torch_chunk(seed, offset + lo, n, float(c32), distribution, device)
-    return out
+            cz = _torch_chunk(seed, offset + lo, n, float(c32), distribution, dst.device)
+        if src is None:
+            dst[lo:lo + n] = cz
+        else:
+            torch.add(src[lo:lo + n], cz, out=dst[lo:lo + n])  # one IEEE add, no alpha (no FMA)
+    return dst
+
+
+def scaled_noise(seed: int, offset: int, numel: int, coeff: float, distribution: str,
+                 device: torch.device | str = "cpu", backend: str = "auto") -> torch.Tensor:
+    """coeff * z for flat elements offset..offset+numel-1, as a float32 tensor on `device`."""
+    out = torch.empty(numel, dtype=torch.float32, device=torch.device(device))
+    return add_noise(out, None, seed, offset, coeff, distribution, backend)
 
 
 def random_uint16(seed: int, offset: int, numel: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -120,9 +147,8 @@ def round_to_bfloat16(x: torch.Tensor, seed: int, offset: int) -> torch.Tensor:
 
 
 def reference_noise(seed: int, offset: int, numel: int, coeff: float, distribution: str) -> torch.Tensor:
-    """The torch-op implementation on the CPU: the cross-check for the numpy (and CUDA) paths."""
-    _check_distribution(distribution)
-    return _torch_chunk(seed, offset, numel, float(np.float32(coeff)), distribution, "cpu")
+    """The torch-op implementation on the CPU: the cross-check for the kernel, numpy (and CUDA) paths."""
+    return scaled_noise(seed, offset, numel, coeff, distribution, backend="torch")
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_zo.noise import gaussian_table_sha256, reference_noise, scaled_noise
+from lightning_zo import cpu_kernel
+from lightning_zo.noise import add_noise, gaussian_table_sha256, reference_noise, scaled_noise
 from lightning_zo.philox import MASK32, derive_seed, philox_numpy, philox_torch
 
 # Random123 kat_vectors: counter (4 words), key (2 words) -> output (4 words).
@@ -29,12 +30,30 @@ def test_seeds_are_distinct_and_stable():
     assert derive_seed(7, 3, 5) == derive_seed(7, 3, 5) != derive_seed(8, 3, 5)
 
 
+@pytest.mark.parametrize("backend", ["numpy", "kernel"])
 @pytest.mark.parametrize("distribution", ["rademacher", "gaussian"])
-@pytest.mark.parametrize("offset,n", [(0, 1000), (77, 5000), (2**33 + 5, 300), (130, 1), (1000, 129)])
-def test_numpy_path_matches_torch_reference(distribution, offset, n):
-    a = scaled_noise(123456789, offset, n, 0.37, distribution)
+@pytest.mark.parametrize("offset,n", [(0, 1000), (77, 5000), (2**33 + 5, 300), (130, 1), (1000, 129),
+                                      (5, 300_001)])
+def test_cpu_backends_match_torch_reference(backend, distribution, offset, n):
+    a = scaled_noise(123456789, offset, n, 0.37, distribution, backend=backend)
     b = reference_noise(123456789, offset, n, 0.37, distribution)
     assert a.dtype == torch.float32 and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "kernel", "torch"])
+@pytest.mark.parametrize("distribution", ["rademacher", "gaussian"])
+def test_fused_add_is_one_product_and_one_sum(backend, distribution):
+    src = torch.randn(200_003)
+    got = add_noise(torch.empty_like(src), src, 9, 33, 1e-3, distribution, backend=backend)
+    assert torch.equal(got, src + reference_noise(9, 33, src.numel(), 1e-3, distribution))
+    acc = src.clone()
+    add_noise(acc, acc, 9, 33, 1e-3, distribution, backend=backend)  # in place
+    assert torch.equal(acc, got)
+
+
+def test_kernel_compiles_here():
+    # Our machines and CI have a C compiler: the fast path must really be in use there.
+    assert cpu_kernel.load() is not None
 
 
 @pytest.mark.parametrize("distribution", ["rademacher", "gaussian"])

@@ -1,0 +1,75 @@
+/* Fused CPU noise kernels: dst[i] = (accumulate ? src[i] : 0-free) + coeff * z(offset + i), float32.
+ * Same bits as noise.py's reference semantics. Built with -ffp-contract=off: no FMA, so the product and the sum
+ * are rounded separately exactly as in the numpy and torch paths. */
+#include <stdint.h>
+
+#define M0 0xD2511F53u
+#define M1 0xCD9E8D57u
+#define W0 0x9E3779B9u
+#define W1 0xBB67AE85u
+
+static inline void philox(uint64_t block, uint64_t seed, uint32_t out[4]) {
+    uint32_t c0 = (uint32_t)block, c1 = (uint32_t)(block >> 32), c2 = 0, c3 = 0;
+    uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
+    for (int r = 0; r < 10; r++) {
+        uint64_t p0 = (uint64_t)M0 * c0, p1 = (uint64_t)M1 * c2;
+        uint32_t n0 = (uint32_t)(p1 >> 32) ^ c1 ^ k0, n2 = (uint32_t)(p0 >> 32) ^ c3 ^ k1;
+        c1 = (uint32_t)p1; c3 = (uint32_t)p0; c0 = n0; c2 = n2;
+        k0 += W0; k1 += W1;
+    }
+    out[0] = c0; out[1] = c1; out[2] = c2; out[3] = c3;
+}
+
+/* -c when bit is 1, c when 0: a sign-bit XOR, branch-free (random bits defeat branch prediction). */
+static inline float signed_coeff(uint32_t coeff_bits, uint32_t bit) {
+    union { uint32_t u; float f; } v;
+    v.u = coeff_bits ^ (bit << 31);
+    return v.f;
+}
+
+/* Rademacher: element g uses bit g % 128 of counter block g / 128 (word = bit / 32, LSB first); set = -1. */
+void rademacher(float *dst, const float *src, int64_t n, uint64_t offset, uint64_t seed, float coeff,
+                int accumulate) {
+    union { float f; uint32_t u; } c = {coeff};
+    int64_t i = 0;
+    while (i < n) {
+        uint64_t g = offset + (uint64_t)i, block = g >> 7;
+        uint32_t w[4];
+        philox(block, seed, w);
+        int64_t first = (int64_t)(g & 127), count = 128 - first;
+        if (count > n - i) count = n - i;
+        float *d = dst + i;
+        const float *s = src + i;
+        if (accumulate) {
+            for (int64_t j = 0; j < count; j++) {
+                int64_t b = first + j;
+                d[j] = s[j] + signed_coeff(c.u, (w[b >> 5] >> (b & 31)) & 1u);
+            }
+        } else {
+            for (int64_t j = 0; j < count; j++) {
+                int64_t b = first + j;
+                d[j] = signed_coeff(c.u, (w[b >> 5] >> (b & 31)) & 1u);
+            }
+        }
+        i += count;
+    }
+}
+
+/* Gaussian: element g uses the little-endian uint16 lane g % 8 of counter block g / 8, looked up in table. */
+void gaussian(float *dst, const float *src, int64_t n, uint64_t offset, uint64_t seed, float coeff,
+              const float *table, int accumulate) {
+    int64_t i = 0;
+    while (i < n) {
+        uint64_t g = offset + (uint64_t)i, block = g >> 3;
+        uint32_t w[4];
+        philox(block, seed, w);
+        int64_t first = (int64_t)(g & 7), count = 8 - first;
+        if (count > n - i) count = n - i;
+        for (int64_t j = 0; j < count; j++) {
+            int64_t lane = first + j;
+            float cz = coeff * table[(w[lane >> 1] >> (16 * (lane & 1))) & 0xFFFFu];
+            dst[i + j] = accumulate ? src[i + j] + cz : cz;
+        }
+        i += count;
+    }
+}

@@ -1,0 +1,100 @@
+"""The fused CPU kernel (cpu_kernel.c), compiled on first use with the system C compiler and loaded by ctypes.
+
+Measured need: the numpy path writes several full temporaries per pass; this kernel does one read and one write
+(see docs/PERFORMANCE.md). Without a compiler, or with LIGHTNING_ZO_CPU_KERNEL=0, `load()` returns None and
+noise.py uses numpy. Work is split across threads (ctypes releases the GIL), not OpenMP, so no second OpenMP
+runtime is loaded next to torch's.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import sysconfig
+import tempfile
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SOURCE = Path(__file__).with_name("cpu_kernel.c")
+FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-fast-math", "-fPIC", "-shared"]
+MIN_PARALLEL = 1 << 16
+
+
+def _cpu_flags() -> bytes:
+    try:
+        with open("/proc/cpuinfo", "rb") as f:
+            return next((line for line in f if line.startswith((b"flags", b"Features"))), b"")
+    except OSError:
+        return b""
+
+
+@functools.cache
+def load():
+    if os.environ.get("LIGHTNING_ZO_CPU_KERNEL", "1") == "0":
+        return None
+    cc = os.environ.get("CC") or (sysconfig.get_config_var("CC") or "cc").split()[0]
+    if shutil.which(cc) is None:
+        return None
+    # -march=native: key the build by the CPU's feature flags too (a shared home may span several CPU models).
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + _cpu_flags()).hexdigest()[:16]
+    cache = Path(os.environ.get("LIGHTNING_ZO_CACHE", Path.home() / ".cache" / "lightning_zo")) / "kernels"
+    lib_path = cache / f"cpu_kernel-{digest}.so"
+    if not lib_path.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
+        os.close(fd)
+        result = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True)
+        if result.returncode != 0:
+            os.unlink(tmp)
+            warnings.warn(f"could not compile the CPU noise kernel, using numpy: {result.stderr[-500:]}",
+                          stacklevel=2)
+            return None
+        os.replace(tmp, lib_path)
+    lib = ctypes.CDLL(str(lib_path))
+    f32p, i64, u64 = ctypes.POINTER(ctypes.c_float), ctypes.c_int64, ctypes.c_uint64
+    lib.rademacher.argtypes = [f32p, f32p, i64, u64, u64, ctypes.c_float, ctypes.c_int]
+    lib.gaussian.argtypes = [f32p, f32p, i64, u64, u64, ctypes.c_float, f32p, ctypes.c_int]
+    return lib
+
+
+@functools.cache
+def _pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads()))
+
+
+def _ptr(t: torch.Tensor, index: int):
+    return ctypes.cast(t.data_ptr() + 4 * index, ctypes.POINTER(ctypes.c_float))
+
+
+def fill(dst: torch.Tensor, src: torch.Tensor | None, seed: int, offset: int, coeff: np.float32, distribution: str,
+         table: np.ndarray) -> None:
+    """dst = (src if given) + coeff * z over flat elements offset.. (float32, contiguous, CPU)."""
+    lib = load()
+    n = dst.numel()
+    accumulate = 1 if src is not None else 0
+    src = dst if src is None else src
+    workers = _pool()._max_workers if n >= MIN_PARALLEL else 1
+    step = -(-n // workers)
+    step += (-step) % 128  # whole Philox blocks per thread
+    table_ptr = table.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+
+    def run(lo: int) -> None:
+        m = min(step, n - lo)
+        if distribution == "rademacher":
+            lib.rademacher(_ptr(dst, lo), _ptr(src, lo), m, offset + lo, seed, coeff, accumulate)
+        else:
+            lib.gaussian(_ptr(dst, lo), _ptr(src, lo), m, offset + lo, seed, coeff, table_ptr, accumulate)
+
+    starts = list(range(0, n, step))
+    if len(starts) == 1:
+        run(0)
+    else:
+        list(_pool().map(run, starts))
