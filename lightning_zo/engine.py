@@ -15,6 +15,26 @@ import torch
 from .noise import ParamLayout, add_noise, round_to_bfloat16
 
 
+class BufferPool:
+    """Reusable float32 scratch tensors. Fresh large tensors are fresh mmap'd pages on the CPU, and faulting them in
+    costs as much as generating the noise; reuse keeps the extra memory at the largest module's size."""
+
+    def __init__(self):
+        self._free: list[torch.Tensor] = []
+
+    def take(self, numel: int, device: torch.device) -> torch.Tensor:
+        for i, buf in enumerate(self._free):
+            if buf.numel() >= numel and buf.device == device:
+                return self._free.pop(i)[:numel]
+        return torch.empty(numel, dtype=torch.float32, device=device)
+
+    def give(self, tensor: torch.Tensor) -> None:
+        base = tensor if tensor._base is None else tensor._base
+        if base.dtype == torch.float32 and base.dim() == 1:
+            self._free.append(base)
+            self._free.sort(key=torch.Tensor.numel)
+
+
 class PerturbedForward:
     """Hooks on every module that owns trainable parameters; inactive (free) outside `perturb(...)`."""
 
@@ -23,6 +43,7 @@ class PerturbedForward:
         self.distribution = distribution
         self._active: tuple[int, float] | None = None
         self._saved: dict[int, list[tuple[torch.nn.Parameter, torch.Tensor]]] = {}
+        self._pool = BufferPool()
         self._handles = []
         for module in model.modules():
             if any(layout.slot_of(p) for p in module.parameters(recurse=False)):
@@ -41,17 +62,17 @@ class PerturbedForward:
             original = p.data
             # theta + eps*z in fp32 (product and sum rounded separately: no FMA), one rounding to storage dtype.
             theta = original.reshape(-1)
-            if theta.dtype == torch.float32:
-                perturbed = add_noise(torch.empty_like(theta), theta, seed, slot.offset, coeff, self.distribution)
-            else:
-                perturbed = add_noise(theta.float(), theta.float(), seed, slot.offset, coeff, self.distribution)
+            buffer = self._pool.take(theta.numel(), theta.device)
+            perturbed = add_noise(buffer, theta.float(), seed, slot.offset, coeff, self.distribution)
             p.data = perturbed.to(original.dtype).view_as(original)
             saved.append((p, original))
         self._saved.setdefault(id(module), []).extend(saved)
 
     def _swap_out(self, module: torch.nn.Module, args, output) -> None:
         for p, original in self._saved.pop(id(module), []):
-            p.data = original
+            perturbed, p.data = p.data, original
+            if perturbed.dtype == torch.float32:
+                self._pool.give(perturbed.reshape(-1))
 
     @contextlib.contextmanager
     def perturb(self, seed: int, coeff: float) -> Iterator[None]:
@@ -72,6 +93,9 @@ class PerturbedForward:
         self._handles.clear()
 
 
+_UPDATE_POOL = BufferPool()
+
+
 @torch.no_grad()
 def apply_update(layout: ParamLayout, seeds: Sequence[int], coeffs: Sequence[float], distribution: str,
                  decay: dict[int, float] | None = None, rounding_seed: int | None = None) -> None:
@@ -88,18 +112,28 @@ def apply_update(layout: ParamLayout, seeds: Sequence[int], coeffs: Sequence[flo
         factor = decay.get(id(p), 1.0)
         if not seeds and factor == 1.0:
             continue
+        contiguous = p.data.is_contiguous()
+        flat = p.data.view(-1) if contiguous else p.data.reshape(-1)
+        in_place = contiguous and p.dtype == torch.float32 and factor == 1.0
+        if in_place and len(seeds) == 1:  # theta + c0 z0: the same two roundings, fused in one pass
+            add_noise(flat, flat, seeds[0], slot.offset, coeffs[0], distribution)
+            continue
         acc = None
         for seed, c in zip(seeds, coeffs):  # acc = ((c0 z0 + c1 z1) + c2 z2) + ...
             if acc is None:
-                acc = add_noise(torch.empty(p.numel(), dtype=torch.float32, device=p.device), None, seed,
-                                slot.offset, c, distribution)
+                acc = add_noise(_UPDATE_POOL.take(p.numel(), p.device), None, seed, slot.offset, c, distribution)
             else:
                 add_noise(acc, acc, seed, slot.offset, c, distribution)
-        theta = p.data.reshape(-1).float()
-        if factor != 1.0:
-            theta = theta * torch.tensor(factor, dtype=torch.float32, device=theta.device)
+        if in_place:
+            flat.add_(acc)
+        else:
+            theta = flat.float()
+            if factor != 1.0:
+                theta = theta * torch.tensor(factor, dtype=torch.float32, device=theta.device)
+            if acc is not None:
+                theta = theta + acc
+            if p.dtype == torch.bfloat16 and rounding_seed is not None:
+                theta = round_to_bfloat16(theta, rounding_seed, slot.offset)
+            p.data.copy_(theta.view_as(p.data))
         if acc is not None:
-            theta = theta + acc
-        if p.dtype == torch.bfloat16 and rounding_seed is not None:
-            theta = round_to_bfloat16(theta, rounding_seed, slot.offset)
-        p.data.copy_(theta.view_as(p.data))
+            _UPDATE_POOL.give(acc)

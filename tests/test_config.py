@@ -70,24 +70,39 @@ def test_eval_file_is_reported(tmp_path, shared_data):
     (["task.eval_file=/does/not/exist.tsv"], "data file not found: /does/not/exist.tsv"),
     (["task.val_per_class=500"], "task sentiment: the training split is empty"),
     (["model.dtype=float8"], "unknown dtype"),
+    (["data.partition=zipf"], "data.partition must be one of iid, dirichlet"),
 ])
-def test_bad_input_is_one_clear_line(tmp_path, overrides, message):
-    proc = train(tmp_path, "trainer.max_steps=2", *overrides, check=False)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert f"error: {message}" in proc.stderr
+def test_bad_input_is_one_clear_line(overrides, message, capsys):
+    from lightning_zo.cli import build, user_errors
+
+    cfg = _compose("model=tiny", *overrides)
+    with pytest.raises(SystemExit) as e, user_errors():
+        build(cfg)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {message}") and "\n" not in err  # one line
+
+
+def test_bad_input_from_the_command_line_exits_2_without_traceback(tmp_path):
+    proc = train(tmp_path, "optimizer.eps=0", check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == "error: optimizer: eps must be a positive finite number, got 0"
     assert "Traceback" not in proc.stderr
 
 
 def test_malformed_tsv_reports_file_and_line(tmp_path):
-    data = tmp_path / "data"
-    data.mkdir()
-    (data / "train.tsv").write_text("sentence\tlabel\ngood film\t1\nbad film\t0\textra\n")
-    proc = train(tmp_path / "run", f"task.data_dir={data}", check=False)
-    assert proc.returncode == 2
-    assert f"error: {data / 'train.tsv'}:3: expected 2 tab-separated fields, got 3" in proc.stderr
-    (data / "train.tsv").write_text("sentence\tlabel\ngood film\tpositive\n")
-    proc = train(tmp_path / "run", f"task.data_dir={data}", check=False)
-    assert f"{data / 'train.tsv'}:2: unknown label 'positive'" in proc.stderr
+    from lightning_zo.errors import UserError
+    from lightning_zo.tasks import TASKS, read_tsv
+
+    path = tmp_path / "train.tsv"
+    for text, message in [("sentence\tlabel\ngood film\t1\nbad film\t0\textra\n",
+                           f"{path}:3: expected 2 tab-separated fields, got 3"),
+                          ("sentence\tlabel\ngood film\tpositive\n", f"{path}:2: unknown label 'positive'"),
+                          ("text\tlabel\ngood film\t1\n", f"{path}:1: missing column(s) sentence"),
+                          ("", f"{path}: empty file"), ("sentence\tlabel\n", f"{path}: no examples")]:
+        path.write_text(text)
+        with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            read_tsv(path, TASKS["sst2"])
 
 
 def test_unknown_model_option_is_reported(tmp_path):
