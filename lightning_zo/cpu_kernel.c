@@ -73,3 +73,44 @@ void gaussian(float *dst, const float *src, int64_t n, uint64_t offset, uint64_t
         i += count;
     }
 }
+
+/* All m slots in one pass: acc = ((c0 z0 + c1 z1) + c2 z2) + ..., then dst = src + acc (accumulate) or dst = acc.
+ * Works through aligned runs of at most 128 elements, so acc stays in registers / L1. */
+void noise_sum(float *dst, const float *src, int64_t n, uint64_t offset, const uint64_t *seeds,
+               const float *coeffs, int m, int gaussian_dist, const float *table, int accumulate) {
+    float acc[128];
+    int64_t i = 0;
+    while (i < n) {
+        uint64_t g0 = offset + (uint64_t)i;
+        int64_t count = 128 - (int64_t)(g0 & 127);
+        if (count > n - i) count = n - i;
+        for (int s = 0; s < m; s++) {
+            union { float f; uint32_t u; } c = {coeffs[s]};
+            uint32_t w[4];
+            if (!gaussian_dist) {
+                philox(g0 >> 7, seeds[s], w);
+                int64_t first = (int64_t)(g0 & 127);
+                for (int64_t j = 0; j < count; j++) {
+                    int64_t b = first + j;
+                    float v = signed_coeff(c.u, (w[b >> 5] >> (b & 31)) & 1u);
+                    acc[j] = s ? acc[j] + v : v;
+                }
+            } else {
+                uint64_t block = (uint64_t)-1;
+                for (int64_t j = 0; j < count; j++) {
+                    uint64_t g = g0 + (uint64_t)j;
+                    if ((g >> 3) != block) { block = g >> 3; philox(block, seeds[s], w); }
+                    int64_t lane = (int64_t)(g & 7);
+                    float v = coeffs[s] * table[(w[lane >> 1] >> (16 * (lane & 1))) & 0xFFFFu];
+                    acc[j] = s ? acc[j] + v : v;
+                }
+            }
+        }
+        if (accumulate) {
+            for (int64_t j = 0; j < count; j++) dst[i + j] = src[i + j] + acc[j];
+        } else {
+            for (int64_t j = 0; j < count; j++) dst[i + j] = acc[j];
+        }
+        i += count;
+    }
+}

@@ -62,6 +62,8 @@ def load():
     f32p, i64, u64 = ctypes.POINTER(ctypes.c_float), ctypes.c_int64, ctypes.c_uint64
     lib.rademacher.argtypes = [f32p, f32p, i64, u64, u64, ctypes.c_float, ctypes.c_int]
     lib.gaussian.argtypes = [f32p, f32p, i64, u64, u64, ctypes.c_float, f32p, ctypes.c_int]
+    lib.noise_sum.argtypes = [f32p, f32p, i64, u64, ctypes.POINTER(ctypes.c_uint64), f32p, ctypes.c_int,
+                              ctypes.c_int, f32p, ctypes.c_int]
     return lib
 
 
@@ -74,27 +76,49 @@ def _ptr(t: torch.Tensor, index: int):
     return ctypes.cast(t.data_ptr() + 4 * index, ctypes.POINTER(ctypes.c_float))
 
 
+def _split(n: int) -> list[tuple[int, int]]:
+    """(start, length) per worker thread, in whole 128-element Philox blocks."""
+    workers = _pool()._max_workers if n >= MIN_PARALLEL else 1
+    step = -(-n // workers)
+    step += (-step) % 128
+    return [(lo, min(step, n - lo)) for lo in range(0, n, step)]
+
+
+def _run(jobs, fn) -> None:
+    if len(jobs) == 1:
+        fn(*jobs[0])
+    else:
+        list(_pool().map(lambda job: fn(*job), jobs))
+
+
+def fill_sum(dst: torch.Tensor, src: torch.Tensor | None, seeds: list[int], coeffs: list[np.float32],
+             offset: int, distribution: str, table: np.ndarray) -> None:
+    """dst = (src if given) + sum_s coeffs[s] * z(seeds[s]), summed in slot order, in one pass."""
+    lib = load()
+    m = len(seeds)
+    seed_arr = (ctypes.c_uint64 * m)(*seeds)
+    coeff_arr = np.asarray(coeffs, dtype=np.float32)
+    coeff_ptr = coeff_arr.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+    table_ptr = table.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+    accumulate = 1 if src is not None else 0
+    src = dst if src is None else src
+    gaussian = 1 if distribution == "gaussian" else 0
+    _run(_split(dst.numel()), lambda lo, count: lib.noise_sum(
+        _ptr(dst, lo), _ptr(src, lo), count, offset + lo, seed_arr, coeff_ptr, m, gaussian, table_ptr, accumulate))
+
+
 def fill(dst: torch.Tensor, src: torch.Tensor | None, seed: int, offset: int, coeff: np.float32, distribution: str,
          table: np.ndarray) -> None:
     """dst = (src if given) + coeff * z over flat elements offset.. (float32, contiguous, CPU)."""
     lib = load()
-    n = dst.numel()
     accumulate = 1 if src is not None else 0
     src = dst if src is None else src
-    workers = _pool()._max_workers if n >= MIN_PARALLEL else 1
-    step = -(-n // workers)
-    step += (-step) % 128  # whole Philox blocks per thread
     table_ptr = table.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
 
-    def run(lo: int) -> None:
-        m = min(step, n - lo)
+    def run(lo: int, m: int) -> None:
         if distribution == "rademacher":
             lib.rademacher(_ptr(dst, lo), _ptr(src, lo), m, offset + lo, seed, coeff, accumulate)
         else:
             lib.gaussian(_ptr(dst, lo), _ptr(src, lo), m, offset + lo, seed, coeff, table_ptr, accumulate)
 
-    starts = list(range(0, n, step))
-    if len(starts) == 1:
-        run(0)
-    else:
-        list(_pool().map(run, starts))
+    _run(_split(dst.numel()), run)

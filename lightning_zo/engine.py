@@ -12,7 +12,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from .noise import ParamLayout, add_noise, round_to_bfloat16
+from .noise import ParamLayout, add_noise, add_noise_sum, round_to_bfloat16
 
 
 class BufferPool:
@@ -114,26 +114,20 @@ def apply_update(layout: ParamLayout, seeds: Sequence[int], coeffs: Sequence[flo
             continue
         contiguous = p.data.is_contiguous()
         flat = p.data.view(-1) if contiguous else p.data.reshape(-1)
-        in_place = contiguous and p.dtype == torch.float32 and factor == 1.0
-        if in_place and len(seeds) == 1:  # theta + c0 z0: the same two roundings, fused in one pass
-            add_noise(flat, flat, seeds[0], slot.offset, coeffs[0], distribution)
+        if contiguous and p.dtype == torch.float32 and factor == 1.0:
+            add_noise_sum(flat, flat, seeds, coeffs, slot.offset, distribution)  # one read + write of theta
             continue
         acc = None
-        for seed, c in zip(seeds, coeffs):  # acc = ((c0 z0 + c1 z1) + c2 z2) + ...
-            if acc is None:
-                acc = add_noise(_UPDATE_POOL.take(p.numel(), p.device), None, seed, slot.offset, c, distribution)
-            else:
-                add_noise(acc, acc, seed, slot.offset, c, distribution)
-        if in_place:
-            flat.add_(acc)
-        else:
-            theta = flat.float()
-            if factor != 1.0:
-                theta = theta * torch.tensor(factor, dtype=torch.float32, device=theta.device)
-            if acc is not None:
-                theta = theta + acc
-            if p.dtype == torch.bfloat16 and rounding_seed is not None:
-                theta = round_to_bfloat16(theta, rounding_seed, slot.offset)
-            p.data.copy_(theta.view_as(p.data))
+        if seeds:
+            acc = add_noise_sum(_UPDATE_POOL.take(p.numel(), p.device), None, seeds, coeffs, slot.offset,
+                                distribution)
+        theta = flat.float()
+        if factor != 1.0:
+            theta = theta * torch.tensor(factor, dtype=torch.float32, device=theta.device)
+        if acc is not None:
+            theta = theta + acc
+        if p.dtype == torch.bfloat16 and rounding_seed is not None:
+            theta = round_to_bfloat16(theta, rounding_seed, slot.offset)
+        p.data.copy_(theta.view_as(p.data))
         if acc is not None:
             _UPDATE_POOL.give(acc)

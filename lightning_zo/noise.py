@@ -114,6 +114,31 @@ def add_noise(dst: torch.Tensor, src: torch.Tensor | None, seed: int, offset: in
     return dst
 
 
+def add_noise_sum(dst: torch.Tensor, src: torch.Tensor | None, seeds: list[int], coeffs: list[float], offset: int,
+                  distribution: str, backend: str = "auto") -> torch.Tensor:
+    """dst = src + (((c0 z0 + c1 z1) + c2 z2) + ...) (or dst = the sum without src): every slot's update at once.
+
+    The kernel backend reads and writes dst once for all slots; the others loop over `add_noise`, with the same
+    roundings in the same order.
+    """
+    _check_distribution(distribution)
+    if not seeds:
+        raise ValueError("add_noise_sum needs at least one seed")
+    cpu = dst.device.type == "cpu"
+    if backend == "kernel" or (backend == "auto" and cpu and cpu_kernel.load() is not None):
+        if cpu_kernel.load() is None:
+            raise RuntimeError("the CPU noise kernel is not available (no C compiler?)")
+        cpu_kernel.fill_sum(dst, src, list(seeds), [np.float32(c) for c in coeffs], offset, distribution,
+                            gaussian_table())
+        return dst
+    if src is None or len(seeds) > 1:
+        acc = add_noise(torch.empty_like(dst), None, seeds[0], offset, coeffs[0], distribution, backend)
+        for seed, c in zip(seeds[1:], coeffs[1:]):
+            add_noise(acc, acc, seed, offset, c, distribution, backend)
+        return dst.copy_(acc) if src is None else torch.add(src, acc, out=dst)
+    return add_noise(dst, src, seeds[0], offset, coeffs[0], distribution, backend)
+
+
 def scaled_noise(seed: int, offset: int, numel: int, coeff: float, distribution: str,
                  device: torch.device | str = "cpu", backend: str = "auto") -> torch.Tensor:
     """coeff * z for flat elements offset..offset+numel-1, as a float32 tensor on `device`."""

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from lightning_zo import cpu_kernel
-from lightning_zo.noise import add_noise, gaussian_table_sha256, reference_noise, scaled_noise
+from lightning_zo.noise import add_noise, add_noise_sum, gaussian_table_sha256, reference_noise, scaled_noise
 from lightning_zo.philox import MASK32, derive_seed, philox_numpy, philox_torch
 
 # Random123 kat_vectors: counter (4 words), key (2 words) -> output (4 words).
@@ -100,3 +100,20 @@ def test_cuda_matches_cpu(distribution):
         cpu = scaled_noise(42, offset, n, 3e-3, distribution)
         gpu = scaled_noise(42, offset, n, 3e-3, distribution, device="cuda").cpu()
         assert torch.equal(cpu, gpu)
+
+
+@pytest.mark.parametrize("backend", ["kernel", "numpy", "torch"])
+@pytest.mark.parametrize("distribution", ["rademacher", "gaussian"])
+@pytest.mark.parametrize("m", [1, 3, 8])
+def test_all_slots_in_one_pass_equal_the_slot_by_slot_sum(backend, distribution, m):
+    seeds, coeffs = [101 + 7 * i for i in range(m)], [(-1) ** i * 1e-3 / (i + 1) for i in range(m)]
+    src = torch.randn(300_037)
+    acc = reference_noise(seeds[0], 77, src.numel(), coeffs[0], distribution)
+    for s, c in zip(seeds[1:], coeffs[1:]):
+        acc = acc + reference_noise(s, 77, src.numel(), c, distribution)
+    got = add_noise_sum(torch.empty_like(src), src, seeds, coeffs, 77, distribution, backend=backend)
+    assert torch.equal(got, src + acc)
+    assert torch.equal(add_noise_sum(torch.empty_like(src), None, seeds, coeffs, 77, distribution, backend), acc)
+    inplace = src.clone()
+    add_noise_sum(inplace, inplace, seeds, coeffs, 77, distribution, backend)
+    assert torch.equal(inplace, got)
