@@ -121,3 +121,9 @@ def test_nan_on_one_rank_is_skipped_identically(tmp_path):
     rows = [dict(zip(header, r.split(","))) for r in metrics[1:]]
     contributions = {int(r["step"]): float(r["train/contributions"]) for r in rows if r.get("train/contributions")}
     assert contributions[3] == 1.0 and all(v == 2.0 for k, v in contributions.items() if k != 3)
+
+
+def test_plain_cli_launches_ranks_with_popen(tmp_path):
+    """`python train.py trainer.devices=2`: Lightning's subprocess launcher starts rank 1 under Hydra."""
+    train(tmp_path, "trainer=cpu_multiprocess", "trainer.devices=2", "trainer.max_steps=10")
+    _assert_identical(tmp_path, 2, 10)
