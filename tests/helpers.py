@@ -103,3 +103,15 @@ def train(run_dir: Path, *overrides: str, launcher: list[str] | None = None, tim
 def summaries(run_dir: Path) -> list[dict]:
     files = sorted(Path(run_dir).glob("summary.rank*.json"))
     return [json.loads(f.read_text()) for f in files]
+
+
+class Diverge(pl.Callback):
+    """Corrupts one rank's weights after one step (to exercise ReplicaChecksum)."""
+
+    def __init__(self, rank: int, step: int):
+        self.rank, self.step = rank, step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_rank == self.rank and trainer.global_step == self.step:
+            with torch.no_grad():
+                next(pl_module.model.parameters()).view(-1)[0] += 1.0

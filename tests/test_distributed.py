@@ -127,3 +127,28 @@ def test_plain_cli_launches_ranks_with_popen(tmp_path):
     """`python train.py trainer.devices=2`: Lightning's subprocess launcher starts rank 1 under Hydra."""
     train(tmp_path, "trainer=cpu_multiprocess", "trainer.devices=2", "trainer.max_steps=10")
     _assert_identical(tmp_path, 2, 10)
+
+
+def test_replica_checksum_names_the_step_and_the_odd_rank(tmp_path):
+    proc = train(tmp_path, "trainer.strategy=zo_spawn", "trainer.devices=3", "trainer.max_steps=10",
+                 "data.batch_size=4", "+callbacks.diverge._target_=helpers.Diverge", "+callbacks.diverge.rank=2",
+                 "+callbacks.diverge.step=3", "+callbacks.replica_checksum._target_=lightning_zo.callbacks."
+                 "ReplicaChecksum", "+callbacks.replica_checksum.every_n_steps=2", check=False)
+    assert proc.returncode != 0
+    assert "replicas diverged at step 4: rank(s) [2] differ from rank(s) [0, 1]" in proc.stderr + proc.stdout
+
+
+def test_each_rank_reads_its_own_data_directory(tmp_path):
+    from lightning_zo.tasks import bundled_data_dir
+
+    source = (Path(bundled_data_dir()) / "train.tsv").read_text()
+    (tmp_path / "data0").mkdir()
+    (tmp_path / "data0" / "train.tsv").write_text(source)
+    args = ["trainer.strategy=zo_spawn", "trainer.devices=2", "trainer.max_steps=4", "data.batch_size=4",
+            f"task.data_dir='{tmp_path}/data{{rank}}'"]  # quoted: Hydra's grammar reserves braces
+    proc = train(tmp_path / "missing", *args, check=False)  # rank 1's directory does not exist
+    assert proc.returncode != 0 and f"task.data_dir not found: {tmp_path}/data1" in proc.stderr + proc.stdout
+    (tmp_path / "data1").mkdir()
+    (tmp_path / "data1" / "train.tsv").write_text(source)
+    train(tmp_path / "run", *args)
+    _assert_identical(tmp_path / "run", 2, 4)
