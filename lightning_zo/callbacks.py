@@ -13,7 +13,7 @@ import safetensors.torch
 from . import trajectory
 from .errors import UserError
 from .optimizer import ZOOptimizer
-from .strategy import weights_digest
+from .strategy import ZOStrategy, weights_digest
 
 
 def _zo_optimizer(trainer: "pl.Trainer") -> ZOOptimizer:
@@ -21,6 +21,13 @@ def _zo_optimizer(trainer: "pl.Trainer") -> ZOOptimizer:
     if not isinstance(opt, ZOOptimizer):
         raise TypeError("lightning_zo callbacks need a ZOOptimizer")
     return opt
+
+
+def _payload_per_step(strategy, opt: ZOOptimizer) -> int:
+    """What the strategy actually put on the wire per step (the payload size, without ZOStrategy)."""
+    if isinstance(strategy, ZOStrategy) and strategy.exchanges:
+        return strategy.payload_bytes // strategy.exchanges
+    return opt.world_size * opt.k * opt.codec.bytes_per_slot
 
 
 class RunSummary(pl.Callback):
@@ -72,7 +79,7 @@ class RunSummary(pl.Callback):
             "k": opt.k,
             "codec": opt.codec.name,
             "distribution": opt.distribution,
-            "payload_bytes_per_step": (opt.world_size * opt.k * opt.codec.bytes_per_slot),
+            "payload_bytes_per_step": _payload_per_step(trainer.strategy, opt),
             "trajectory_bytes_per_step": trajectory.record_size(opt.world_size * opt.k, opt.codec.bytes_per_slot),
             "stopped_by_signal": bool(opt.last_record and opt.last_record.stop),
             "train_seconds": round(train_seconds, 3),

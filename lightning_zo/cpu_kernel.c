@@ -1,5 +1,6 @@
-/* Fused CPU noise kernels: dst[i] = (accumulate ? src[i] : 0-free) + coeff * z(offset + i), float32.
- * Same bits as noise.py's reference semantics. Built with -ffp-contract=off: no FMA, so the product and the sum
+/* Fused CPU noise kernel: dst[i] = (accumulate ? src[i] : 0) + sum_s coeff_s * z_s(offset + i), float32.
+ * Same bits as noise.py's reference semantics (Rademacher: bit g % 128 of Philox block g / 128, LSB first, set =
+ * -1; Gaussian: uint16 lane g % 8 of block g / 8 through the inverse-CDF table). Built with -ffp-contract=off: no FMA, so the product and the sum
  * are rounded separately exactly as in the numpy and torch paths. */
 #include <stdint.h>
 
@@ -25,53 +26,6 @@ static inline float signed_coeff(uint32_t coeff_bits, uint32_t bit) {
     union { uint32_t u; float f; } v;
     v.u = coeff_bits ^ (bit << 31);
     return v.f;
-}
-
-/* Rademacher: element g uses bit g % 128 of counter block g / 128 (word = bit / 32, LSB first); set = -1. */
-void rademacher(float *dst, const float *src, int64_t n, uint64_t offset, uint64_t seed, float coeff,
-                int accumulate) {
-    union { float f; uint32_t u; } c = {coeff};
-    int64_t i = 0;
-    while (i < n) {
-        uint64_t g = offset + (uint64_t)i, block = g >> 7;
-        uint32_t w[4];
-        philox(block, seed, w);
-        int64_t first = (int64_t)(g & 127), count = 128 - first;
-        if (count > n - i) count = n - i;
-        float *d = dst + i;
-        const float *s = src + i;
-        if (accumulate) {
-            for (int64_t j = 0; j < count; j++) {
-                int64_t b = first + j;
-                d[j] = s[j] + signed_coeff(c.u, (w[b >> 5] >> (b & 31)) & 1u);
-            }
-        } else {
-            for (int64_t j = 0; j < count; j++) {
-                int64_t b = first + j;
-                d[j] = signed_coeff(c.u, (w[b >> 5] >> (b & 31)) & 1u);
-            }
-        }
-        i += count;
-    }
-}
-
-/* Gaussian: element g uses the little-endian uint16 lane g % 8 of counter block g / 8, looked up in table. */
-void gaussian(float *dst, const float *src, int64_t n, uint64_t offset, uint64_t seed, float coeff,
-              const float *table, int accumulate) {
-    int64_t i = 0;
-    while (i < n) {
-        uint64_t g = offset + (uint64_t)i, block = g >> 3;
-        uint32_t w[4];
-        philox(block, seed, w);
-        int64_t first = (int64_t)(g & 7), count = 8 - first;
-        if (count > n - i) count = n - i;
-        for (int64_t j = 0; j < count; j++) {
-            int64_t lane = first + j;
-            float cz = coeff * table[(w[lane >> 1] >> (16 * (lane & 1))) & 0xFFFFu];
-            dst[i + j] = accumulate ? src[i + j] + cz : cz;
-        }
-        i += count;
-    }
 }
 
 /* All m slots in one pass: acc = ((c0 z0 + c1 z1) + c2 z2) + ..., then dst = src + acc (accumulate) or dst = acc.

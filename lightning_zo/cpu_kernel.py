@@ -60,8 +60,7 @@ def load():
         os.replace(tmp, lib_path)
     lib = ctypes.CDLL(str(lib_path))
     f32p, i64, u64 = ctypes.POINTER(ctypes.c_float), ctypes.c_int64, ctypes.c_uint64
-    lib.rademacher.argtypes = [f32p, f32p, i64, u64, u64, ctypes.c_float, ctypes.c_int]
-    lib.gaussian.argtypes = [f32p, f32p, i64, u64, u64, ctypes.c_float, f32p, ctypes.c_int]
+    # noise_sum(dst, src, n, offset, seeds, coeffs, m, gaussian, table, accumulate)
     lib.noise_sum.argtypes = [f32p, f32p, i64, u64, ctypes.POINTER(ctypes.c_uint64), f32p, ctypes.c_int,
                               ctypes.c_int, f32p, ctypes.c_int]
     return lib
@@ -110,15 +109,4 @@ def fill_sum(dst: torch.Tensor, src: torch.Tensor | None, seeds: list[int], coef
 def fill(dst: torch.Tensor, src: torch.Tensor | None, seed: int, offset: int, coeff: np.float32, distribution: str,
          table: np.ndarray) -> None:
     """dst = (src if given) + coeff * z over flat elements offset.. (float32, contiguous, CPU)."""
-    lib = load()
-    accumulate = 1 if src is not None else 0
-    src = dst if src is None else src
-    table_ptr = table.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
-
-    def run(lo: int, m: int) -> None:
-        if distribution == "rademacher":
-            lib.rademacher(_ptr(dst, lo), _ptr(src, lo), m, offset + lo, seed, coeff, accumulate)
-        else:
-            lib.gaussian(_ptr(dst, lo), _ptr(src, lo), m, offset + lo, seed, coeff, table_ptr, accumulate)
-
-    _run(_split(dst.numel()), run)
+    fill_sum(dst, src, [seed], [coeff], offset, distribution, table)

@@ -39,8 +39,8 @@ class ZOStrategy(DDPStrategy):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.stop_requested = False
-        self.collectives = 0  # per-step exchanges issued (for the summary)
-        self.payload_bytes = 0  # bytes of all exchanged payload tensors (the all_reduce size), all steps
+        self.exchanges = 0  # training steps exchanged by this process
+        self.payload_bytes = 0  # size of every exchanged payload tensor (the all_reduce), summed
         self._previous_sigterm: Any = None
 
     @override
@@ -76,7 +76,7 @@ class ZOStrategy(DDPStrategy):
         if self.stop_requested:
             own = slice(self.global_rank * opt.k, (self.global_rank + 1) * opt.k)
             payload[own] = opt.codec.stop
-        self.collectives += 1
+        self.exchanges += 1
         self.payload_bytes += payload.numel() * payload.element_size()
         if self.world_size == 1:
             return payload
