@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import warnings
 from functools import partial
 from typing import Callable, Optional
 
@@ -13,6 +14,10 @@ import torchmetrics
 
 from .codecs import Codec, LinearCodec
 from .optimizer import ZOOptimizer
+
+# ZO training keeps the backbone in eval mode on purpose (no dropout: both forwards must compute one function),
+# so Lightning's warning about modules in eval mode at the start of training says nothing useful here.
+warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
 
 
 class ZOClassifier(pl.LightningModule):
