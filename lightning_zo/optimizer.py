@@ -90,7 +90,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         """Everything besides the base weights and the per-step records that replay needs."""
         return {"generator": "philox4x32-10", "distribution": self.distribution, "norm": self.norm, "eps": self.eps,
                 "seed": self.seed, "weight_decay": self.weight_decay, "codec": self.codec.config(),
-                "payload_dtype": str(self.codec.dtype).replace("torch.", ""), "numel": self.layout.numel}
+                "payload_dtype": str(self.codec.dtype).replace("torch.", ""), "numel": self.layout.numel,
+                "param_dtype": str(self.layout.slots[0].param.dtype).replace("torch.", "")}
 
     def attach(self, rank: int, world_size: int, exchange: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Called by the strategy: who we are and how codes travel."""

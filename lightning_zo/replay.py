@@ -42,6 +42,7 @@ def replay(run_dir: Path, to_step: int | None = None, model: torch.nn.Module | N
         lm = load_base(run_dir)
         model = lm.model
     header = log.header
+    model.to(getattr(torch, header.get("param_dtype", "float32")))  # as the trainer's precision plugin did
     base = weights_digest(model)
     if base != header["base_weights_sha256"]:
         raise UserError(f"the base model's weights ({base[:16]}…) do not match the log's "

@@ -39,6 +39,13 @@ def test_replay_equals_live_weights(tmp_path, world_size, codec):
         + 12 * trajectory.record_size(world_size, slot_bytes))
 
 
+def test_bf16_true_run_replays_exactly(tmp_path):
+    train(tmp_path, "trainer.precision=bf16-true", "trainer.max_steps=8", "optimizer.lr=1e-3")
+    (live,) = summaries(tmp_path)
+    assert trajectory.read(tmp_path / "trajectory.zot").header["param_dtype"] == "bfloat16"
+    assert _replayed_sha(tmp_path) == live["weights_sha256"]
+
+
 def test_replay_cli_prints_the_hash_last_and_exports(tmp_path):
     train(tmp_path, "trainer.max_steps=6", "optimizer.lr=1e-3")
     out = subprocess.run([sys.executable, "-m", "lightning_zo.replay", str(tmp_path), "--to-step", "6", "--out",
