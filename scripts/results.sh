@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The runs behind docs/RESULTS.md: SmolLM2-135M on real SST-2 sentences (../shared/data), on one CPU machine.
-#   bash scripts/results.sh [OUT_DIR]      (about 40 minutes on 2 cores)
+#   bash scripts/results.sh [OUT_DIR]      (about 35 minutes on 2 cores)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-results}
@@ -9,6 +9,7 @@ COMMON=(experiment=smollm2_sst2 trainer.enable_progress_bar=false)
 python train.py "${COMMON[@]}" hydra.run.dir="$OUT/int8"
 # 2. the float32 payload ablation, same seeds and steps
 python train.py "${COMMON[@]}" quantization=none hydra.run.dir="$OUT/none"
-# 3. four simulated machines (k = 4 micro-batches of 4) at equal total samples (16 per step)
-python train.py "${COMMON[@]}" optimizer.k=4 hydra.run.dir="$OUT/k4"
+# 3. four simulated machines (k = 4 micro-batches of 4, 16 examples per step) for 150 steps: the same 2400
+#    examples as run 1 had seen at its step-150 validation
+python train.py "${COMMON[@]}" optimizer.k=4 trainer.max_steps=150 hydra.run.dir="$OUT/k4"
 python -m lightning_zo.report "$OUT/int8" "$OUT/none" "$OUT/k4" --out docs/results
