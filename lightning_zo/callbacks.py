@@ -1,4 +1,4 @@
-"""Callbacks: the run summary (accuracies, weights, sha256) written by every rank."""
+"""Callbacks: the run summary (accuracies, weights, sha256), the trajectory log (and resume), replica checksums."""
 
 from __future__ import annotations
 
