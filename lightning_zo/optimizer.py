@@ -31,7 +31,6 @@ class StepRecord:
     k: int
     lr: float
     codes: list  # the whole exchanged payload, slot order
-    codec_state: dict  # the state the codes were decoded with
     local_losses: list = field(default_factory=list)  # (loss+, loss-) per own slot
     local_grads: list = field(default_factory=list)
     stop: bool = False
@@ -134,8 +133,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             closure()
         codes = payload.tolist()
         record = StepRecord(step=t, world_size=self.world_size, k=self.k, lr=lr, codes=codes,
-                            codec_state=codec.state_dict(), local_losses=losses, local_grads=grads,
-                            stop=any(is_stop(codec, c) for c in codes))
+                            local_losses=losses, local_grads=grads, stop=any(is_stop(codec, c) for c in codes))
         self.apply(record)
         self.last_record = record
         return torch.tensor(sum(a + b for a, b in losses) / (2 * len(losses)))

@@ -93,7 +93,7 @@ def read(path: str | Path) -> Trajectory:
         if len(codes) != world_size * k or step != expected:
             raise CorruptLog(path, f"record at byte {pos} is inconsistent (step {step}, expected {expected})", last)
         records.append(StepRecord(step=step, world_size=world_size, k=k, lr=lr, codes=codes.tolist(),
-                                  codec_state={}, stop=bool(flags & 1)))
+                                  stop=bool(flags & 1)))
         pos = new_pos
     return Trajectory(header, records)
 
