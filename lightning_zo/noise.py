@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import cpu_kernel
+from . import cpu_kernel, triton_kernel
 from .philox import philox_blocks_numpy, philox_blocks_torch
 
 DISTRIBUTIONS = ("rademacher", "gaussian")
@@ -79,7 +79,22 @@ def _torch_chunk(seed: int, start: int, n: int, coeff: float, distribution: str,
     return z * c
 
 
-BACKENDS = ("auto", "kernel", "numpy", "torch")
+BACKENDS = ("auto", "kernel", "numpy", "torch", "triton")
+
+
+def _resolve(backend: str, device: torch.device) -> str:
+    """"auto": the fused C kernel on the CPU (numpy without a compiler), Triton on CUDA (torch ops without it)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}")
+    if backend == "auto":
+        if device.type == "cpu":
+            return "kernel" if cpu_kernel.load() is not None else "numpy"
+        return "triton" if triton_kernel.available(device) else "torch"
+    if backend == "kernel" and cpu_kernel.load() is None:
+        raise RuntimeError("the CPU noise kernel is not available (no C compiler?)")
+    if backend == "triton" and not triton_kernel.available(device):
+        raise RuntimeError(f"the Triton backend cannot run on {device} (needs CUDA and triton, or TRITON_INTERPRET=1)")
+    return backend
 
 
 def add_noise(dst: torch.Tensor, src: torch.Tensor | None, seed: int, offset: int, coeff: float, distribution: str,
@@ -87,19 +102,16 @@ def add_noise(dst: torch.Tensor, src: torch.Tensor | None, seed: int, offset: in
     """dst = src + coeff * z (or dst = coeff * z without src) over flat elements offset..offset+dst.numel()-1.
 
     dst and src are flat contiguous float32 on one device. Backends give identical bits: "kernel" (fused C, CPU),
-    "numpy" (CPU), "torch" (any device); "auto" picks the kernel on CPU when it compiled, torch elsewhere.
+    "numpy" (CPU), "torch" (any device), "triton" (CUDA); "auto" picks the fused one for the device.
     """
     _check_distribution(distribution)
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}")
     c32 = np.float32(coeff)
-    cpu = dst.device.type == "cpu"
-    if backend == "auto":
-        backend = "kernel" if cpu and cpu_kernel.load() is not None else ("numpy" if cpu else "torch")
+    backend = _resolve(backend, dst.device)
     if backend == "kernel":
-        if cpu_kernel.load() is None:
-            raise RuntimeError("the CPU noise kernel is not available (no C compiler?)")
         cpu_kernel.fill(dst, src, seed, offset, c32, distribution, gaussian_table())
+        return dst
+    if backend == "triton":
+        triton_kernel.noise_sum([dst], [src], [offset], [seed], [float(c32)], distribution)
         return dst
     for lo in range(0, dst.numel(), CHUNK):
         n = min(CHUNK, dst.numel() - lo)
@@ -118,18 +130,20 @@ def add_noise_sum(dst: torch.Tensor, src: torch.Tensor | None, seeds: list[int],
                   distribution: str, backend: str = "auto") -> torch.Tensor:
     """dst = src + (((c0 z0 + c1 z1) + c2 z2) + ...) (or dst = the sum without src): every slot's update at once.
 
-    The kernel backend reads and writes dst once for all slots; the others loop over `add_noise`, with the same
-    roundings in the same order.
+    The kernel and triton backends read and write dst once for all slots; the others loop over `add_noise`, with
+    the same roundings in the same order.
     """
     _check_distribution(distribution)
     if not seeds:
         raise ValueError("add_noise_sum needs at least one seed")
-    cpu = dst.device.type == "cpu"
-    if backend == "kernel" or (backend == "auto" and cpu and cpu_kernel.load() is not None):
-        if cpu_kernel.load() is None:
-            raise RuntimeError("the CPU noise kernel is not available (no C compiler?)")
+    backend = _resolve(backend, dst.device)
+    if backend == "kernel":
         cpu_kernel.fill_sum(dst, src, list(seeds), [np.float32(c) for c in coeffs], offset, distribution,
                             gaussian_table())
+        return dst
+    if backend == "triton":
+        triton_kernel.noise_sum([dst], [src], [offset], list(seeds), [float(np.float32(c)) for c in coeffs],
+                                distribution)
         return dst
     if src is None or len(seeds) > 1:
         acc = add_noise(torch.empty_like(dst), None, seeds[0], offset, coeffs[0], distribution, backend)

@@ -1,0 +1,266 @@
+"""The fused Triton kernel: every slot's noise applied to many tensors in one launch, one read and one write each.
+
+Same bits as noise.py's reference semantics (tests hold it to them, on CUDA and through Triton's CPU interpreter):
+
+    x = src * factor (if decayed) + (((c0 z0 + c1 z1) + c2 z2) + ...)      every product and sum rounded in fp32
+    dst = x rounded to dst's dtype: to nearest, or for bfloat16 stochastically with 16 shared random bits
+
+Compiled with `enable_fp_fusion=False`, so no multiply-add is contracted into an FMA (the CPU kernel is built with
+-ffp-contract=off for the same reason). One launch covers a list of tensors: a program finds its tensor by binary
+search over the programs' starts, and reaches it as an element offset from the first tensor's address (one flat
+address space on a device), so a whole model's update is one launch per dtype, and a module's perturbation one.
+
+Layout of work: a program owns ELEMS logical elements aligned to ELEMS in the flat parameter space. Rademacher
+tiles them as [Philox blocks, 4 words, 32 bits], so one Philox call per block gives its 128 signs; Gaussian as
+[blocks, 4 words, 2 halves] with 16-bit lanes into the inverse-CDF table.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import struct
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: noise.py falls back to torch ops on CUDA
+    triton = None
+
+ELEMS = 1024
+# No FMA contraction: products and sums rounded separately, as in the CPU reference. num_warps: Triton's default.
+COMPILE_OPTIONS = {"enable_fp_fusion": False, "num_warps": 4}
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def available(device: torch.device) -> bool:
+    """Whether this backend can run on `device`: CUDA with Triton, or any device under Triton's CPU interpreter."""
+    if triton is None or os.environ.get("LIGHTNING_ZO_TRITON", "1") == "0":
+        return False
+    return device.type == "cuda" or (INTERPRET and device.type == "cpu")
+
+
+if triton is not None:
+
+    @triton.jit
+    def _philox(c0, c1, k0, k1):
+        """Philox4x32-10 on uint32 counters (c0, c1, 0, 0) with key (k0, k1); returns the four output words."""
+        c2 = tl.zeros_like(c0)
+        c3 = tl.zeros_like(c0)
+        for _ in tl.static_range(10):
+            hi0 = tl.umulhi(c0, 0xD2511F53)
+            lo0 = c0 * 0xD2511F53
+            hi1 = tl.umulhi(c2, 0xCD9E8D57)
+            lo1 = c2 * 0xCD9E8D57
+            c0 = hi1 ^ c1 ^ k0
+            c1 = lo1
+            c2 = hi0 ^ c3 ^ k1
+            c3 = lo0
+            k0 = k0 + 0x9E3779B9
+            k1 = k1 + 0xBB67AE85
+        return c0, c1, c2, c3
+
+    @triton.jit
+    def _pick(w, x0, x1, x2, x3):
+        """Word w (0..3) of a Philox output, broadcast from per-block words to w's shape."""
+        return tl.where(w == 0, x0, tl.where(w == 1, x1, tl.where(w == 2, x2, x3)))
+
+    @triton.jit
+    def _key(seeds, s):
+        seed = tl.load(seeds + s)
+        return seed.to(tl.uint32), (seed >> 32).to(tl.uint32)
+
+    @triton.jit
+    def _signed(coeffs, s, bit):
+        """coeff_s with its sign flipped where bit is 1: exactly +-coeff, branch-free."""
+        c = tl.load(coeffs + s).to(tl.uint32, bitcast=True)
+        return (c ^ (bit << 31)).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _bfloat16_nearest(x):
+        """x rounded to the nearest bfloat16 (ties to even), still as float32: integer ops, so the final conversion
+        is exact on every backend (Triton 3.6's CPU interpreter does not round this conversion to nearest-even)."""
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return tl.where(x == x, bits.to(tl.float32, bitcast=True), x)
+
+    @triton.jit
+    def _noise_sum_kernel(dst, src, table, starts, seeds, coeffs, m, gauss, n_tensors,
+                          LOG_T: tl.constexpr, GAUSSIAN: tl.constexpr, HAS_NOISE: tl.constexpr,
+                          ACCUMULATE: tl.constexpr, DECAY: tl.constexpr, STOCHASTIC: tl.constexpr,
+                          ELEMS: tl.constexpr):
+        pid = tl.program_id(0)
+        # The tensor this program works on: the last t with starts[t] <= pid.
+        lo = 0
+        hi = n_tensors
+        for _ in tl.static_range(LOG_T):
+            mid = (lo + hi) // 2
+            go_right = tl.load(starts + mid) <= pid
+            lo = tl.where(go_right, mid, lo)
+            hi = tl.where(go_right, hi, mid)
+        t = lo
+        dst_at = tl.load(table + 5 * t)
+        src_at = tl.load(table + 5 * t + 1)
+        offset = tl.load(table + 5 * t + 2)
+        numel = tl.load(table + 5 * t + 3)
+        g0 = ((offset // ELEMS) + (pid - tl.load(starts + t))) * ELEMS  # this program's first logical element
+
+        if GAUSSIAN:
+            r = tl.arange(0, ELEMS // 8)[:, None, None]
+            w = tl.arange(0, 4)[None, :, None]
+            h = tl.arange(0, 2)[None, None, :]
+            g = g0 + r * 8 + w * 2 + h
+            block = (g0 >> 3) + tl.arange(0, ELEMS // 8)
+        else:
+            r = tl.arange(0, ELEMS // 128)[:, None, None]
+            w = tl.arange(0, 4)[None, :, None]
+            h = tl.arange(0, 32)[None, None, :]
+            g = g0 + r * 128 + w * 32 + h
+            block = (g0 >> 7) + tl.arange(0, ELEMS // 128)
+        i = g - offset
+        mask = (i >= 0) & (i < numel)
+        b0 = block.to(tl.uint32)
+        b1 = (block >> 32).to(tl.uint32)
+
+        if HAS_NOISE:
+            k0, k1 = _key(seeds, 0)
+            x0, x1, x2, x3 = _philox(b0, b1, k0, k1)
+            word = _pick(w, x0[:, None, None], x1[:, None, None], x2[:, None, None], x3[:, None, None])
+            if GAUSSIAN:
+                acc = tl.load(coeffs) * tl.load(gauss + ((word >> (h * 16).to(tl.uint32)) & 0xFFFF).to(tl.int32))
+            else:
+                acc = _signed(coeffs, 0, (word >> h.to(tl.uint32)) & 1)
+            s = 1
+            while s < m:  # not `for s in range(1, m)`: Triton 3.6's interpreter cannot range over a runtime int
+                k0, k1 = _key(seeds, s)
+                x0, x1, x2, x3 = _philox(b0, b1, k0, k1)
+                word = _pick(w, x0[:, None, None], x1[:, None, None], x2[:, None, None], x3[:, None, None])
+                if GAUSSIAN:
+                    acc = acc + tl.load(coeffs + s) * tl.load(gauss + ((word >> (h * 16).to(tl.uint32)) & 0xFFFF).to(tl.int32))
+                else:
+                    acc = acc + _signed(coeffs, s, (word >> h.to(tl.uint32)) & 1)
+                s += 1
+
+        if ACCUMULATE:
+            x = tl.load(src + src_at + i, mask=mask).to(tl.float32)
+            if DECAY:
+                x = x * tl.load(table + 5 * t + 4).to(tl.int32).to(tl.float32, bitcast=True)
+            if HAS_NOISE:
+                x = x + acc
+        else:
+            x = acc
+        if STOCHASTIC:
+            # Add 16 shared random bits below bfloat16's mantissa, then truncate (noise.round_to_bfloat16).
+            rb = g >> 3
+            r0, r1 = _key(seeds, m)  # the rounding seed rides after the slot seeds
+            y0, y1, y2, y3 = _philox(rb.to(tl.uint32), (rb >> 32).to(tl.uint32), r0, r1)
+            lane = (g & 7).to(tl.uint32)
+            bits16 = (_pick(lane >> 1, y0, y1, y2, y3) >> ((lane & 1) * 16)) & 0xFFFF
+            rounded = (x.to(tl.int32, bitcast=True) + bits16.to(tl.int32)) & -65536
+            x = rounded.to(tl.float32, bitcast=True)
+        elif dst.dtype.element_ty == tl.bfloat16:
+            x = _bfloat16_nearest(x)
+        tl.store(dst + dst_at + i, x.to(dst.dtype.element_ty), mask=mask)
+
+
+@functools.cache
+def _gauss_table(device: torch.device) -> torch.Tensor:
+    from .noise import gaussian_table
+    return torch.from_numpy(gaussian_table()).to(device)
+
+
+def _upload(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host list on the device without waiting for the queue (pinned memory, non-blocking copy)."""
+    host = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+_TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor, int]] = {}
+_TABLES_MAX = 4096
+
+
+def _tensor_table(dsts, srcs, offsets, factors) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Per tensor (dst element offset from dsts[0], src offset from srcs[0], logical offset, numel, factor bits),
+    and the first program of each tensor; cached, since the same tensors come back every step."""
+    key = tuple((d.data_ptr(), s.data_ptr() if s is not None else 0, o, d.numel(), f)
+                for d, s, o, f in zip(dsts, srcs, offsets, factors))
+    hit = _TABLES.get(key)
+    if hit is not None:
+        return hit
+    rows, starts, programs = [], [], 0
+    d0, s0 = dsts[0], srcs[0] if srcs[0] is not None else dsts[0]
+    for d, s, o, f in zip(dsts, srcs, offsets, factors):
+        s = d if s is None else s
+        factor_bits = struct.unpack("<i", struct.pack("<f", f))[0]
+        rows.append([_elements_between(d0, d), _elements_between(s0, s), o, d.numel(), factor_bits])
+        starts.append(programs)
+        programs += (o + d.numel() - 1) // ELEMS - o // ELEMS + 1
+    hit = (_upload(rows, torch.int64, d0.device), _upload(starts, torch.int64, d0.device), programs)
+    if len(_TABLES) >= _TABLES_MAX:
+        _TABLES.clear()
+    _TABLES[key] = hit
+    return hit
+
+
+def _elements_between(base: torch.Tensor, t: torch.Tensor) -> int:
+    delta = t.data_ptr() - base.data_ptr()
+    if delta % t.element_size():
+        raise ValueError("tensors in one launch must be aligned to their element size")
+    return delta // t.element_size()
+
+
+def noise_sum(dsts: list[torch.Tensor], srcs: list[torch.Tensor | None], offsets: list[int], seeds: list[int],
+              coeffs: list[float], distribution: str, factors: list[float] | None = None,
+              rounding_seed: int | None = None) -> None:
+    """For each tensor: dst = src * factor + sum_s coeffs[s] * z(seeds[s]) at logical elements offset.., in one launch.
+
+    dsts share one dtype and device (float32, bfloat16 or float16), as do the srcs; all flat and contiguous. A src of
+    None means no src term (dst = the sum). `rounding_seed` rounds bfloat16 dsts stochastically.
+    """
+    if not dsts:
+        return
+    if len({t.dtype for t in dsts}) > 1 or len({t.dtype for t in srcs if t is not None}) > 1:
+        raise ValueError("one launch takes one dtype of dst and one of src")
+    accumulate = srcs[0] is not None
+    if any((s is not None) != accumulate for s in srcs):
+        raise ValueError("either every tensor has a src or none has")
+    if not accumulate and not seeds:
+        raise ValueError("dst = noise needs at least one seed")
+    factors = factors or [1.0] * len(dsts)
+    device = dsts[0].device
+    table, starts, programs = _tensor_table(dsts, srcs, offsets, factors)
+    stochastic = rounding_seed is not None and dsts[0].dtype == torch.bfloat16
+    keys = [s - (1 << 64) if s >= 1 << 63 else s for s in [*seeds, rounding_seed or 0]]  # int64 bit patterns
+    seed_t = _upload(keys, torch.int64, device)
+    coeff_t = _upload([float(c) for c in coeffs] or [0.0], torch.float32, device)
+    _noise_sum_kernel[(programs,)](
+        dsts[0], srcs[0] if accumulate else dsts[0], table, starts, seed_t, coeff_t, len(seeds),
+        _gauss_table(device), len(dsts),
+        LOG_T=max(1, (len(dsts) - 1).bit_length()), GAUSSIAN=distribution == "gaussian", HAS_NOISE=bool(seeds),
+        ACCUMULATE=accumulate, DECAY=any(f != 1.0 for f in factors), STOCHASTIC=stochastic, ELEMS=ELEMS,
+        **COMPILE_OPTIONS)
+
+
+_PTX_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def ptx(distribution: str, dtype: torch.dtype = torch.float32, stochastic: bool = False, capability: int = 90,
+        options: dict | None = None) -> str:
+    """The kernel's PTX for an NVIDIA GPU of `capability`, compiled ahead of time (no GPU needed): to inspect it
+    (tests check it has no FMA)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    ty = _PTX_TYPES[dtype]
+    signature = {"dst": "*" + ty, "src": "*" + ty, "table": "*i64", "starts": "*i64", "seeds": "*i64",
+                 "coeffs": "*fp32", "m": "i32", "gauss": "*fp32", "n_tensors": "i32"}
+    constants = {"LOG_T": 9, "GAUSSIAN": distribution == "gaussian", "HAS_NOISE": True, "ACCUMULATE": True,
+                 "DECAY": True, "STOCHASTIC": stochastic, "ELEMS": ELEMS}
+    signature.update({name: "constexpr" for name in constants})
+    source = ASTSource(fn=_noise_sum_kernel, signature=signature, constexprs=constants)
+    compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options or COMPILE_OPTIONS)
+    return compiled.asm["ptx"]

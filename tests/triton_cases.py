@@ -1,0 +1,121 @@
+"""The Triton kernel against the CPU reference, bit for bit: on CUDA (in-process, tests/test_triton.py) and through
+Triton's CPU interpreter (`TRITON_INTERPRET=1 python tests/triton_cases.py`, a subprocess of the same test file).
+
+Each case takes the device the Triton path runs on; the reference always runs on the CPU with the Triton backend
+disabled (the C kernel, or numpy).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+
+import torch
+
+from lightning_zo import triton_kernel
+from lightning_zo.engine import PerturbedForward, apply_update
+from lightning_zo.noise import ParamLayout, add_noise_sum
+
+SEEDS = [2**64 - 5, 12345, 2**40 + 7]  # one above 2**63: the kernel takes seeds as int64 bit patterns
+COEFFS = [1e-3, -2.5e-3, 7e-4]
+
+
+@contextlib.contextmanager
+def reference_backend():
+    old = os.environ.get("LIGHTNING_ZO_TRITON")
+    os.environ["LIGHTNING_ZO_TRITON"] = "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["LIGHTNING_ZO_TRITON"]
+        else:
+            os.environ["LIGHTNING_ZO_TRITON"] = old
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    a, b = a.detach().cpu().contiguous(), b.detach().cpu().contiguous()
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
+def case_multi_tensor_sum(device: str) -> None:
+    """Several tensors at unaligned offsets, with and without src, 1 and 3 slots: one launch each."""
+    torch.manual_seed(0)
+    sizes, offsets = [1000, 1, 77, 3000], [5, 1005, 1006, 1200]
+    for distribution in ("rademacher", "gaussian"):
+        for m in (1, 3):
+            srcs = [torch.randn(n) for n in sizes]
+            for with_src in (True, False):
+                got = [torch.empty(n, device=device) for n in sizes]
+                triton_kernel.noise_sum(got, [s.to(device) if with_src else None for s in srcs], offsets,
+                                        SEEDS[:m], COEFFS[:m], distribution)
+                for g, s, o in zip(got, srcs, offsets):
+                    want = add_noise_sum(torch.empty_like(s), s if with_src else None, SEEDS[:m], COEFFS[:m], o,
+                                         distribution, backend="numpy")
+                    assert same_bits(g, want), (distribution, m, with_src, o)
+
+
+def case_low_precision_perturbation(device: str) -> None:
+    """bf16/fp16 theta + c z: fp32 sum, then one round-to-nearest into the storage dtype."""
+    torch.manual_seed(1)
+    for dtype in (torch.bfloat16, torch.float16):
+        theta = torch.randn(5000).to(dtype)
+        got = torch.empty(5000, dtype=dtype, device=device)
+        triton_kernel.noise_sum([got], [theta.to(device)], [300], [SEEDS[0]], [3e-2], "rademacher")
+        want = add_noise_sum(torch.empty(5000), theta.float(), [SEEDS[0]], [3e-2], 300, "rademacher",
+                             backend="numpy").to(dtype)
+        assert same_bits(got, want), dtype
+
+
+def _model(dtype: torch.dtype) -> torch.nn.Module:
+    torch.manual_seed(2)
+    model = torch.nn.Sequential(torch.nn.Embedding(50, 16), torch.nn.Linear(16, 37), torch.nn.LayerNorm(37),
+                                torch.nn.Linear(37, 29))
+    return model.to(dtype)
+
+
+def case_update(device: str) -> None:
+    """apply_update over a model (one launch per dtype): decay, stochastic bf16 rounding, both distributions."""
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for distribution in ("rademacher", "gaussian"):
+            ref, dev = _model(dtype), _model(dtype).to(device)
+            decay_ref = {id(ref[1].weight): 0.999, id(ref[3].weight): 0.999}
+            decay_dev = {id(dev[1].weight): 0.999, id(dev[3].weight): 0.999}
+            for step, seeds in enumerate((SEEDS, [], SEEDS[1:])):  # [] = decay only
+                coeffs = COEFFS[:len(seeds)]
+                with reference_backend():
+                    apply_update(ParamLayout(ref), seeds, coeffs, distribution, decay_ref, rounding_seed=step)
+                apply_update(ParamLayout(dev), seeds, coeffs, distribution, decay_dev, rounding_seed=step)
+            for (name, a), b in zip(ref.named_parameters(), dev.parameters()):
+                assert same_bits(a, b), (dtype, distribution, name)
+
+
+def case_perturbed_forward(device: str) -> None:
+    """The weights a module sees inside perturb() (one launch per module) equal the reference ones."""
+    for dtype in (torch.float32, torch.bfloat16):
+        seen = {}
+        for name, model in (("ref", _model(dtype)), ("dev", _model(dtype).to(device))):
+            layout = ParamLayout(model)
+            with contextlib.ExitStack() as stack:
+                if name == "ref":
+                    stack.enter_context(reference_backend())
+                hooks = PerturbedForward(model, layout, "rademacher")
+                record = [m.register_forward_pre_hook(lambda m, a, name=name: seen.setdefault(name, []).extend(
+                    p.detach().clone() for p in m.parameters(recurse=False))) for m in model]
+                with torch.no_grad(), hooks.perturb(SEEDS[0], -1e-2):
+                    model(torch.arange(10, device=next(model.parameters()).device))
+                for h in record:
+                    h.remove()
+        assert len(seen["ref"]) == len(seen["dev"]) == 7
+        assert not any(same_bits(a, b) for a, b in zip(seen["ref"], _model(dtype).parameters()))  # perturbed
+        assert all(same_bits(a, b) for a, b in zip(seen["ref"], seen["dev"])), dtype
+
+
+CASES = [name for name in dir(sys.modules[__name__]) if name.startswith("case_")]
+
+if __name__ == "__main__":  # the interpreter run: every case on the CPU
+    assert triton_kernel.available(torch.device("cpu")), "run with TRITON_INTERPRET=1 and triton installed"
+    for name in CASES:
+        globals()[name]("cpu")
+        print("ok", name, flush=True)
