@@ -79,6 +79,11 @@ if triton is not None:
         return (c ^ (bit << 31)).to(tl.float32, bitcast=True)
 
     @triton.jit
+    def _gaussian(gauss, word, half):
+        """The table value of 16-bit lane `half` (0 low, 1 high) of each word."""
+        return tl.load(gauss + ((word >> (half * 16).to(tl.uint32)) & 0xFFFF).to(tl.int32))
+
+    @triton.jit
     def _bfloat16_nearest(x):
         """x rounded to the nearest bfloat16 (ties to even), still as float32: integer ops, so the final conversion
         is exact on every backend (Triton 3.6's CPU interpreter does not round this conversion to nearest-even)."""
@@ -129,7 +134,7 @@ if triton is not None:
             x0, x1, x2, x3 = _philox(b0, b1, k0, k1)
             word = _pick(w, x0[:, None, None], x1[:, None, None], x2[:, None, None], x3[:, None, None])
             if GAUSSIAN:
-                acc = tl.load(coeffs) * tl.load(gauss + ((word >> (h * 16).to(tl.uint32)) & 0xFFFF).to(tl.int32))
+                acc = tl.load(coeffs) * _gaussian(gauss, word, h)
             else:
                 acc = _signed(coeffs, 0, (word >> h.to(tl.uint32)) & 1)
             s = 1
@@ -138,7 +143,7 @@ if triton is not None:
                 x0, x1, x2, x3 = _philox(b0, b1, k0, k1)
                 word = _pick(w, x0[:, None, None], x1[:, None, None], x2[:, None, None], x3[:, None, None])
                 if GAUSSIAN:
-                    acc = acc + tl.load(coeffs + s) * tl.load(gauss + ((word >> (h * 16).to(tl.uint32)) & 0xFFFF).to(tl.int32))
+                    acc = acc + tl.load(coeffs + s) * _gaussian(gauss, word, h)
                 else:
                     acc = acc + _signed(coeffs, s, (word >> h.to(tl.uint32)) & 1)
                 s += 1
