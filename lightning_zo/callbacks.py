@@ -188,9 +188,9 @@ class ReplicaChecksum(pl.Callback):
         import torch
         import torch.distributed as dist
 
-        digests = torch.zeros(trainer.world_size, dtype=torch.int64)
+        digests = torch.zeros(trainer.world_size, dtype=torch.int64, device=trainer.strategy.wire_device())
         digests[trainer.global_rank] = int(weights_digest(pl_module.model)[:15], 16)
-        dist.all_reduce(digests)  # gloo/nccl: CPU tensor with gloo; moved for nccl below
+        dist.all_reduce(digests)
         values = digests.tolist()
         if len(set(values)) > 1:
             groups: dict[int, list[int]] = {}

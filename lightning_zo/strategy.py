@@ -60,14 +60,15 @@ class ZOStrategy(DDPStrategy):
         if self.world_size == 1:
             return
         digest = int(weights_digest(self.lightning_module)[:15], 16)  # 60 bits: fits int64
-        both = torch.tensor([digest, -digest], dtype=torch.int64, device=self._wire_device())
+        both = torch.tensor([digest, -digest], dtype=torch.int64, device=self.wire_device())
         dist.all_reduce(both, op=dist.ReduceOp.MAX)
         if int(both[0]) != -int(both[1]):
             raise RuntimeError(
                 f"ranks start from different weights (rank {self.global_rank} has digest {digest:015x}); "
                 "every rank must load the same base model (same files, dtype and seed)")
 
-    def _wire_device(self) -> torch.device:
+    def wire_device(self) -> torch.device:
+        """Where collective tensors must live: the GPU for nccl, the CPU for gloo."""
         return self.root_device if dist.get_backend() == "nccl" else torch.device("cpu")
 
     def exchange(self, payload: torch.Tensor) -> torch.Tensor:
@@ -80,7 +81,7 @@ class ZOStrategy(DDPStrategy):
         self.payload_bytes += payload.numel() * payload.element_size()
         if self.world_size == 1:
             return payload
-        wire = payload.to(self._wire_device())
+        wire = payload.to(self.wire_device())
         dist.all_reduce(wire, op=dist.ReduceOp.SUM)
         return wire.cpu()
 
