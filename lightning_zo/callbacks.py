@@ -108,7 +108,6 @@ class TrajectoryLog(pl.Callback):
     def __init__(self, filename: str = "trajectory.zot", fsync: bool = False, out_dir: str | None = None):
         self.filename, self.fsync, self.out_dir = filename, fsync, out_dir
         self.writer: trajectory.Writer | None = None
-        self.resumed_from = 0
 
     def path(self, trainer) -> Path:
         return Path(self.out_dir or trainer.default_root_dir) / self.filename
@@ -134,7 +133,6 @@ class TrajectoryLog(pl.Callback):
             records = found.records
             for record in records:
                 opt.apply(record)
-            self.resumed_from = opt.step_count
             loop = trainer.fit_loop.epoch_loop
             loop.manual_optimization.optim_step_progress.total.ready = opt.step_count
             loop.manual_optimization.optim_step_progress.total.completed = opt.step_count

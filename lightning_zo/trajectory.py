@@ -55,7 +55,6 @@ def encode_record(record: StepRecord, dtype: str) -> bytes:
 class Trajectory:
     header: dict
     records: list[StepRecord]
-    truncated_bytes: int = 0  # a torn final record (crash) that was dropped
 
     @property
     def last_step(self) -> int | None:
@@ -84,7 +83,7 @@ def read(path: str | Path) -> Trajectory:
         if torn:
             warnings.warn(f"{path}: dropping a torn final record ({len(data) - pos} bytes, a crash mid-write); "
                           f"the log ends at step {last}", stacklevel=2)
-            return Trajectory(header, records, len(data) - pos)
+            return Trajectory(header, records)
         if body is None:
             raise CorruptLog(path, f"record at byte {pos} fails its checksum", last)
         step, world_size, k, lr, flags = _RECORD.unpack_from(body)
@@ -125,12 +124,9 @@ class Writer:
                 f.write(encode_record(r, self.dtype))
         tmp.replace(self.path)
         self._file = self.path.open("ab", buffering=0)
-        self.bytes_per_record: int | None = None
 
     def append(self, record: StepRecord) -> None:
-        blob = encode_record(record, self.dtype)
-        self.bytes_per_record = len(blob)
-        self._file.write(blob)
+        self._file.write(encode_record(record, self.dtype))
         if self.fsync:
             import os
 
