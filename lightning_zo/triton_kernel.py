@@ -84,6 +84,18 @@ if triton is not None:
         return tl.load(gauss + ((word >> (half * 16).to(tl.uint32)) & 0xFFFF).to(tl.int32))
 
     @triton.jit
+    def _term(seeds, coeffs, gauss, s, b0, b1, w, h, GAUSSIAN: tl.constexpr):
+        """coeff_s * z_s over the tile: one Philox call per block (b0, b1), its words broadcast to the elements."""
+        k0, k1 = _key(seeds, s)
+        x0, x1, x2, x3 = _philox(b0, b1, k0, k1)
+        word = _pick(w, x0[:, None, None], x1[:, None, None], x2[:, None, None], x3[:, None, None])
+        if GAUSSIAN:
+            term = tl.load(coeffs + s) * _gaussian(gauss, word, h)
+        else:
+            term = _signed(coeffs, s, (word >> h.to(tl.uint32)) & 1)
+        return term
+
+    @triton.jit
     def _bfloat16_nearest(x):
         """x rounded to the nearest bfloat16 (ties to even), still as float32: integer ops, so the final conversion
         is exact on every backend (Triton 3.6's CPU interpreter does not round this conversion to nearest-even)."""
@@ -130,22 +142,10 @@ if triton is not None:
         b1 = (block >> 32).to(tl.uint32)
 
         if HAS_NOISE:
-            k0, k1 = _key(seeds, 0)
-            x0, x1, x2, x3 = _philox(b0, b1, k0, k1)
-            word = _pick(w, x0[:, None, None], x1[:, None, None], x2[:, None, None], x3[:, None, None])
-            if GAUSSIAN:
-                acc = tl.load(coeffs) * _gaussian(gauss, word, h)
-            else:
-                acc = _signed(coeffs, 0, (word >> h.to(tl.uint32)) & 1)
+            acc = _term(seeds, coeffs, gauss, 0, b0, b1, w, h, GAUSSIAN)  # not 0 + term: a -0.0 stays, as on the CPU
             s = 1
             while s < m:  # not `for s in range(1, m)`: Triton 3.6's interpreter cannot range over a runtime int
-                k0, k1 = _key(seeds, s)
-                x0, x1, x2, x3 = _philox(b0, b1, k0, k1)
-                word = _pick(w, x0[:, None, None], x1[:, None, None], x2[:, None, None], x3[:, None, None])
-                if GAUSSIAN:
-                    acc = acc + tl.load(coeffs + s) * _gaussian(gauss, word, h)
-                else:
-                    acc = acc + _signed(coeffs, s, (word >> h.to(tl.uint32)) & 1)
+                acc = acc + _term(seeds, coeffs, gauss, s, b0, b1, w, h, GAUSSIAN)
                 s += 1
 
         if ACCUMULATE:
