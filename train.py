@@ -12,7 +12,8 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from lightning_zo.cli import run, user_errors
+from lightning_zo.cli import run
+from lightning_zo.errors import user_errors
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")

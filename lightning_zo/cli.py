@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
-import sys
 import warnings
 
-from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -14,21 +11,6 @@ from .data import PromptDataModule, label_word_ids
 from .errors import UserError
 from .module import ZOClassifier
 from .optimizer import validate_hparams
-
-
-@contextlib.contextmanager
-def user_errors():
-    """Bad input ends the run with one line on stderr and exit code 2, not a traceback."""
-    try:
-        yield
-    except (UserError, InstantiationException, ValueError) as e:
-        root = e
-        while isinstance(root, InstantiationException) and root.__cause__ is not None:
-            root = root.__cause__
-        if not isinstance(root, (UserError, ValueError)):
-            raise
-        print(f"error: {root}", file=sys.stderr)
-        sys.exit(2)
 
 
 def build(cfg: DictConfig):

@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from .codecs import codec_from_config
-from .errors import UserError
+from .errors import UserError, user_errors
 from .optimizer import ZOOptimizer
 from .strategy import weights_digest
 from .trajectory import read
@@ -67,11 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--to-step", type=int, default=None, help="replay steps 0..T-1 only")
     parser.add_argument("--out", type=Path, default=None, help="write a Hugging Face model directory here")
     args = parser.parse_args(argv)
-    try:
+    with user_errors():
         model, info = replay(args.run_dir, args.to_step)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     tokenizer = info.pop("tokenizer", None)
     if args.out is not None:
         model.save_pretrained(args.out)

@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from .errors import UserError
+from .errors import UserError, user_errors
 
 
 def find_runs(paths: list[Path]) -> list[Path]:
@@ -98,11 +98,8 @@ def main(argv=None) -> int:
     parser.add_argument("runs", nargs="+", type=Path, help="run directories (or directories of runs)")
     parser.add_argument("--out", type=Path, default=Path("report"), help="where report.md and the PNGs go")
     args = parser.parse_args(argv)
-    try:
+    with user_errors():
         print(build_report(find_runs(args.runs), args.out), end="")
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     print(f"wrote {args.out}/report.md, accuracy_vs_steps.png, accuracy_vs_bytes.png")
     return 0
 

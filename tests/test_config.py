@@ -1,8 +1,5 @@
 """Every config composes and instantiates; the CLI runs and rejects bad input with one clear line."""
 
-import json
-from pathlib import Path
-
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
@@ -77,7 +74,8 @@ def test_eval_file_is_reported(tmp_path, shared_data):
     (["data.partition=zipf"], "data.partition must be one of iid, dirichlet"),
 ])
 def test_bad_input_is_one_clear_line(overrides, message, capsys):
-    from lightning_zo.cli import build, user_errors
+    from lightning_zo.cli import build
+    from lightning_zo.errors import user_errors
 
     cfg = _compose("model=tiny", *overrides)
     with pytest.raises(SystemExit) as e, user_errors():
