@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import signal
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import lightning.pytorch as pl
 import torch

@@ -115,7 +115,7 @@ def test_sigterm_to_one_rank_stops_every_rank_cleanly(tmp_path):
 def test_nan_on_one_rank_is_skipped_identically(tmp_path):
     train(tmp_path, "trainer.strategy=zo_spawn", "trainer.devices=2", "trainer.max_steps=8", "data.batch_size=4",
           "+callbacks.poison._target_=helpers.PoisonLoss", "+callbacks.poison.rank=1", "+callbacks.poison.step=3")
-    s = _assert_identical(tmp_path, 2, 8)
+    _assert_identical(tmp_path, 2, 8)
     metrics = (tmp_path / "csv" / "metrics.csv").read_text().splitlines()
     header = metrics[0].split(",")
     rows = [dict(zip(header, r.split(","))) for r in metrics[1:]]
