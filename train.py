@@ -1,26 +1,13 @@
 """Train with zeroth-order steps: `python train.py` is the offline default; Hydra overrides for the rest.
 
+A thin alias of the `lightning-zo` command (and of `python -m lightning_zo`): the configs live in lightning_zo/conf.
+
     python train.py model=tiny trainer.max_steps=20          # seconds, for a smoke test
-    python train.py task=sst2 task.data_dir=../shared/data/sst2
+    python train.py task=sst2 task.data_dir=PATH/TO/sst2     # a GLUE-style directory with train.tsv
     python train.py --help                                   # every config group and option
 """
 
-from __future__ import annotations
-
-import sys
-
-import hydra
-from omegaconf import DictConfig
-
-from lightning_zo.cli import run
-from lightning_zo.errors import user_errors
-
-
-@hydra.main(version_base="1.3", config_path="conf", config_name="config")
-def main(cfg: DictConfig) -> None:
-    with user_errors():
-        run(cfg)
-
+from lightning_zo.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -1,9 +1,10 @@
 """lightning_zo: zeroth-order fine-tuning where ranks exchange one byte per step each (Zelikman et al., 2023)."""
 
-from .codecs import LinearCodec, LogCodec, NoneCodec, SignCodec
-from .module import ZOClassifier
-from .optimizer import ZOOptimizer
-from .strategy import ZOStrategy, weights_digest
+from .core.codecs import LinearCodec, LogCodec, NoneCodec, SignCodec
+from .recipe.classifier import ZOClassifier
+from .core.optimizer import ZOOptimizer
+from .core.layout import weights_digest
+from .integration.strategy import ZOStrategy
 
 __all__ = ["ZOStrategy", "ZOOptimizer", "ZOClassifier", "LinearCodec", "LogCodec", "SignCodec", "NoneCodec",
            "weights_digest"]

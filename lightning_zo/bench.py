@@ -17,8 +17,8 @@ import time
 
 import torch
 
-from .engine import PerturbedForward, apply_update
-from .noise import ParamLayout
+from .core.engine import PerturbedForward, apply_update
+from .core.layout import ParamLayout
 
 SIZES = {"tiny": (16, 32), "smollm2": (16, 33), "roberta-large": (64, 128), "opt-1.3b": (16, 256),
          "opt-13b": (16, 256)}
@@ -29,12 +29,12 @@ def build(name: str, dtype: torch.dtype):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
 
     if name == "tiny":
-        from .models import tiny
+        from .recipe.models import tiny
 
         lm = tiny()
         return lm.model.to(dtype), lm.model.config.vocab_size
     if name == "smollm2":
-        from .models import smollm2
+        from .recipe.models import smollm2
 
         lm = smollm2()
         return lm.model.to(dtype), lm.model.config.vocab_size

@@ -1,20 +1,42 @@
-"""What train.py does with a composed config: instantiate everything from `_target_`s, then fit."""
+"""The command line: `lightning-zo`, `python -m lightning_zo` and `python train.py` compose the Hydra config in
+lightning_zo/conf, instantiate everything from its `_target_`s, and fit."""
 
 from __future__ import annotations
 
+import contextlib
+import sys
 import warnings
 
-from hydra.utils import instantiate
+import hydra
+from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
-from .data import PromptDataModule, label_word_ids
-from .errors import UserError
-from .module import ZOClassifier
-from .optimizer import validate_hparams
+from .core.errors import UserError
+
+
+@contextlib.contextmanager
+def user_errors():
+    """Bad input ends the run with one line on stderr and exit code 2, not a traceback."""
+    try:
+        yield
+    except (UserError, InstantiationException, ValueError) as e:
+        root = e
+        while isinstance(root, InstantiationException) and root.__cause__ is not None:
+            root = root.__cause__
+        if not isinstance(root, (UserError, ValueError)):
+            raise
+        print(f"error: {root}", file=sys.stderr)
+        sys.exit(2)
 
 
 def build(cfg: DictConfig):
     """(trainer, module, datamodule) from a composed config."""
+    from hydra.utils import instantiate
+
+    from .core.optimizer import validate_hparams
+    from .recipe.data import PromptDataModule, label_word_ids
+    from .recipe.classifier import ZOClassifier
+
     lm = instantiate(cfg.model)
     task = instantiate(cfg.task)
     codec = instantiate(cfg.quantization)
@@ -43,3 +65,9 @@ def run(cfg: DictConfig) -> None:
     if trainer.is_global_zero:
         print(OmegaConf.to_yaml(cfg, resolve=True) if cfg.get("print_config") else "", end="")
     trainer.fit(module, datamodule=dm)
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    with user_errors():
+        run(cfg)

@@ -16,11 +16,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .codecs import codec_from_config
-from .errors import UserError, user_errors
-from .optimizer import ZOOptimizer
-from .strategy import weights_digest
-from .trajectory import read
+from .core.codecs import codec_from_config
+from .cli import user_errors
+from .core.errors import UserError
+from .core.optimizer import ZOOptimizer
+from .core.layout import weights_digest
+from .core.trajectory import read
 
 
 def load_base(run_dir: Path):

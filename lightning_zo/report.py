@@ -14,7 +14,8 @@ import json
 import sys
 from pathlib import Path
 
-from .errors import UserError, user_errors
+from .cli import user_errors
+from .core.errors import UserError
 
 
 def find_runs(paths: list[Path]) -> list[Path]:

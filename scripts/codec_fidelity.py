@@ -10,7 +10,7 @@ import csv
 import math
 import sys
 
-from lightning_zo.codecs import LinearCodec, LogCodec, NoneCodec, SignCodec
+from lightning_zo.core.codecs import LinearCodec, LogCodec, NoneCodec, SignCodec
 
 
 def fidelity(codec, grads):

@@ -18,7 +18,7 @@ def shared_data() -> Path:
 
 @pytest.fixture
 def tiny_lm():
-    from lightning_zo.models import tiny
+    from lightning_zo.recipe.models import tiny
 
     return tiny()
 

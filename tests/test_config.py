@@ -6,7 +6,7 @@ from hydra.utils import instantiate
 
 from helpers import REPO, summaries, train
 
-CONF = REPO / "conf"
+CONF = REPO / "lightning_zo" / "conf"
 GROUPS = {g.name: sorted(p.stem for p in g.glob("*.yaml")) for g in CONF.iterdir() if g.is_dir()}
 NEEDS_NETWORK_OR_ARGS = {("model", "hf"), ("model", "smollm2")}
 
@@ -21,7 +21,7 @@ def _compose(*overrides):
 def test_every_config_composes_and_instantiates(group, option, tmp_path, shared_data):
     cfg = _compose(f"{group}={option}")
     if (group, option) in NEEDS_NETWORK_OR_ARGS:
-        assert cfg[group]["_target_"].startswith("lightning_zo.models.")
+        assert cfg[group]["_target_"].startswith("lightning_zo.recipe.models.")
         return
     if group == "experiment":  # a bundle of overrides: its offline parts instantiate, its model is named
         assert "???" not in str(cfg.model.get("name", ""))
@@ -75,7 +75,7 @@ def test_eval_file_is_reported(tmp_path, shared_data):
 ])
 def test_bad_input_is_one_clear_line(overrides, message, capsys):
     from lightning_zo.cli import build
-    from lightning_zo.errors import user_errors
+    from lightning_zo.cli import user_errors
 
     cfg = _compose("model=tiny", *overrides)
     with pytest.raises(SystemExit) as e, user_errors():
@@ -93,8 +93,8 @@ def test_bad_input_from_the_command_line_exits_2_without_traceback(tmp_path):
 
 
 def test_malformed_tsv_reports_file_and_line(tmp_path):
-    from lightning_zo.errors import UserError
-    from lightning_zo.tasks import TASKS, read_tsv
+    from lightning_zo.core.errors import UserError
+    from lightning_zo.recipe.tasks import TASKS, read_tsv
 
     path = tmp_path / "train.tsv"
     for text, message in [("sentence\tlabel\ngood film\t1\nbad film\t0\textra\n",

@@ -132,14 +132,14 @@ def test_plain_cli_launches_ranks_with_popen(tmp_path):
 def test_replica_checksum_names_the_step_and_the_odd_rank(tmp_path):
     proc = train(tmp_path, "trainer.strategy=zo_spawn", "trainer.devices=3", "trainer.max_steps=10",
                  "data.batch_size=4", "+callbacks.diverge._target_=helpers.Diverge", "+callbacks.diverge.rank=2",
-                 "+callbacks.diverge.step=3", "+callbacks.replica_checksum._target_=lightning_zo.callbacks."
+                 "+callbacks.diverge.step=3", "+callbacks.replica_checksum._target_=lightning_zo.integration.callbacks."
                  "ReplicaChecksum", "+callbacks.replica_checksum.every_n_steps=2", check=False)
     assert proc.returncode != 0
     assert "replicas diverged at step 4: rank(s) [2] differ from rank(s) [0, 1]" in proc.stderr + proc.stdout
 
 
 def test_each_rank_reads_its_own_data_directory(tmp_path):
-    from lightning_zo.tasks import bundled_data_dir
+    from lightning_zo.recipe.tasks import bundled_data_dir
 
     source = (Path(bundled_data_dir()) / "train.tsv").read_text()
     (tmp_path / "data0").mkdir()

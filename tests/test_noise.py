@@ -2,9 +2,10 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_zo import cpu_kernel
-from lightning_zo.noise import add_noise, add_noise_sum, gaussian_table_sha256, reference_noise, scaled_noise
-from lightning_zo.philox import MASK32, derive_seed, philox_numpy, philox_torch
+from lightning_zo.core import cpu_kernel
+from lightning_zo.core.gaussian import gaussian_table_sha256
+from lightning_zo.core.noise import add_noise, add_noise_sum, reference_noise, scaled_noise
+from lightning_zo.core.philox import MASK32, derive_seed, philox_numpy, philox_torch
 
 # Random123 kat_vectors: counter (4 words), key (2 words) -> output (4 words).
 KAT = [

@@ -2,8 +2,9 @@
 
 import torch
 
-from lightning_zo.engine import apply_update
-from lightning_zo.noise import ParamLayout, round_to_bfloat16, scaled_noise
+from lightning_zo.core.engine import apply_update
+from lightning_zo.core.layout import ParamLayout
+from lightning_zo.core.noise import round_to_bfloat16, scaled_noise
 
 
 def test_stochastic_rounding_is_unbiased_and_shared():

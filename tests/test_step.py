@@ -6,13 +6,14 @@ import warnings
 import pytest
 import torch
 
-from lightning_zo.codecs import LinearCodec, NoneCodec
-from lightning_zo.data import LeftPadCollator, encode, label_word_ids
-from lightning_zo.module import ZOClassifier
-from lightning_zo.noise import ParamLayout, scaled_noise
-from lightning_zo.optimizer import ZOOptimizer
-from lightning_zo.strategy import weights_digest
-from lightning_zo.tasks import PromptTask
+from lightning_zo.core.codecs import LinearCodec, NoneCodec
+from lightning_zo.recipe.data import LeftPadCollator, encode, label_word_ids
+from lightning_zo.recipe.classifier import ZOClassifier
+from lightning_zo.core.layout import ParamLayout
+from lightning_zo.core.noise import scaled_noise
+from lightning_zo.core.optimizer import ZOOptimizer
+from lightning_zo.core.layout import weights_digest
+from lightning_zo.recipe.tasks import PromptTask
 
 
 def _setup(tiny_lm, codec=None, **opt):

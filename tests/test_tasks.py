@@ -5,9 +5,9 @@ import json
 import pytest
 
 from helpers import REPO, env, train
-from lightning_zo.data import dirichlet_partition, encode, label_word_ids
-from lightning_zo.models import tiny_tokenizer
-from lightning_zo.tasks import TASKS, PromptTask, k_shot_split, read_tsv
+from lightning_zo.recipe.data import dirichlet_partition, encode, label_word_ids
+from lightning_zo.recipe.models import tiny_tokenizer
+from lightning_zo.recipe.tasks import TASKS, PromptTask, k_shot_split, read_tsv
 
 EXPECTED_PROMPT = {
     "sst2": ("hide new secretions from the parental units It was", "terrible"),

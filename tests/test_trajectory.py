@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from helpers import REPO, TINY, env, summaries, train
-from lightning_zo import trajectory
-from lightning_zo.errors import UserError
+from lightning_zo.core import trajectory
+from lightning_zo.core.errors import UserError
 from lightning_zo.replay import replay
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
@@ -149,7 +149,7 @@ def test_torn_tail_is_dropped_with_a_warning(logged_run, tmp_path):
 
 
 def test_mismatched_base_weights_are_refused(logged_run, tmp_path):
-    from lightning_zo.models import tiny
+    from lightning_zo.recipe.models import tiny
 
     with pytest.raises(UserError, match="do not match the log"):
         replay(logged_run, model=tiny(seed=1).model, progress=False)

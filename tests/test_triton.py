@@ -33,7 +33,7 @@ def test_cuda_matches_cpu_reference(case):
 def test_compiled_kernel_rounds_every_product_and_sum(dtype):
     """Compiled for an H100 ahead of time (no GPU needed): the PTX has no fused multiply-add, which would round
     c*z + acc once instead of twice. The same source compiled with fusion allowed does fuse, so the check bites."""
-    from lightning_zo import triton_kernel
+    from lightning_zo.core import triton_kernel
 
     assert "fma.rn.f32" not in triton_kernel.ptx("gaussian", dtype, stochastic=dtype == torch.bfloat16)
     fused = triton_kernel.ptx("gaussian", dtype, options={**triton_kernel.COMPILE_OPTIONS, "enable_fp_fusion": True})

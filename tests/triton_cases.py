@@ -13,9 +13,10 @@ import sys
 
 import torch
 
-from lightning_zo import triton_kernel
-from lightning_zo.engine import PerturbedForward, apply_update
-from lightning_zo.noise import ParamLayout, add_noise_sum
+from lightning_zo.core import triton_kernel
+from lightning_zo.core.engine import PerturbedForward, apply_update
+from lightning_zo.core.layout import ParamLayout
+from lightning_zo.core.noise import add_noise_sum
 
 SEEDS = [2**64 - 5, 12345, 2**40 + 7]  # one above 2**63: the kernel takes seeds as int64 bit patterns
 COEFFS = [1e-3, -2.5e-3, 7e-4]

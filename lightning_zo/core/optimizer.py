@@ -15,7 +15,8 @@ import torch
 
 from .codecs import Codec, LinearCodec, is_stop
 from .engine import PerturbedForward, apply_update
-from .noise import DISTRIBUTIONS, ParamLayout
+from .layout import ParamLayout
+from .noise import DISTRIBUTIONS
 from .philox import derive_seed
 
 NORMS = ("mean", "sqrt")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UserError
+from ..core.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ TASKS: dict[str, TaskSpec] = {
 
 
 def bundled_data_dir() -> str:
-    return str(importlib.resources.files("lightning_zo") / "data" / "sentiment")
+    return str(importlib.resources.files("lightning_zo.recipe") / "data" / "sentiment")
 
 
 @dataclass

@@ -10,10 +10,11 @@ from pathlib import Path
 import lightning.pytorch as pl
 import safetensors.torch
 
-from . import trajectory
-from .errors import UserError
-from .optimizer import ZOOptimizer
-from .strategy import ZOStrategy, weights_digest
+from ..core import trajectory
+from ..core.errors import UserError
+from ..core.optimizer import ZOOptimizer
+from ..core.layout import weights_digest
+from .strategy import ZOStrategy
 
 
 def _zo_optimizer(trainer: "pl.Trainer") -> ZOOptimizer:

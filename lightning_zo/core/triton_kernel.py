@@ -172,7 +172,7 @@ if triton is not None:
 
 @functools.cache
 def _gauss_table(device: torch.device) -> torch.Tensor:
-    from .noise import gaussian_table
+    from .gaussian import gaussian_table
     return torch.from_numpy(gaussian_table()).to(device)
 
 

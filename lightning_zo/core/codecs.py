@@ -57,14 +57,19 @@ class Codec:
 
     def config(self) -> dict:
         """How to rebuild this codec in its initial state (stored in the trajectory log's header)."""
-        return {"_target_": f"{type(self).__module__}.{type(self).__qualname__}", **getattr(self, "init_args", {})}
+        return {"_target_": f"lightning_zo.{type(self).__qualname__}", **getattr(self, "init_args", {})}
 
 
 def codec_from_config(config: dict) -> Codec:
+    """Rebuild a codec from a log header. Our own codecs are found by class name, whatever module path the header
+    names (logs written before the package's layers record `lightning_zo.codecs.LinearCodec`)."""
     import importlib
 
     module, _, name = config["_target_"].rpartition(".")
-    cls = getattr(importlib.import_module(module), name)
+    if module.split(".")[0] == "lightning_zo" and isinstance(globals().get(name), type):
+        cls = globals()[name]
+    else:
+        cls = getattr(importlib.import_module(module), name)
     return cls(**{k: v for k, v in config.items() if k != "_target_"})
 
 

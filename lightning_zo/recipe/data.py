@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from .errors import UserError
+from ..core.errors import UserError
 from .tasks import Example, PromptTask
 
 

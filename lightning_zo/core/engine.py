@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 from . import triton_kernel
-from .noise import ParamLayout, add_noise, add_noise_sum, round_to_bfloat16
+from .layout import ParamLayout
+from .noise import add_noise, add_noise_sum, round_to_bfloat16
 
 
 class BufferPool:

@@ -8,7 +8,6 @@ after that same step (DESIGN I2).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import signal
 from typing import Any, Callable
@@ -19,18 +18,10 @@ import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from typing_extensions import override
 
-from .optimizer import ZOOptimizer
+from ..core.layout import weights_digest
+from ..core.optimizer import ZOOptimizer
 
 log = logging.getLogger(__name__)
-
-
-def weights_digest(model: torch.nn.Module) -> str:
-    """sha256 over every trainable parameter's bytes, in named_parameters() order (tied weights once)."""
-    h = hashlib.sha256()
-    for _, p in model.named_parameters():
-        if p.requires_grad:
-            h.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 class ZOStrategy(DDPStrategy):

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 import torchmetrics
 
-from .codecs import Codec, LinearCodec
-from .optimizer import ZOOptimizer
+from ..core.codecs import Codec, LinearCodec
+from ..core.optimizer import ZOOptimizer
 
 # ZO training keeps the backbone in eval mode on purpose (no dropout: both forwards must compute one function),
 # so Lightning's warning about modules in eval mode at the start of training says nothing useful here.

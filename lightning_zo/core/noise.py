@@ -14,31 +14,16 @@ Reference semantics (every backend must reproduce these bits; tests/test_noise.p
 from __future__ import annotations
 
 import functools
-import hashlib
-import statistics
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from . import cpu_kernel, triton_kernel
+from .gaussian import gaussian_table
 from .philox import philox_blocks_numpy, philox_blocks_torch
 
 DISTRIBUTIONS = ("rademacher", "gaussian")
 CHUNK = 1 << 22  # elements generated at a time: bounds the temporaries, not the result
-
-
-@functools.cache
-def gaussian_table() -> np.ndarray:
-    """float32[65536]: the midpoint quantiles of N(0, 1), rescaled to unit second moment."""
-    dist = statistics.NormalDist()
-    q = np.array([dist.inv_cdf((h + 0.5) / 65536) for h in range(65536)], dtype=np.float64)
-    q /= np.sqrt(np.mean(q * q))
-    return q.astype(np.float32)
-
-
-def gaussian_table_sha256() -> str:
-    return hashlib.sha256(gaussian_table().tobytes()).hexdigest()
 
 
 @functools.cache
@@ -188,30 +173,3 @@ def round_to_bfloat16(x: torch.Tensor, seed: int, offset: int) -> torch.Tensor:
 def reference_noise(seed: int, offset: int, numel: int, coeff: float, distribution: str) -> torch.Tensor:
     """The torch-op implementation on the CPU: the cross-check for the kernel, numpy (and CUDA) paths."""
     return scaled_noise(seed, offset, numel, coeff, distribution, backend="torch")
-
-
-@dataclass(frozen=True)
-class ParamSlot:
-    name: str
-    param: torch.nn.Parameter
-    offset: int  # start of this parameter in the flat trainable-parameter space
-
-
-class ParamLayout:
-    """The flat order of trainable parameters: `named_parameters()` order, tied weights counted once."""
-
-    def __init__(self, module: torch.nn.Module):
-        slots, offset = [], 0
-        for name, p in module.named_parameters():  # named_parameters() already skips tied duplicates
-            if p.requires_grad:
-                slots.append(ParamSlot(name, p, offset))
-                offset += p.numel()
-        self.slots: list[ParamSlot] = slots
-        self.numel = offset
-        self._by_id = {id(s.param): s for s in slots}
-
-    def slot_of(self, param: torch.nn.Parameter) -> ParamSlot | None:
-        return self._by_id.get(id(param))
-
-    def __iter__(self):
-        return iter(self.slots)

@@ -1,0 +1,1 @@
+"""Hydra configs of the lightning-zo command (a package, so that Hydra finds them inside an installed wheel)."""

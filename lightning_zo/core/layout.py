@@ -1,0 +1,44 @@
+"""The flat parameter space the generator indexes, and the weights' digest every check compares."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class ParamSlot:
+    name: str
+    param: torch.nn.Parameter
+    offset: int  # start of this parameter in the flat trainable-parameter space
+
+
+class ParamLayout:
+    """The flat order of trainable parameters: `named_parameters()` order, tied weights counted once."""
+
+    def __init__(self, module: torch.nn.Module):
+        slots, offset = [], 0
+        for name, p in module.named_parameters():  # named_parameters() already skips tied duplicates
+            if p.requires_grad:
+                slots.append(ParamSlot(name, p, offset))
+                offset += p.numel()
+        self.slots: list[ParamSlot] = slots
+        self.numel = offset
+        self._by_id = {id(s.param): s for s in slots}
+
+    def slot_of(self, param: torch.nn.Parameter) -> ParamSlot | None:
+        return self._by_id.get(id(param))
+
+    def __iter__(self):
+        return iter(self.slots)
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """sha256 over every trainable parameter's bytes, in named_parameters() order (tied weights once)."""
+    h = hashlib.sha256()
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            h.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
