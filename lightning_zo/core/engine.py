@@ -54,6 +54,7 @@ class PerturbedForward:
         self.distribution = distribution
         self._active: tuple[int, float] | None = None
         self._saved: dict[int, list[tuple[torch.nn.Parameter, torch.Tensor]]] = {}
+        self._swapped: set[int] = set()  # ids of the parameters that now hold their perturbed copy
         self._pool = BufferPool()
         self._handles = []
         for module in model.modules():
@@ -64,7 +65,10 @@ class PerturbedForward:
     def _swap_in(self, module: torch.nn.Module, args) -> None:
         if self._active is None:
             return
-        params = [(p, slot) for p in module.parameters(recurse=False) if (slot := self.layout.slot_of(p)) is not None]
+        # A parameter owned by nested modules (RoBERTa's lm_head.bias is lm_head.decoder.bias) is swapped in once, by
+        # the outermost: the inner hook would otherwise add eps*z to the already perturbed copy (DESIGN I5).
+        params = [(p, slot) for p in module.parameters(recurse=False)
+                  if (slot := self.layout.slot_of(p)) is not None and id(p) not in self._swapped]
         if not params:
             return
         # theta + eps*z in fp32 (product and sum rounded separately: no FMA), one rounding to the storage dtype.
@@ -86,11 +90,13 @@ class PerturbedForward:
                 perturbed.append(buffer)
         for (p, _), original, t in zip(params, originals, perturbed):
             p.data = t.view_as(original)
+            self._swapped.add(id(p))
         self._saved.setdefault(id(module), []).extend(zip((p for p, _ in params), originals))
 
     def _swap_out(self, module: torch.nn.Module, args, output) -> None:
         for p, original in self._saved.pop(id(module), []):
             perturbed, p.data = p.data, original
+            self._swapped.discard(id(p))
             self._pool.give(perturbed.reshape(-1))
 
     @contextlib.contextmanager
@@ -105,6 +111,7 @@ class PerturbedForward:
                 for p, original in saved:
                     p.data = original
             self._saved.clear()
+            self._swapped.clear()
 
     def remove(self) -> None:
         for h in self._handles:
