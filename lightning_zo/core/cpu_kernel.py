@@ -36,29 +36,86 @@ def _cpu_flags() -> bytes:
         return b""
 
 
+def _cache_dir() -> Path:
+    return Path(os.environ.get("LIGHTNING_ZO_CACHE", Path.home() / ".cache" / "lightning_zo")) / "kernels"
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _verified(lib_path: Path) -> bool:
+    """The cached library is whole: its bytes hash to what was recorded beside it when it was built."""
+    recorded = lib_path.with_suffix(".sha256")
+    try:
+        return recorded.read_text().strip() == _sha256(lib_path)
+    except OSError:
+        return False
+
+
+def _build(cc: str, lib_path: Path) -> str | None:
+    """Compile into a temporary file beside the target, record its hash, then rename both into place (a reader
+    never sees a partial library). Returns the reason on failure."""
+    lib_path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so.tmp", dir=lib_path.parent)
+    os.close(fd)
+    try:
+        result = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True)
+        if result.returncode != 0:
+            return f"{cc} failed: {result.stderr.strip()[-500:]}"
+        digest = _sha256(Path(tmp))
+        fd, tmp_hash = tempfile.mkstemp(suffix=".sha256.tmp", dir=lib_path.parent)
+        with os.fdopen(fd, "w") as f:
+            f.write(digest + "\n")
+        os.chmod(tmp, 0o755)  # mkstemp's 0600 would hide a shared cache from other users
+        os.chmod(tmp_hash, 0o644)
+        os.replace(tmp, lib_path)
+        os.replace(tmp_hash, lib_path.with_suffix(".sha256"))
+        return None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _fallback(reason: str) -> None:
+    warnings.warn(f"CPU noise kernel unavailable, using the numpy path (same bits, slower): {reason}",
+                  stacklevel=3)
+
+
 @functools.cache
 def load():
+    """The compiled kernel (ctypes library), or None: LIGHTNING_ZO_CPU_KERNEL=0 (silently), or no compiler / a
+    failed build (with a warning that says why). The cache lives in $LIGHTNING_ZO_CACHE/kernels (default
+    ~/.cache/lightning_zo/kernels); a library whose bytes no longer match its recorded hash (truncated, damaged) is
+    rebuilt with a warning instead of being mapped (a truncated .so would crash the process with SIGBUS)."""
     if os.environ.get("LIGHTNING_ZO_CPU_KERNEL", "1") == "0":
+        return None
+    if not SOURCE.is_file():
+        _fallback(f"its source {SOURCE} is missing from the installation")
         return None
     cc = os.environ.get("CC") or (sysconfig.get_config_var("CC") or "cc").split()[0]
     if shutil.which(cc) is None:
+        _fallback(f"no C compiler found (tried {cc!r}; set CC, or install gcc/clang)")
         return None
     # -march=native: key the build by the CPU's feature flags too (a shared home may span several CPU models).
     digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + _cpu_flags()).hexdigest()[:16]
-    cache = Path(os.environ.get("LIGHTNING_ZO_CACHE", Path.home() / ".cache" / "lightning_zo")) / "kernels"
-    lib_path = cache / f"cpu_kernel-{digest}.so"
-    if not lib_path.exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
-        os.close(fd)
-        result = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True)
-        if result.returncode != 0:
-            os.unlink(tmp)
-            warnings.warn(f"could not compile the CPU noise kernel, using numpy: {result.stderr[-500:]}",
-                          stacklevel=2)
+    lib_path = _cache_dir() / f"cpu_kernel-{digest}.so"
+    if not _verified(lib_path):
+        if lib_path.exists() and lib_path.with_suffix(".sha256").exists():
+            warnings.warn(f"{lib_path}: the cached CPU kernel is damaged (its bytes do not match the recorded "
+                          "sha256); rebuilding it", stacklevel=2)
+        try:
+            reason = _build(cc, lib_path)
+        except OSError as e:
+            reason = f"cannot write the kernel cache {lib_path.parent}: {e} (set LIGHTNING_ZO_CACHE)"
+        if reason is not None:
+            _fallback(reason)
             return None
-        os.replace(tmp, lib_path)
-    lib = ctypes.CDLL(str(lib_path))
+    try:
+        lib = ctypes.CDLL(str(lib_path))
+    except OSError as e:
+        _fallback(f"cannot load {lib_path}: {e}")
+        return None
     f32p, i64, u64 = ctypes.POINTER(ctypes.c_float), ctypes.c_int64, ctypes.c_uint64
     # noise_sum(dst, src, n, offset, seeds, coeffs, m, gaussian, table, accumulate)
     lib.noise_sum.argtypes = [f32p, f32p, i64, u64, ctypes.POINTER(ctypes.c_uint64), f32p, ctypes.c_int,
