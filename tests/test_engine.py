@@ -57,3 +57,78 @@ def test_nested_and_tied_parameters_are_perturbed_once(distribution):
     hooks.remove()
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n]), n  # exact restore
+
+
+def _tiny_llama():
+    from lightning_zo.recipe.models import tiny
+
+    return tiny(num_layers=3).model.eval()
+
+
+def _ids(model):
+    return torch.randint(5, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(3))
+
+
+@pytest.mark.parametrize("budget", [0, None, 1 << 40])  # every leaf alone, the default blocks, one block
+@pytest.mark.parametrize("build", [_roberta, _tiny_llama])
+@pytest.mark.parametrize("distribution", ["rademacher", "gaussian"])
+def test_blocks_of_any_size_equal_materialized_weights(build, budget, distribution):
+    model = build()
+    ids = _ids(model)
+    hooks = PerturbedForward(model, ParamLayout(model), distribution, block_bytes=budget)
+    with torch.no_grad():
+        expected = _materialized(model, 99, -3e-2, distribution)(input_ids=ids).logits
+        with hooks.perturb(99, -3e-2):
+            got = model(input_ids=ids).logits
+    assert torch.equal(got, expected)
+    # DESIGN I3: at most one block's perturbed copies (plus wrapped modules' own parameters) alive at a time.
+    wrapped = sum(p.numel() * p.element_size() for w in hooks.wrappers for s in w.params for p in [s.param])
+    assert hooks.peak_scratch_bytes <= max(b.nbytes for b in hooks.blocks) + wrapped
+    assert hooks.scratch_bytes == 0
+    hooks.remove()
+
+
+def test_hooks_and_launches_per_perturbed_forward():
+    """Tiny Llama, 3 layers, tied embeddings. Per-module hooks (the old engine) put 2 hooks on each of the 30
+    modules that own parameters and materialised 30 times per forward; blocks under the default budget (the
+    embedding, the largest set one module owns) are [embed], [layers 0-1], [layer 2 + final norm], [lm_head]."""
+    model = _tiny_llama()
+    layout = ParamLayout(model)
+    owners = [m for m in model.modules() if any(layout.slot_of(p) for p in m.parameters(recurse=False))]
+    assert len(owners) == 30
+
+    leaf = PerturbedForward(model, layout, "rademacher", block_bytes=0)
+    assert (len(leaf.blocks), leaf.hooks) == (30, 60)
+    leaf.remove()
+
+    hooks = PerturbedForward(model, layout, "rademacher")
+    assert [[type(m).__name__ for m in b.members] for b in hooks.blocks] == [
+        ["Embedding"], ["LlamaDecoderLayer"] * 2, ["LlamaDecoderLayer", "LlamaRMSNorm"], ["Linear"]]
+    assert hooks.block_bytes == model.model.embed_tokens.weight.numel() * 4
+    assert hooks.hooks == 2 * 6 and not hooks.wrappers
+    ids = _ids(model)
+    with torch.no_grad():
+        model(input_ids=ids)
+        assert hooks.materialized == 0  # inactive outside perturb(): no work
+        for coeff in (1e-2, -1e-2):
+            with hooks.perturb(5, coeff):
+                model(input_ids=ids)
+    assert hooks.materialized == 2 * 4
+    # CPU: one threaded C-kernel pass per block, one call per piece (a block's tensors, cut at most once per thread).
+    pieces = sum(len(b.params) for b in hooks.blocks)
+    assert hooks.engine.launches == 0 and hooks.engine.other_calls == 0
+    assert 2 * pieces <= hooks.engine.cpu_calls <= 2 * (pieces + 3 * (hooks.engine.threads - 1))
+    hooks.remove()
+
+
+def test_budget_bounds_every_block():
+    model = _tiny_llama()
+    layout = ParamLayout(model)
+    layer = sum(p.numel() * 4 for p in model.model.layers[0].parameters())
+    hooks = PerturbedForward(model, layout, "rademacher", block_bytes=layer)
+    assert all(b.nbytes <= layer for b in hooks.blocks[1:-1])  # the embedding is one module: it cannot be split
+    assert [len(b.members) for b in hooks.blocks] == [1] * 6  # embed, 3 layers, norm, lm_head
+    covered = {id(s.param) for b in hooks.blocks for s in b.params} | {
+        id(s.param) for w in hooks.wrappers for s in w.params}
+    assert covered == {id(s.param) for s in layout}
+    hooks.remove()

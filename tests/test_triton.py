@@ -38,3 +38,14 @@ def test_compiled_kernel_rounds_every_product_and_sum(dtype):
     assert "fma.rn.f32" not in triton_kernel.ptx("gaussian", dtype, stochastic=dtype == torch.bfloat16)
     fused = triton_kernel.ptx("gaussian", dtype, options={**triton_kernel.COMPILE_OPTIONS, "enable_fp_fusion": True})
     assert "fma.rn.f32" in fused
+
+
+def test_one_slot_gaussian_compiles_ahead_of_time():
+    """Triton makes an int argument equal to 1 a compile-time constant; with one slot the slot loop then folded and
+    Triton 3.6.0's TritonGPUCoalesce pass crashed on the Gaussian kernel. The kernel keeps m (and n_tensors) a
+    runtime int, so one slot compiles like any other count (compiled as the launcher would, for sm_90)."""
+    from lightning_zo.core import triton_kernel
+
+    assert {"m", "n_tensors"} <= set(triton_kernel._noise_sum_kernel.do_not_specialize)
+    assert triton_kernel._launch_spec("m", 1) == ("i32", None)
+    assert "fma.rn.f32" not in triton_kernel.ptx("gaussian", slots=1, tensors=1)

@@ -108,9 +108,50 @@ def case_perturbed_forward(device: str) -> None:
                     model(torch.arange(10, device=next(model.parameters()).device))
                 for h in record:
                     h.remove()
+                if name == "dev":  # one launch per block (for its one dtype), not one per module
+                    assert hooks.engine.launches == hooks.materialized == len(hooks.blocks) < 4
         assert len(seen["ref"]) == len(seen["dev"]) == 7
         assert not any(same_bits(a, b) for a, b in zip(seen["ref"], _model(dtype).parameters()))  # perturbed
         assert all(same_bits(a, b) for a, b in zip(seen["ref"], seen["dev"])), dtype
+
+
+class _Shared(torch.nn.Module):
+    """A parameter owned by nested modules (as RoBERTa's lm_head.bias) and a module called twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(40, 24)
+        self.body = torch.nn.Sequential(torch.nn.Linear(24, 24), torch.nn.GELU(), torch.nn.Linear(24, 24))
+        self.head = torch.nn.Linear(24, 40)
+        self.head.weight = self.emb.weight  # tied
+        self.bias = self.head.bias  # nested owner
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        return self.head(self.body(self.body(h))) + self.bias
+
+
+def case_blocks_with_shared_parameters(device: str) -> None:
+    """Leaf-sized blocks and default blocks: forward under the hooks == the reference hooks, bit for bit, with
+    one launch per materialised block (two distributions, fp32 and bf16)."""
+    for dtype in (torch.float32, torch.bfloat16):
+        for distribution in ("rademacher", "gaussian"):
+            for budget in (0, None):
+                out = {}
+                for name in ("ref", "dev"):
+                    torch.manual_seed(4)
+                    model = _Shared().to(dtype)
+                    model = model.to(device) if name == "dev" else model
+                    with contextlib.ExitStack() as stack:
+                        if name == "ref":
+                            stack.enter_context(reference_backend())
+                        hooks = PerturbedForward(model, ParamLayout(model), distribution, block_bytes=budget)
+                        with torch.no_grad(), hooks.perturb(SEEDS[1], 2e-2):
+                            out[name] = model(torch.arange(12, device=next(model.parameters()).device))
+                    if name == "dev":
+                        assert hooks.engine.launches == hooks.materialized > 0, (hooks.engine.launches, budget)
+                    hooks.remove()
+                assert same_bits(out["ref"], out["dev"]), (dtype, distribution, budget)
 
 
 CASES = [name for name in dir(sys.modules[__name__]) if name.startswith("case_")]

@@ -1,26 +1,42 @@
 """Applying the noise to weights: the perturbed forward and the update. Used by training and by replay.
 
 Exact restore (DESIGN I1/I3): the master weights are never perturbed in place. While a perturbation is active, a
-forward pre-hook swaps each module's own parameters for theta + eps*z, materialised just for that module's forward,
-and the forward hook swaps the untouched originals back. Peak memory grows by the largest module's parameters.
+forward pre-hook swaps a block's parameters for theta + eps*z, materialised just for that block's forward, and the
+untouched originals are swapped back afterwards. A block is a run of consecutive module subtrees (e.g. a few
+transformer layers) whose parameters fit a memory budget, by default the largest set of parameters one module owns
+directly, so peak memory grows by at most the largest block (DESIGN I3) and a forward costs a few hooks and one
+launch per block, not one per leaf module.
+
+Exactly once (DESIGN I5): whichever block or module swaps a parameter in first owns it until it swaps it out;
+every other hook skips a parameter that already holds its perturbed copy (RoBERTa's lm_head.bias, which is also
+lm_head.decoder.bias). A tied parameter used by two blocks (input and output embeddings) is materialised by
+each, from the master weights, so it is always exactly theta + eps*z.
+
+State: an `Engine` per optimizer holds the scratch buffers, the kernels' descriptor tables and the worker threads;
+nothing mutable lives at module level.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 
 from . import triton_kernel
-from .layout import ParamLayout
-from .noise import add_noise, add_noise_sum, round_to_bfloat16
+from .layout import ParamLayout, ParamSlot
+from .noise import add_noise, add_noise_sum, fill_many, round_to_bfloat16
+
+FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class BufferPool:
     """Reusable flat scratch tensors. Fresh large tensors are fresh mmap'd pages on the CPU, and faulting them in
-    costs as much as generating the noise; reuse keeps the extra memory at the largest module's size."""
+    costs as much as generating the noise; reuse keeps the extra memory at the largest block's size."""
 
     def __init__(self):
         self._free: list[torch.Tensor] = []
@@ -43,130 +59,369 @@ def _fused(t: torch.Tensor) -> bool:
     return t.is_contiguous() and t.dtype in FUSED_DTYPES and triton_kernel.available(t.device)
 
 
-FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+def _cpu_fast(t: torch.Tensor) -> bool:
+    """Whether the C kernel takes this tensor as it is (fp32, contiguous, CPU)."""
+    return t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() and not _fused(t)
+
+
+class Engine:
+    """What one optimizer owns to apply noise: scratch buffers, the Triton launcher (descriptor tables per block),
+    the CPU worker threads, and counts of kernel calls (tests count them; nothing reads them to decide)."""
+
+    def __init__(self, threads: int | None = None):
+        self.pool = BufferPool()
+        self.launcher = triton_kernel.Launcher()
+        self.threads = threads or max(1, torch.get_num_threads())
+        self.cpu_calls = 0  # C-kernel calls (one per piece per worker share)
+        self.other_calls = 0  # per-tensor fallbacks (torch ops, numpy, non-fp32 CPU tensors)
+        self._executor: ThreadPoolExecutor | None = None
+
+    def __deepcopy__(self, memo) -> "Engine":
+        # Copying a model copies its hooks and so this engine: give the copy fresh state (threads cannot be copied).
+        return Engine(self.threads)
+
+    @property
+    def launches(self) -> int:
+        return self.launcher.launches
+
+    def _pool_executor(self) -> ThreadPoolExecutor | None:
+        if self.threads > 1 and self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=self.threads - 1)
+        return self._executor
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown()
+            self._executor = None
+
+    def fill_cpu(self, pieces, seeds, coeffs, distribution) -> None:
+        """fp32 CPU pieces (dst, src or None, offset) in one threaded pass of the C kernel."""
+        if pieces:
+            self.cpu_calls += fill_many(pieces, list(seeds), coeffs, distribution, self._pool_executor(),
+                                        self.threads)
+
+    @torch.no_grad()
+    def update(self, layout: ParamLayout, seeds: Sequence[int], coeffs: Sequence[float], distribution: str,
+               decay: dict[int, float] | None = None, rounding_seed: int | None = None) -> None:
+        """See `apply_update`."""
+        decay = decay or {}
+        coeffs = [float(np.float32(c)) for c in coeffs]
+        fused: dict[tuple, list] = {}  # (device, dtype) -> [(flat theta, offset, factor)]: one launch each
+        cpu: list[tuple] = []
+        for slot in layout:
+            p = slot.param
+            factor = decay.get(id(p), 1.0)
+            if not seeds and factor == 1.0:
+                continue
+            if _fused(p.data):
+                fused.setdefault((p.device, p.dtype), []).append((p.data.view(-1), slot.offset, factor))
+            elif seeds and factor == 1.0 and _cpu_fast(p.data):
+                flat = p.data.view(-1)
+                cpu.append((flat, flat, slot.offset))  # in place: one read + write of theta
+            else:
+                self._update_one(p, slot.offset, seeds, coeffs, distribution, factor, rounding_seed)
+        self.fill_cpu(cpu, seeds, coeffs, distribution)
+        states = {}
+        for (device, dtype), group in fused.items():
+            flats, offsets, factors = (list(column) for column in zip(*group))
+            rounding = rounding_seed if dtype == torch.bfloat16 else None
+            if (device, rounding) not in states:
+                states[device, rounding] = triton_kernel.step_state(list(seeds), coeffs, rounding, device)
+            self.launcher.noise_sum(flats, flats, offsets, list(seeds), coeffs, distribution, factors, rounding,
+                                    key=("update", device, dtype), state=states[device, rounding])
+
+    def _update_one(self, p: torch.nn.Parameter, offset: int, seeds: Sequence[int], coeffs: Sequence[float],
+                    distribution: str, factor: float, rounding_seed: int | None) -> None:
+        self.other_calls += 1
+        contiguous = p.data.is_contiguous()
+        flat = p.data.view(-1) if contiguous else p.data.reshape(-1)
+        acc = None
+        if seeds:
+            acc = add_noise_sum(self.pool.take(p.numel(), p.device), None, list(seeds), list(coeffs), offset,
+                                distribution)
+        theta = flat.float()
+        if factor != 1.0:
+            theta = theta * torch.tensor(factor, dtype=torch.float32, device=theta.device)
+        if acc is not None:
+            theta = theta + acc
+        if p.dtype == torch.bfloat16 and rounding_seed is not None:
+            theta = round_to_bfloat16(theta, rounding_seed, offset)
+        p.data.copy_(theta.view_as(p.data))
+        if acc is not None:
+            self.pool.give(acc)
+
+
+@torch.no_grad()
+def apply_update(layout: ParamLayout, seeds: Sequence[int], coeffs: Sequence[float], distribution: str,
+                 decay: dict[int, float] | None = None, rounding_seed: int | None = None,
+                 engine: Engine | None = None) -> None:
+    """theta <- theta * decay_p + sum_i coeffs[i] * z(seeds[i]), with a device-independent rounding order.
+
+    The sum is accumulated in float32 in the given order (slot order), each product rounded once; the decayed
+    weight (if any) is rounded once; the final add rounds once into the storage dtype: to nearest, or for
+    bfloat16 weights with `rounding_seed`, stochastically from the shared generator (so updates far below one
+    bf16 ulp still move the weights in expectation, DESIGN I5). `engine`: the optimizer's (buffers and tables
+    kept between steps); without one a throwaway engine is used.
+    """
+    own = engine is None
+    engine = engine or Engine()
+    try:
+        engine.update(layout, seeds, coeffs, distribution, decay, rounding_seed)
+    finally:
+        if own:
+            engine.close()
+
+
+# ---------------------------------------------------------------------------------------------------- blocks
+
+
+def _bytes(params) -> int:
+    return sum(p.numel() * p.element_size() for p in params)
+
+
+@dataclass(eq=False)
+class Block:
+    """Consecutive module subtrees whose parameters are materialised together (`members` get the hooks)."""
+
+    members: list[torch.nn.Module]
+    params: list[ParamSlot]  # every trainable parameter of the members' subtrees, once
+    nbytes: int
+    depth: int = 0  # members' forwards in progress
+    saved: list = field(default_factory=list)  # (param, original) that this block swapped in
+    buffers: list = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class Wrapper:
+    """A module too large to be one block: its own (directly registered) parameters, held for its whole forward."""
+
+    module: torch.nn.Module
+    params: list[ParamSlot]
+    stack: list = field(default_factory=list)  # per (re-entrant) call: (saved, buffers)
+
+
+def plan_blocks(model: torch.nn.Module, layout: ParamLayout,
+                budget: int | None = None) -> tuple[list[Block], list[Wrapper], int]:
+    """Cut the module tree into blocks of at most `budget` bytes of trainable parameters (default: the most that one
+    module owns directly, which can never be split, so the bound of DESIGN I3 does not grow).
+
+    Walking the tree in module order, a subtree that fits is a unit (if it has a forward of its own: a ModuleList's
+    hooks never run); one that does not is split into its children,
+    and its own parameters (if any) become a `Wrapper`. Consecutive units are packed into blocks greedily, never
+    across a wrapper's boundary (a block then never outlives the wrapper that may hold some of its parameters).
+    Returns (blocks, wrappers, budget).
+    """
+    def trainable(params):
+        return [s for p in params if (s := layout.slot_of(p)) is not None]
+
+    own = {m: trainable(m.parameters(recurse=False)) for m in model.modules()}
+    largest_own = max((_bytes(s.param for s in slots) for slots in own.values()), default=0)
+    budget = largest_own if budget is None else int(budget)
+    units: list[tuple[torch.nn.Module, list[ParamSlot]] | None] = []  # None: a wrapper's boundary
+    wrappers: list[Wrapper] = []
+
+    def visit(module: torch.nn.Module) -> None:
+        slots = trainable(module.parameters())
+        if not slots:
+            return
+        children = [c for c in module.children() if trainable(c.parameters())]
+        callable_ = type(module).forward is not torch.nn.Module.forward  # ModuleList, ModuleDict: never called
+        if (_bytes(s.param for s in slots) <= budget and callable_) or not children:
+            units.append((module, slots))
+            return
+        if own[module]:
+            wrappers.append(Wrapper(module, own[module]))
+            units.append(None)
+        for child in children:
+            visit(child)
+        if own[module]:
+            units.append(None)
+
+    visit(model)
+    blocks: list[Block] = []
+    members: list[torch.nn.Module] = []
+    params: dict[int, ParamSlot] = {}
+
+    def flush():
+        if members:
+            blocks.append(Block(list(members), list(params.values()), _bytes(s.param for s in params.values())))
+        members.clear()
+        params.clear()
+
+    for unit in units:
+        if unit is None:
+            flush()
+            continue
+        module, slots = unit
+        if members and _bytes(s.param for s in {**params, **{id(s.param): s for s in slots}}.values()) > budget:
+            flush()
+        members.append(module)
+        params.update({id(s.param): s for s in slots})
+    flush()
+    return blocks, wrappers, budget
 
 
 class PerturbedForward:
-    """Hooks on every module that owns trainable parameters; inactive (free) outside `perturb(...)`."""
+    """Hooks on blocks of the model; inactive (free) outside `perturb(...)`.
 
-    def __init__(self, model: torch.nn.Module, layout: ParamLayout, distribution: str):
+    `block_bytes`: the memory budget of one block (default: the largest set of parameters one module owns).
+    `engine`: the optimizer's; a private one by default.
+    """
+
+    def __init__(self, model: torch.nn.Module, layout: ParamLayout, distribution: str,
+                 block_bytes: int | None = None, engine: Engine | None = None):
         self.layout = layout
         self.distribution = distribution
+        self.engine = engine or Engine()
+        self.blocks, self.wrappers, self.block_bytes = plan_blocks(model, layout, block_bytes)
         self._active: tuple[int, float] | None = None
-        self._saved: dict[int, list[tuple[torch.nn.Parameter, torch.Tensor]]] = {}
+        self._states: dict = {}  # device -> the seed and coefficient on it, uploaded once per perturbation
         self._swapped: set[int] = set()  # ids of the parameters that now hold their perturbed copy
-        self._pool = BufferPool()
+        self._live: list[Block] = []  # blocks whose copies are swapped in
+        self.materialized = 0  # block and wrapper materialisations (counted by tests)
+        self.scratch_bytes = self.peak_scratch_bytes = 0  # perturbed copies alive now / at most (DESIGN I3)
         self._handles = []
-        for module in model.modules():
-            if any(layout.slot_of(p) for p in module.parameters(recurse=False)):
-                self._handles.append(module.register_forward_pre_hook(self._swap_in))
-                self._handles.append(module.register_forward_hook(self._swap_out))
+        for block in self.blocks:
+            for i, member in enumerate(block.members):
+                last = i == len(block.members) - 1
+                self._handles.append(member.register_forward_pre_hook(functools.partial(self._enter, block)))
+                self._handles.append(member.register_forward_hook(functools.partial(self._leave, block, last)))
+        for wrapper in self.wrappers:
+            self._handles.append(wrapper.module.register_forward_pre_hook(functools.partial(self._wrap_in, wrapper)))
+            self._handles.append(wrapper.module.register_forward_hook(functools.partial(self._wrap_out, wrapper)))
 
-    def _swap_in(self, module: torch.nn.Module, args) -> None:
+    @property
+    def hooks(self) -> int:
+        return len(self._handles)
+
+    # -- materialising
+
+    def _materialize(self, owner, slots: list[ParamSlot]) -> tuple[list, list]:
+        """Swap theta + eps*z in for each of `slots` not already swapped; returns (saved originals, buffers)."""
+        slots = [s for s in slots if id(s.param) not in self._swapped]
+        if not slots:
+            return [], []
+        self.materialized += 1
+        seed, coeff = self._active
+        engine = self.engine
+        saved, buffers, perturbed = [], [], {}
+        fused: dict[tuple, list[ParamSlot]] = {}
+        cpu, other = [], []
+        for s in slots:
+            data = s.param.data
+            if _fused(data):
+                fused.setdefault((data.device, data.dtype), []).append(s)
+            elif _cpu_fast(data):
+                cpu.append(s)
+            else:
+                other.append(s)
+        # theta + eps*z in fp32 (product and sum rounded separately: no FMA), one rounding to the storage dtype.
+        for (device, dtype), group in fused.items():  # one flat buffer and one launch per dtype
+            flat = engine.pool.take(sum(s.param.numel() for s in group), device, dtype)
+            buffers.append(flat)
+            views, at = [], 0
+            for s in group:
+                views.append(flat[at:at + s.param.numel()])
+                at += s.param.numel()
+            if device not in self._states:
+                self._states[device] = triton_kernel.step_state([seed], [coeff], None, device)
+            engine.launcher.noise_sum(views, [s.param.data.view(-1) for s in group], [s.offset for s in group],
+                                      [seed], [coeff], self.distribution, key=(id(owner), dtype),
+                                      state=self._states[device])
+            perturbed.update({id(s.param): v for s, v in zip(group, views)})
+        if cpu:
+            flat = engine.pool.take(sum(s.param.numel() for s in cpu), torch.device("cpu"))
+            buffers.append(flat)
+            pieces, at = [], 0
+            for s in cpu:
+                view = flat[at:at + s.param.numel()]
+                at += s.param.numel()
+                pieces.append((view, s.param.data.view(-1), s.offset))
+                perturbed[id(s.param)] = view
+            engine.fill_cpu(pieces, [seed], [coeff], self.distribution)
+        for s in other:
+            engine.other_calls += 1
+            data = s.param.data
+            theta = data.reshape(-1)
+            buffer = add_noise(engine.pool.take(theta.numel(), theta.device), theta.float(), seed, s.offset, coeff,
+                               self.distribution)
+            if data.dtype != torch.float32:
+                buffer, narrow = engine.pool.take(theta.numel(), theta.device, data.dtype).copy_(buffer), buffer
+                engine.pool.give(narrow)
+            buffers.append(buffer)
+            perturbed[id(s.param)] = buffer
+        self.scratch_bytes += sum(s.param.numel() * s.param.element_size() for s in slots)
+        self.peak_scratch_bytes = max(self.peak_scratch_bytes, self.scratch_bytes)
+        for s in slots:
+            p = s.param
+            original = p.data
+            p.data = perturbed[id(p)].view_as(original)
+            self._swapped.add(id(p))
+            saved.append((p, original))
+        return saved, buffers
+
+    def _restore(self, saved: list, buffers: list) -> None:
+        for p, original in saved:
+            self.scratch_bytes -= p.numel() * p.element_size()
+            p.data = original
+            self._swapped.discard(id(p))
+        for b in buffers:
+            self.engine.pool.give(b)
+
+    def _release(self, block: Block) -> None:
+        self._restore(block.saved, block.buffers)
+        block.saved, block.buffers = [], []
+        self._live.remove(block)
+
+    # -- hooks
+
+    def _enter(self, block: Block, module, args) -> None:
         if self._active is None:
             return
-        # A parameter owned by nested modules (RoBERTa's lm_head.bias is lm_head.decoder.bias) is swapped in once, by
-        # the outermost: the inner hook would otherwise add eps*z to the already perturbed copy (DESIGN I5).
-        params = [(p, slot) for p in module.parameters(recurse=False)
-                  if (slot := self.layout.slot_of(p)) is not None and id(p) not in self._swapped]
-        if not params:
-            return
-        # theta + eps*z in fp32 (product and sum rounded separately: no FMA), one rounding to the storage dtype.
-        seed, coeff = self._active
-        originals = [p.data for p, _ in params]
-        if all(_fused(t) for t in originals):  # the module's parameters in one launch
-            perturbed = [self._pool.take(t.numel(), t.device, t.dtype) for t in originals]
-            triton_kernel.noise_sum(perturbed, [t.view(-1) for t in originals], [s.offset for _, s in params],
-                                    [seed], [float(np.float32(coeff))], self.distribution)
-        else:
-            perturbed = []
-            for original, (_, slot) in zip(originals, params):
-                theta = original.reshape(-1)
-                buffer = add_noise(self._pool.take(theta.numel(), theta.device), theta.float(), seed, slot.offset,
-                                   coeff, self.distribution)
-                if original.dtype != torch.float32:
-                    buffer, narrow = self._pool.take(theta.numel(), theta.device, original.dtype).copy_(buffer), buffer
-                    self._pool.give(narrow)
-                perturbed.append(buffer)
-        for (p, _), original, t in zip(params, originals, perturbed):
-            p.data = t.view_as(original)
-            self._swapped.add(id(p))
-        self._saved.setdefault(id(module), []).extend(zip((p for p, _ in params), originals))
+        if block not in self._live:
+            for other in [b for b in self._live if b.depth == 0]:  # one block at a time (DESIGN I3)
+                self._release(other)
+            block.saved, block.buffers = self._materialize(block, block.params)
+            self._live.append(block)
+        block.depth += 1
 
-    def _swap_out(self, module: torch.nn.Module, args, output) -> None:
-        for p, original in self._saved.pop(id(module), []):
-            perturbed, p.data = p.data, original
-            self._swapped.discard(id(p))
-            self._pool.give(perturbed.reshape(-1))
+    def _leave(self, block: Block, last: bool, module, args, output) -> None:
+        if self._active is None or block not in self._live:
+            return
+        block.depth = max(0, block.depth - 1)
+        if last and block.depth == 0:
+            self._release(block)
+
+    def _wrap_in(self, wrapper: Wrapper, module, args) -> None:
+        if self._active is not None:
+            wrapper.stack.append(self._materialize(wrapper, wrapper.params))
+
+    def _wrap_out(self, wrapper: Wrapper, module, args, output) -> None:
+        if self._active is not None and wrapper.stack:
+            self._restore(*wrapper.stack.pop())
+
+    # -- public
 
     @contextlib.contextmanager
     def perturb(self, seed: int, coeff: float) -> Iterator[None]:
         """Forwards inside see theta + coeff * z(seed); the weights are bit-identical afterwards."""
-        self._active = (seed, coeff)
+        self._active = (seed, float(np.float32(coeff)))
+        self._states = {}
         try:
             yield
         finally:
+            for block in list(self._live):  # the last block, or every live one after a forward that raised
+                block.depth = 0
+                self._release(block)
+            for wrapper in self.wrappers:
+                while wrapper.stack:
+                    self._restore(*wrapper.stack.pop())
             self._active = None
-            for saved in self._saved.values():  # a forward that raised midway
-                for p, original in saved:
-                    p.data = original
-            self._saved.clear()
+            self._states = {}
             self._swapped.clear()
 
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
-
-
-_UPDATE_POOL = BufferPool()
-
-
-@torch.no_grad()
-def apply_update(layout: ParamLayout, seeds: Sequence[int], coeffs: Sequence[float], distribution: str,
-                 decay: dict[int, float] | None = None, rounding_seed: int | None = None) -> None:
-    """theta <- theta * decay_p + sum_i coeffs[i] * z(seeds[i]), with a device-independent rounding order.
-
-    The sum is accumulated in float32 in the given order (slot order), each product rounded once; the decayed
-    weight (if any) is rounded once; the final add rounds once into the storage dtype: to nearest, or for
-    bfloat16 weights with `rounding_seed`, stochastically from the shared generator (so updates far below one
-    bf16 ulp still move the weights in expectation, DESIGN I5).
-    """
-    decay = decay or {}
-    coeffs = [float(np.float32(c)) for c in coeffs]
-    fused: dict[tuple, list] = {}  # (device, dtype) -> [(flat theta, offset, factor)]: one launch each
-    for slot in layout:
-        p = slot.param
-        factor = decay.get(id(p), 1.0)
-        if not seeds and factor == 1.0:
-            continue
-        if _fused(p.data):
-            fused.setdefault((p.device, p.dtype), []).append((p.data.view(-1), slot.offset, factor))
-        else:
-            _update_one(p, slot.offset, seeds, coeffs, distribution, factor, rounding_seed)
-    for (_, dtype), group in fused.items():
-        flats, offsets, factors = (list(column) for column in zip(*group))
-        triton_kernel.noise_sum(flats, flats, offsets, list(seeds), coeffs, distribution, factors,
-                                rounding_seed if dtype == torch.bfloat16 else None)
-
-
-def _update_one(p: torch.nn.Parameter, offset: int, seeds: Sequence[int], coeffs: Sequence[float],
-                distribution: str, factor: float, rounding_seed: int | None) -> None:
-    contiguous = p.data.is_contiguous()
-    flat = p.data.view(-1) if contiguous else p.data.reshape(-1)
-    if contiguous and p.dtype == torch.float32 and factor == 1.0:
-        add_noise_sum(flat, flat, seeds, coeffs, offset, distribution)  # one read + write of theta
-        return
-    acc = None
-    if seeds:
-        acc = add_noise_sum(_UPDATE_POOL.take(p.numel(), p.device), None, seeds, coeffs, offset, distribution)
-    theta = flat.float()
-    if factor != 1.0:
-        theta = theta * torch.tensor(factor, dtype=torch.float32, device=theta.device)
-    if acc is not None:
-        theta = theta + acc
-    if p.dtype == torch.bfloat16 and rounding_seed is not None:
-        theta = round_to_bfloat16(theta, rounding_seed, offset)
-    p.data.copy_(theta.view_as(p.data))
-    if acc is not None:
-        _UPDATE_POOL.give(acc)
+        self.engine.close()

@@ -155,7 +155,8 @@ class ZOOptimizer(torch.optim.Optimizer):
                 factor = 1.0 - record.lr * group["weight_decay"]
                 decay.update({id(p): factor for p in group["params"]})
         apply_update(self.layout, seeds, coeffs, self.distribution, decay,
-                     rounding_seed=derive_seed(self.seed, record.step, 0, ROUNDING_STREAM))
+                     rounding_seed=derive_seed(self.seed, record.step, 0, ROUNDING_STREAM),
+                     engine=self.forward_hooks.engine)
         self.step_count = record.step + 1
 
     def state_dict(self) -> dict:

@@ -103,7 +103,10 @@ if triton is not None:
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
         return tl.where(x == x, bits.to(tl.float32, bitcast=True), x)
 
-    @triton.jit
+    # m and n_tensors stay runtime ints when they are 1: Triton would make them constants, the slot loop
+    # `while s < m` then folds away, and Triton 3.6.0's TritonGPUCoalesce pass crashes on the Gaussian kernel for one
+    # slot ("PassManager::run failed"; reproduced ahead of time with triton.compile for sm_90, docs/PERFORMANCE.md).
+    @triton.jit(do_not_specialize=["m", "n_tensors"])
     def _noise_sum_kernel(dst, src, table, starts, seeds, coeffs, m, gauss, n_tensors,
                           LOG_T: tl.constexpr, GAUSSIAN: tl.constexpr, HAS_NOISE: tl.constexpr,
                           ACCUMULATE: tl.constexpr, DECAY: tl.constexpr, STOCHASTIC: tl.constexpr,
@@ -184,33 +187,6 @@ def _upload(values: list, dtype: torch.dtype, device: torch.device) -> torch.Ten
     return host.pin_memory().to(device, non_blocking=True)
 
 
-_TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor, int]] = {}
-_TABLES_MAX = 4096
-
-
-def _tensor_table(dsts, srcs, offsets, factors) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Per tensor (dst element offset from dsts[0], src offset from srcs[0], logical offset, numel, factor bits),
-    and the first program of each tensor; cached, since the same tensors come back every step."""
-    key = tuple((d.data_ptr(), s.data_ptr() if s is not None else 0, o, d.numel(), f)
-                for d, s, o, f in zip(dsts, srcs, offsets, factors))
-    hit = _TABLES.get(key)
-    if hit is not None:
-        return hit
-    rows, starts, programs = [], [], 0
-    d0, s0 = dsts[0], srcs[0] if srcs[0] is not None else dsts[0]
-    for d, s, o, f in zip(dsts, srcs, offsets, factors):
-        s = d if s is None else s
-        factor_bits = struct.unpack("<i", struct.pack("<f", f))[0]
-        rows.append([_elements_between(d0, d), _elements_between(s0, s), o, d.numel(), factor_bits])
-        starts.append(programs)
-        programs += (o + d.numel() - 1) // ELEMS - o // ELEMS + 1
-    hit = (_upload(rows, torch.int64, d0.device), _upload(starts, torch.int64, d0.device), programs)
-    if len(_TABLES) >= _TABLES_MAX:
-        _TABLES.clear()
-    _TABLES[key] = hit
-    return hit
-
-
 def _elements_between(base: torch.Tensor, t: torch.Tensor) -> int:
     delta = t.data_ptr() - base.data_ptr()
     if delta % t.element_size():
@@ -218,53 +194,122 @@ def _elements_between(base: torch.Tensor, t: torch.Tensor) -> int:
     return delta // t.element_size()
 
 
+def _signature(dsts, srcs, offsets, factors) -> tuple:
+    """What a descriptor table depends on: each tensor's position relative to the first one's (dst and src), its
+    logical offset, numel and factor. A flat scratch buffer cut the same way gives the same signature at any
+    address, so a block's table is reused whichever buffer the pool hands out."""
+    d0, s0 = dsts[0], srcs[0] if srcs[0] is not None else dsts[0]
+    return tuple((_elements_between(d0, d), _elements_between(s0, d if s is None else s), o, d.numel(), f)
+                 for d, s, o, f in zip(dsts, srcs, offsets, factors))
+
+
+def _build_table(signature: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
+    rows, starts, programs = [], [], 0
+    for d_at, s_at, o, numel, f in signature:
+        factor_bits = struct.unpack("<i", struct.pack("<f", f))[0]
+        rows.append([d_at, s_at, o, numel, factor_bits])
+        starts.append(programs)
+        programs += (o + numel - 1) // ELEMS - o // ELEMS + 1
+    return _upload(rows, torch.int64, device), _upload(starts, torch.int64, device), programs
+
+
+def step_state(seeds: list[int], coeffs: list[float], rounding_seed: int | None,
+               device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-step kernel arguments on `device`: slot seeds (+ the rounding seed after them) as int64 bit patterns,
+    and the float32 coefficients. Upload once per perturbation or update and pass to every launch of it."""
+    keys = [s - (1 << 64) if s >= 1 << 63 else s for s in [*seeds, rounding_seed or 0]]
+    return _upload(keys, torch.int64, device), _upload([float(c) for c in coeffs] or [0.0], torch.float32, device)
+
+
+class Launcher:
+    """Launch state that one optimizer owns (no module-level caches): the descriptor table of each recurring launch
+    (a block of the perturbed forward, the update of one dtype), rebuilt only when its tensors move, and a count of
+    launches (for tests and the benchmark)."""
+
+    def __init__(self):
+        self._tables: dict[object, tuple[tuple, tuple[torch.Tensor, torch.Tensor, int]]] = {}
+        self.launches = 0
+
+    def _table(self, key, dsts, srcs, offsets, factors) -> tuple[torch.Tensor, torch.Tensor, int]:
+        signature = _signature(dsts, srcs, offsets, factors)
+        cached = self._tables.get(key) if key is not None else None
+        if cached is not None and cached[0] == signature:
+            return cached[1]
+        table = _build_table(signature, dsts[0].device)
+        if key is not None:
+            self._tables[key] = (signature, table)
+        return table
+
+    def noise_sum(self, dsts: list[torch.Tensor], srcs: list[torch.Tensor | None], offsets: list[int],
+                  seeds: list[int], coeffs: list[float], distribution: str, factors: list[float] | None = None,
+                  rounding_seed: int | None = None, key=None,
+                  state: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """For each tensor: dst = src * factor + sum_s coeffs[s] * z(seeds[s]) at logical elements offset.., in one
+        launch.
+
+        dsts share one dtype and device (float32, bfloat16 or float16), as do the srcs; all flat and contiguous. A
+        src of None means no src term (dst = the sum). `rounding_seed` rounds bfloat16 dsts stochastically. `key`
+        names a recurring launch whose descriptor table is kept; `state` is `step_state(seeds, coeffs,
+        rounding_seed, device)` already on the device (else uploaded here).
+        """
+        if not dsts:
+            return
+        if len({t.dtype for t in dsts}) > 1 or len({t.dtype for t in srcs if t is not None}) > 1:
+            raise ValueError("one launch takes one dtype of dst and one of src")
+        accumulate = srcs[0] is not None
+        if any((s is not None) != accumulate for s in srcs):
+            raise ValueError("either every tensor has a src or none has")
+        if not accumulate and not seeds:
+            raise ValueError("dst = noise needs at least one seed")
+        factors = factors or [1.0] * len(dsts)
+        device = dsts[0].device
+        table, starts, programs = self._table(key, dsts, srcs, offsets, factors)
+        stochastic = rounding_seed is not None and dsts[0].dtype == torch.bfloat16
+        seed_t, coeff_t = state if state is not None else step_state(seeds, coeffs, rounding_seed, device)
+        _noise_sum_kernel[(programs,)](
+            dsts[0], srcs[0] if accumulate else dsts[0], table, starts, seed_t, coeff_t, len(seeds),
+            _gauss_table(device), len(dsts),
+            LOG_T=max(1, (len(dsts) - 1).bit_length()), GAUSSIAN=distribution == "gaussian",
+            HAS_NOISE=bool(seeds), ACCUMULATE=accumulate, DECAY=any(f != 1.0 for f in factors),
+            STOCHASTIC=stochastic, ELEMS=ELEMS, **COMPILE_OPTIONS)
+        self.launches += 1
+
+
 def noise_sum(dsts: list[torch.Tensor], srcs: list[torch.Tensor | None], offsets: list[int], seeds: list[int],
               coeffs: list[float], distribution: str, factors: list[float] | None = None,
               rounding_seed: int | None = None) -> None:
-    """For each tensor: dst = src * factor + sum_s coeffs[s] * z(seeds[s]) at logical elements offset.., in one launch.
-
-    dsts share one dtype and device (float32, bfloat16 or float16), as do the srcs; all flat and contiguous. A src of
-    None means no src term (dst = the sum). `rounding_seed` rounds bfloat16 dsts stochastically.
-    """
-    if not dsts:
-        return
-    if len({t.dtype for t in dsts}) > 1 or len({t.dtype for t in srcs if t is not None}) > 1:
-        raise ValueError("one launch takes one dtype of dst and one of src")
-    accumulate = srcs[0] is not None
-    if any((s is not None) != accumulate for s in srcs):
-        raise ValueError("either every tensor has a src or none has")
-    if not accumulate and not seeds:
-        raise ValueError("dst = noise needs at least one seed")
-    factors = factors or [1.0] * len(dsts)
-    device = dsts[0].device
-    table, starts, programs = _tensor_table(dsts, srcs, offsets, factors)
-    stochastic = rounding_seed is not None and dsts[0].dtype == torch.bfloat16
-    keys = [s - (1 << 64) if s >= 1 << 63 else s for s in [*seeds, rounding_seed or 0]]  # int64 bit patterns
-    seed_t = _upload(keys, torch.int64, device)
-    coeff_t = _upload([float(c) for c in coeffs] or [0.0], torch.float32, device)
-    _noise_sum_kernel[(programs,)](
-        dsts[0], srcs[0] if accumulate else dsts[0], table, starts, seed_t, coeff_t, len(seeds),
-        _gauss_table(device), len(dsts),
-        LOG_T=max(1, (len(dsts) - 1).bit_length()), GAUSSIAN=distribution == "gaussian", HAS_NOISE=bool(seeds),
-        ACCUMULATE=accumulate, DECAY=any(f != 1.0 for f in factors), STOCHASTIC=stochastic, ELEMS=ELEMS,
-        **COMPILE_OPTIONS)
+    """`Launcher.noise_sum` without kept state: for one-off calls (noise.add_noise's triton backend, tests)."""
+    Launcher().noise_sum(dsts, srcs, offsets, seeds, coeffs, distribution, factors, rounding_seed)
 
 
 _PTX_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
+def _launch_spec(name: str, value: int) -> tuple[str, object]:
+    """How the JIT launcher types an int argument: Triton turns an int equal to 1 into a compile-time constant unless
+    the kernel lists it in do_not_specialize (then it stays a runtime i32)."""
+    if value == 1 and name not in _noise_sum_kernel.do_not_specialize:
+        return "constexpr", 1
+    return "i32", None
+
+
 def ptx(distribution: str, dtype: torch.dtype = torch.float32, stochastic: bool = False, capability: int = 90,
-        options: dict | None = None) -> str:
+        options: dict | None = None, slots: int = 3, tensors: int = 2) -> str:
     """The kernel's PTX for an NVIDIA GPU of `capability`, compiled ahead of time (no GPU needed): to inspect it
-    (tests check it has no FMA)."""
+    (tests check it has no FMA) and to compile it as the launcher would for `slots` slots over `tensors` tensors
+    (ints equal to 1 are specialized unless do_not_specialize says otherwise)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     ty = _PTX_TYPES[dtype]
     signature = {"dst": "*" + ty, "src": "*" + ty, "table": "*i64", "starts": "*i64", "seeds": "*i64",
                  "coeffs": "*fp32", "m": "i32", "gauss": "*fp32", "n_tensors": "i32"}
-    constants = {"LOG_T": 9, "GAUSSIAN": distribution == "gaussian", "HAS_NOISE": True, "ACCUMULATE": True,
-                 "DECAY": True, "STOCHASTIC": stochastic, "ELEMS": ELEMS}
+    constants = {"LOG_T": max(1, (tensors - 1).bit_length()), "GAUSSIAN": distribution == "gaussian",
+                 "HAS_NOISE": True, "ACCUMULATE": True, "DECAY": True, "STOCHASTIC": stochastic, "ELEMS": ELEMS}
+    for name, value in (("m", slots), ("n_tensors", tensors)):
+        signature[name], constant = _launch_spec(name, value)
+        if constant is not None:
+            constants[name] = constant
     signature.update({name: "constexpr" for name in constants})
     source = ASTSource(fn=_noise_sum_kernel, signature=signature, constexprs=constants)
     compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options or COMPILE_OPTIONS)
