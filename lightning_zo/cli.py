@@ -29,15 +29,25 @@ def user_errors():
         sys.exit(2)
 
 
+def build_model(cfg: DictConfig):
+    """The `model` group's language model, wrapped in the `peft` group's adapter if one is chosen."""
+    from hydra.utils import instantiate
+
+    lm = instantiate(cfg.model)
+    if cfg.get("peft"):
+        lm.model = instantiate(cfg.peft)(lm.model)
+    return lm
+
+
 def build(cfg: DictConfig):
     """(trainer, module, datamodule) from a composed config."""
     from hydra.utils import instantiate
 
     from .core.optimizer import validate_hparams
-    from .recipe.data import PromptDataModule, label_word_ids
-    from .recipe.classifier import ZOClassifier
+    from .integration.callbacks import RunSummary, TrajectoryLog
+    from .recipe.data import PromptDataModule
 
-    lm = instantiate(cfg.model)
+    lm = build_model(cfg)
     task = instantiate(cfg.task)
     codec = instantiate(cfg.quantization)
     optimizer = instantiate(cfg.optimizer)
@@ -52,9 +62,14 @@ def build(cfg: DictConfig):
     if not task.per_rank_data:
         dm.setup()  # fail on bad data here, in one process, before any rank starts
     scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
-    module = ZOClassifier(lm.model, label_word_ids(lm.tokenizer, task.spec.label_words, lm.kind), lm.kind,
-                          optimizer=optimizer, codec=codec, scheduler=scheduler)
+    module = instantiate(cfg.module)(lm=lm, task=task, optimizer=optimizer, codec=codec, scheduler=scheduler)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    for callback in callbacks:  # what only the config knows: how replay rebuilds the model, what the output needs
+        if isinstance(callback, TrajectoryLog) and callback.model_config is None:
+            callback.model_config = OmegaConf.to_container(
+                OmegaConf.create({"model": cfg.model, "peft": cfg.get("peft")}), resolve=True)
+        if isinstance(callback, RunSummary) and callback.tokenizer is None:
+            callback.tokenizer = lm.tokenizer
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
     return trainer, module, dm

@@ -1,14 +1,18 @@
 """Rebuild a run's weights from its base model and trajectory log (DESIGN I4).
 
-    python -m lightning_zo.replay RUN_DIR [--to-step T] [--out DIR]
+    python -m lightning_zo.replay RUN_DIR [--to-step T] [--out DIR] [--model MODULE:FACTORY]
 
-The base model comes from the run's Hydra config (RUN_DIR/.hydra/config.yaml); the step rules from the log's
-header. The last line printed is JSON with `weights_sha256`, equal to the run's summary when replayed in full.
+The step rules come from the log's header. The base model, in this order: `--model MODULE:FACTORY` (a function
+that builds it, for models only code can build), the run's Hydra config (RUN_DIR/.hydra/config.yaml), the model
+config the log's header recorded, or the header's hub id / directory and class (runs made from Python with a
+Hugging Face model). The last line printed is JSON with `weights_sha256`, equal to the run's summary when replayed
+in full.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -16,41 +20,73 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .core.codecs import codec_from_config
 from .cli import user_errors
+from .core.codecs import codec_from_config
 from .core.errors import UserError
-from .core.optimizer import ZOOptimizer
 from .core.layout import weights_digest
+from .core.optimizer import ZOOptimizer
 from .core.trajectory import read
 
 
-def load_base(run_dir: Path):
-    from hydra.utils import instantiate
+def _factory(spec: str):
+    module, _, name = spec.partition(":")
+    if not module or not name:
+        raise UserError(f"--model {spec!r}: expected MODULE:FACTORY, e.g. my_package.models:build")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise UserError(f"--model {spec!r}: {e}") from e
+
+
+def load_base(run_dir: Path, header: dict, factory: str | None = None):
+    """(model, tokenizer or None): the base model the log was written for (see the module docstring)."""
     from omegaconf import OmegaConf
 
-    config = run_dir / ".hydra" / "config.yaml"
-    if not config.is_file():
-        raise UserError(f"{config} not found: RUN_DIR must be a lightning_zo run directory")
-    return instantiate(OmegaConf.load(config).model)
+    from .cli import build_model
+
+    if factory is not None:
+        built = _factory(factory)()
+        return (built.model, built.tokenizer) if hasattr(built, "tokenizer") else (built, None)
+    hydra_config = run_dir / ".hydra" / "config.yaml"
+    model_info = header.get("model") or {}
+    if hydra_config.is_file():  # (runs made before the package's layers name lightning_zo.models.*)
+        config = OmegaConf.create(hydra_config.read_text().replace("lightning_zo.models.", "lightning_zo.recipe.models."))
+    else:
+        config = model_info.get("config")
+    if config is not None:
+        lm = build_model(OmegaConf.create(config))
+        return lm.model, lm.tokenizer
+    if model_info.get("name_or_path") and not model_info.get("adapter"):
+        module, _, name = model_info["class"].rpartition(".")
+        cls = getattr(importlib.import_module(module), name)
+        return cls.from_pretrained(model_info["name_or_path"], dtype=getattr(torch, model_info["dtype"])), None
+    raise UserError(f"{run_dir}: the log does not say how to build its base model ({header.get('base_model')}); "
+                    "pass --model MODULE:FACTORY, a function that returns it")
+
+
+def optimizer_for(model: torch.nn.Module, header: dict) -> ZOOptimizer:
+    """A ZOOptimizer with the logged step rules (lr comes from each record)."""
+    return ZOOptimizer(model, lr=0.0, eps=header["eps"], weight_decay=header["weight_decay"],
+                       distribution=header["distribution"], norm=header["norm"], seed=header["seed"],
+                       codec=codec_from_config(header["codec"]))
 
 
 def replay(run_dir: Path, to_step: int | None = None, model: torch.nn.Module | None = None,
-           progress: bool = True) -> tuple[torch.nn.Module, dict]:
+           progress: bool = True, factory: str | None = None) -> tuple[torch.nn.Module, dict]:
     """Apply the log's records (all, or steps 0..to_step-1) to `model` (default: the run's base model)."""
+    if to_step is not None and to_step < 0:
+        raise UserError(f"--to-step must be >= 0, got {to_step}")
     log = read(run_dir / "trajectory.zot")
-    lm = None
-    if model is None:
-        lm = load_base(run_dir)
-        model = lm.model
     header = log.header
+    tokenizer = None
+    if model is None:
+        model, tokenizer = load_base(run_dir, header, factory)
     model.to(getattr(torch, header.get("param_dtype", "float32")))  # as the trainer's precision plugin did
     base = weights_digest(model)
     if base != header["base_weights_sha256"]:
         raise UserError(f"the base model's weights ({base[:16]}…) do not match the log's "
                         f"({header['base_weights_sha256'][:16]}…, {header.get('base_model')}): refusing to replay")
-    opt = ZOOptimizer(model, lr=0.0, eps=header["eps"], weight_decay=header["weight_decay"],
-                      distribution=header["distribution"], norm=header["norm"], seed=header["seed"],
-                      codec=codec_from_config(header["codec"]))
+    opt = optimizer_for(model, header)
     records = log.records if to_step is None else log.records[:to_step]
     if to_step is not None and to_step > len(log.records):
         raise UserError(f"--to-step {to_step}: the log holds {len(log.records)} steps")
@@ -59,22 +95,35 @@ def replay(run_dir: Path, to_step: int | None = None, model: torch.nn.Module | N
     opt.forward_hooks.remove()
     info = {"steps": len(records), "world_sizes": sorted({r.world_size for r in records}),
             "log_bytes": (run_dir / "trajectory.zot").stat().st_size, "weights_sha256": weights_digest(model)}
-    return model, info | ({"tokenizer": lm.tokenizer} if lm else {})
+    return model, info | ({"tokenizer": tokenizer} if tokenizer is not None else {})
+
+
+def export(model: torch.nn.Module, out: Path, tokenizer=None) -> None:
+    """A directory `from_pretrained` loads; a peft model is merged, its adapter kept in OUT/adapter."""
+    if not hasattr(model, "save_pretrained"):
+        raise UserError("--out needs a Hugging Face model (save_pretrained); this base model has none")
+    if getattr(model, "peft_config", None):
+        model.save_pretrained(out / "adapter")
+        model = model.merge_and_unload()
+    model.save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lightning_zo.replay", description=__doc__.split("\n\n")[0])
-    parser.add_argument("run_dir", type=Path, help="a run directory with trajectory.zot and .hydra/config.yaml")
+    parser.add_argument("run_dir", type=Path, help="a run directory with trajectory.zot")
     parser.add_argument("--to-step", type=int, default=None, help="replay steps 0..T-1 only")
-    parser.add_argument("--out", type=Path, default=None, help="write a Hugging Face model directory here")
+    parser.add_argument("--out", type=Path, default=None, help="write a Hugging Face model directory here (with a "
+                        "peft adapter: the merged model, and the adapter in OUT/adapter)")
+    parser.add_argument("--model", dest="factory", default=None, metavar="MODULE:FACTORY",
+                        help="build the base model by calling this function (for models only code can build)")
     args = parser.parse_args(argv)
     with user_errors():
-        model, info = replay(args.run_dir, args.to_step)
+        model, info = replay(args.run_dir, args.to_step, factory=args.factory)
     tokenizer = info.pop("tokenizer", None)
     if args.out is not None:
-        model.save_pretrained(args.out)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(args.out)
+        export(model, args.out, tokenizer)
         info["out"] = str(args.out)
     print(json.dumps(info))
     return 0

@@ -1,11 +1,14 @@
-"""ZOOptimizer: the seeded two-forward SPSA step (DESIGN §1), as a torch Optimizer for Lightning.
+"""ZOOptimizer: the seeded two-forward SPSA step (DESIGN §1), as a torch Optimizer.
 
-`step(loss_fn=...)` perturbs, evaluates, encodes, exchanges, decodes and updates. The exchange is an attribute the
-strategy sets (one int8 all_reduce); alone it is the identity, so the optimizer also runs without ZOStrategy.
+`step(closure)` (torch's contract: the closure re-evaluates the model and returns the loss) or
+`step(loss_fn=...)` (the loss of micro-batch j, for k perturbations per step) perturbs, evaluates, encodes,
+exchanges, decodes and updates. The exchange is an attribute the strategy sets (one int8 all_reduce); alone it is
+the identity, so the optimizer runs in plain PyTorch as well as under ZOStrategy.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -34,7 +37,15 @@ class StepRecord:
     codes: list  # the whole exchanged payload, slot order
     local_losses: list = field(default_factory=list)  # (loss+, loss-) per own slot
     local_grads: list = field(default_factory=list)
-    stop: bool = False
+    stop: bool = False  # a rank sent STOP: this step is not applied (a resumed run redoes it with every rank)
+
+
+_DROPOUT = (torch.nn.Dropout, torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d, torch.nn.AlphaDropout,
+            torch.nn.FeatureAlphaDropout)
+
+LOSS_FN_HELP = ("ZOOptimizer.step needs the loss: in manual optimization call "
+                "`opt.step(loss_fn=lambda j: <loss of micro-batch j>)` (or `opt.step(closure)` with a closure that "
+                "returns the loss); in automatic optimization `training_step` must return the loss tensor")
 
 
 def no_decay(name: str) -> bool:
@@ -60,6 +71,15 @@ def validate_hparams(lr=1e-5, eps=1e-3, k=1, distribution="rademacher", norm="me
 
 
 class ZOOptimizer(torch.optim.Optimizer):
+    """The ZO step over `model`'s trainable parameters (requires_grad; freeze the rest, or wrap the model in an
+    adapter such as peft's LoRA, to train only part of it).
+
+    Per step and rank: k perturbations z_j = noise(seed(step, rank * k + j)); loss(theta +- eps z_j) from
+    `loss_fn(j)` (or the closure); one code per perturbation through `codec`; after the exchange every rank applies
+    every rank's update, so replicas stay bit-identical. The perturbed forwards run with the model in eval mode
+    (both must compute one function: no dropout); its modules' modes are restored afterwards.
+    """
+
     def __init__(self, model: torch.nn.Module, lr: float = 1e-5, eps: float = 1e-3, weight_decay: float = 0.0,
                  k: int = 1, distribution: str = "rademacher", norm: str = "mean", seed: int = 0,
                  codec: Optional[Codec] = None):
@@ -72,7 +92,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         groups = [g for g in ({"params": decayed, "weight_decay": weight_decay},
                               {"params": plain, "weight_decay": 0.0}) if g["params"]]
         super().__init__(groups, {"lr": lr, "weight_decay": weight_decay})
-        self.layout = layout
+        self.model, self.layout = model, layout
         if any(s.param.dtype == torch.float16 for s in layout):
             warnings.warn("float16 weights are updated with round-to-nearest: updates below half an ulp vanish. "
                           "Use bf16-true (stochastic rounding from the shared generator) or 32-true.", stacklevel=2)
@@ -85,6 +105,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.step_count = 0
         self.last_record: Optional[StepRecord] = None
         self.weight_decay = float(weight_decay)
+        self._warned_dropout = False
 
     def describe(self) -> dict:
         """Everything besides the base weights and the per-step records that replay needs."""
@@ -100,14 +121,42 @@ class ZOOptimizer(torch.optim.Optimizer):
     def slot_seed(self, step: int, slot: int) -> int:
         return derive_seed(self.seed, step, slot)
 
+    @contextlib.contextmanager
+    def _eval_mode(self):
+        """The model in eval mode for the perturbed forwards; every module's own mode restored afterwards."""
+        modes = [(m, m.training) for m in self.model.modules()]
+        if not self._warned_dropout and any(
+                training and isinstance(m, _DROPOUT) and m.p > 0 for m, training in modes):
+            warnings.warn("ZOOptimizer: the model is in train mode with active dropout; its perturbed forwards run "
+                          "in eval mode (loss(theta + eps z) and loss(theta - eps z) must compare one function)",
+                          stacklevel=3)
+            self._warned_dropout = True
+        self.model.eval()
+        try:
+            yield
+        finally:
+            for m, training in modes:
+                m.training = training
+
+    def _loss(self, loss_fn: Callable[[int], object], j: int) -> float:
+        loss = loss_fn(j)
+        if loss is None:
+            raise TypeError(LOSS_FN_HELP + " (the loss function returned None)")
+        return float(loss)
+
     @torch.no_grad()
     def step(self, closure: Optional[Callable] = None, loss_fn: Optional[Callable[[int], torch.Tensor]] = None):
         """One ZO step. `loss_fn(j)` returns the loss of micro-batch j under the current (perturbed) weights.
 
-        `closure` (Lightning's hook closure) runs once, after the exchange and before the update.
+        Without `loss_fn`, `closure()` is the loss, evaluated on the whole batch for each of the k perturbations
+        (torch's closure contract; Lightning's automatic optimization under ZOStrategy). With `loss_fn`, `closure`
+        (Lightning's hook closure in manual optimization) runs once, after the exchange and before the update.
         """
         if loss_fn is None:
-            raise TypeError("ZOOptimizer.step needs loss_fn=callable(j) -> loss of micro-batch j")
+            if closure is None:
+                raise TypeError(LOSS_FN_HELP)
+            evaluate, closure = closure, None
+            loss_fn = lambda j: evaluate()  # noqa: E731
         t, lr = self.step_count, float(self.param_groups[0]["lr"])
         codec = self.codec
         payload = torch.zeros(self.world_size * self.k, dtype=codec.dtype)
@@ -115,10 +164,11 @@ class ZOOptimizer(torch.optim.Optimizer):
         for j in range(self.k):
             slot = self.rank * self.k + j
             seed = self.slot_seed(t, slot)
-            with self.forward_hooks.perturb(seed, self.eps):
-                loss_plus = float(loss_fn(j))
-            with self.forward_hooks.perturb(seed, -self.eps):
-                loss_minus = float(loss_fn(j))
+            with self._eval_mode():
+                with self.forward_hooks.perturb(seed, self.eps):
+                    loss_plus = self._loss(loss_fn, j)
+                with self.forward_hooks.perturb(seed, -self.eps):
+                    loss_minus = self._loss(loss_fn, j)
             g = (loss_plus - loss_minus) / (2 * self.eps)
             losses.append((loss_plus, loss_minus))
             grads.append(g)
@@ -135,7 +185,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         codes = payload.tolist()
         record = StepRecord(step=t, world_size=self.world_size, k=self.k, lr=lr, codes=codes,
                             local_losses=losses, local_grads=grads, stop=any(is_stop(codec, c) for c in codes))
-        self.apply(record)
+        if not record.stop:  # a STOP step changes nothing: resuming redoes it with every rank's estimate (exact)
+            self.apply(record)
         self.last_record = record
         return torch.tensor(sum(a + b for a, b in losses) / (2 * len(losses)))
 

@@ -1,27 +1,50 @@
-"""Callbacks: the run summary (accuracies, weights, sha256), the trajectory log (and resume), replica checksums."""
+"""Callbacks for any LightningModule whose optimizer is a ZOOptimizer: the trajectory log (and exact resume), the
+run summary (weights, sha256, the module's own metrics), replica checksums.
+
+They find the model through the optimizer (`ZOOptimizer.model`), never through attributes of the module.
+"""
 
 from __future__ import annotations
 
+import copy
+import fcntl
 import json
+import logging
 import os
+import sys
 import time
 from pathlib import Path
 
 import lightning.pytorch as pl
 import safetensors.torch
+import torch
+import torch.distributed as dist
 
 from ..core import trajectory
 from ..core.errors import UserError
-from ..core.optimizer import ZOOptimizer
 from ..core.layout import weights_digest
+from ..core.optimizer import ZOOptimizer
 from .strategy import ZOStrategy
 
+log = logging.getLogger("lightning_zo")
 
-def _zo_optimizer(trainer: "pl.Trainer") -> ZOOptimizer:
-    opt = trainer.optimizers[0]
-    if not isinstance(opt, ZOOptimizer):
-        raise TypeError("lightning_zo callbacks need a ZOOptimizer")
-    return opt
+
+def ensure_visible_logs() -> None:
+    """Our INFO lines reach the console where nothing configured logging (a spawned rank, a plain script); under
+    Hydra they propagate to its handlers (console and the run's train.log)."""
+    if not logging.getLogger().handlers and not log.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+    if log.getEffectiveLevel() > logging.INFO:
+        log.setLevel(logging.INFO)
+
+
+def zo_optimizer(trainer: "pl.Trainer") -> ZOOptimizer:
+    opts = [getattr(o, "optimizer", o) for o in trainer.optimizers]
+    if len(opts) != 1 or not isinstance(opts[0], ZOOptimizer):
+        raise UserError("lightning_zo callbacks need configure_optimizers to return one lightning_zo.ZOOptimizer")
+    return opts[0]
 
 
 def _payload_per_step(strategy, opt: ZOOptimizer) -> int:
@@ -31,50 +54,74 @@ def _payload_per_step(strategy, opt: ZOOptimizer) -> int:
     return opt.world_size * opt.k * opt.codec.bytes_per_slot
 
 
-class RunSummary(pl.Callback):
-    """Zero-shot accuracy before the first step; final accuracy, weights and `summary.rank{r}.json` at the end.
+def _run_dir(trainer, out_dir: str | None) -> Path:
+    return Path(out_dir or trainer.default_root_dir)
 
-    Evaluation runs on every rank's shard and is combined by torchmetrics (a collective, outside training steps).
+
+def describe_model(model: torch.nn.Module) -> dict:
+    """How replay can rebuild the base model when no config says so: class, hub id or directory, dtype, adapter."""
+    info = {"class": f"{type(model).__module__}.{type(model).__qualname__}",
+            "name_or_path": getattr(model, "name_or_path", None) or None,
+            "dtype": str(next(model.parameters()).dtype).replace("torch.", "")}
+    peft_config = getattr(model, "peft_config", None)
+    if peft_config:
+        def plain(value):  # peft configs hold sets and enums: JSON for the log's header
+            return sorted(value) if isinstance(value, set) else str(value)
+
+        info["adapter"] = json.loads(json.dumps({name: cfg.to_dict() for name, cfg in peft_config.items()},
+                                                default=plain))
+    return info
+
+
+class RunSummary(pl.Callback):
+    """At the end: `summary.rank{r}.json` on every rank (steps, world size, bytes on the wire, weights_sha256 and the
+    module's metrics), and on rank 0 the final weights (`weights.safetensors`, plus `model/` loadable with
+    `from_pretrained` when the model is a Hugging Face model; `adapter/` for a peft adapter, `model/` merged).
+
+    Metrics: a module with `summary_metrics(trainer) -> dict[str, float]` is measured before the first step
+    (`<name>_zero_shot`) and at the end (`<name>_final`); otherwise the last logged metrics are reported.
     """
 
-    def __init__(self, out_dir: str | None = None, save_weights: bool = True):
-        self.out_dir, self.save_weights = out_dir, save_weights
+    def __init__(self, out_dir: str | None = None, save_weights: bool = True, tokenizer=None):
+        self.out_dir, self.save_weights, self.tokenizer = out_dir, save_weights, tokenizer
         self.results: dict = {}
         self._t0 = 0.0
 
-    def _dir(self, trainer) -> Path:
-        return Path(self.out_dir or trainer.default_root_dir)
-
-    def _accuracies(self, trainer, pl_module, when: str) -> None:
-        dm = trainer.datamodule
-        self.results[f"val_acc_{when}"] = pl_module.evaluate(dm.val_dataloader(), pl_module.val_acc)
-        if dm.evaluation is not None:
-            self.results[f"eval_acc_{when}"] = pl_module.evaluate(dm.test_dataloader(), pl_module.eval_acc)
-        shown = ", ".join(f"{k} = {v:.4f}" for k, v in self.results.items() if k.endswith(when))
+    def _measure(self, trainer, pl_module, when: str) -> None:
+        measure = getattr(pl_module, "summary_metrics", None)
+        if measure is None:
+            return
+        values = {f"{name}_{when}": float(v) for name, v in measure(trainer).items()}
+        self.results.update(values)
         if trainer.is_global_zero:
-            print(f"[lightning_zo] {shown}", flush=True)
+            log.info("[lightning_zo] %s", ", ".join(f"{k} = {v:.4f}" for k, v in values.items()))
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        ensure_visible_logs()
 
     def on_train_start(self, trainer, pl_module) -> None:
-        saved = self._dir(trainer) / "zero_shot.json"
+        saved = _run_dir(trainer, self.out_dir) / "zero_shot.json"
         if trainer.global_step > 0 and saved.exists():  # a resumed run: measured before its first step
             self.results.update(json.loads(saved.read_text()))
-        elif "val_acc_zero_shot" not in self.results:
-            self._accuracies(trainer, pl_module, "zero_shot")
-            if trainer.is_global_zero:
-                self._dir(trainer).mkdir(parents=True, exist_ok=True)
+        elif not any(k.endswith("_zero_shot") for k in self.results):
+            self._measure(trainer, pl_module, "zero_shot")
+            if trainer.is_global_zero and self.results:
+                saved.parent.mkdir(parents=True, exist_ok=True)
                 saved.write_text(json.dumps(self.results))
         self._t0 = time.time()
 
     def on_train_end(self, trainer, pl_module) -> None:
         train_seconds = time.time() - self._t0
-        self._accuracies(trainer, pl_module, "final")
-        opt = _zo_optimizer(trainer)
-        out = self._dir(trainer)
+        self._measure(trainer, pl_module, "final")
+        opt = zo_optimizer(trainer)
+        if not hasattr(pl_module, "summary_metrics"):
+            self.results.update({k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1})
+        out = _run_dir(trainer, self.out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        steps = opt.step_count
+        record = opt.last_record
         summary = {
             **self.results,
-            "steps": steps,
+            "steps": opt.step_count,
             "world_size": trainer.world_size,
             "rank": trainer.global_rank,
             "k": opt.k,
@@ -82,20 +129,75 @@ class RunSummary(pl.Callback):
             "distribution": opt.distribution,
             "payload_bytes_per_step": _payload_per_step(trainer.strategy, opt),
             "trajectory_bytes_per_step": trajectory.record_size(opt.world_size * opt.k, opt.codec.bytes_per_slot),
-            "stopped_by_signal": bool(opt.last_record and opt.last_record.stop),
+            "stopped_by_signal": bool(record and record.stop),
             "train_seconds": round(train_seconds, 3),
-            "weights_sha256": weights_digest(pl_module.model),
+            "weights_sha256": weights_digest(opt.model),
         }
         if self.save_weights and trainer.is_global_zero:
-            tmp = out / f".weights.{os.getpid()}.safetensors"
-            safetensors.torch.save_model(pl_module.model, str(tmp))
-            tmp.replace(out / "weights.safetensors")
+            save_model(opt.model, out, self.tokenizer)
         path = out / f"summary.rank{trainer.global_rank}.json"
         path.write_text(json.dumps(summary, indent=2) + "\n")
         if trainer.is_global_zero:
-            print(f"[lightning_zo] steps = {steps}, world_size = {summary['world_size']}, "
-                  f"payload = {summary['payload_bytes_per_step']} B/step, weights_sha256 = "
-                  f"{summary['weights_sha256'][:16]}…, summary: {path}", flush=True)
+            if summary["stopped_by_signal"]:
+                log.warning("[lightning_zo] stopped by SIGTERM after %d steps; rerun the same command to resume",
+                            opt.step_count)
+            log.info("[lightning_zo] steps = %d, world_size = %d, payload = %d B/step, weights_sha256 = %s…, "
+                     "summary: %s", opt.step_count, summary["world_size"], summary["payload_bytes_per_step"],
+                     summary["weights_sha256"][:16], path)
+
+
+def save_model(model: torch.nn.Module, out: Path, tokenizer=None) -> None:
+    """weights.safetensors (the trained parameters' tensors), and for Hugging Face models `model/` that
+    `from_pretrained` loads (config and tokenizer included); a peft model also writes its `adapter/` and a merged
+    `model/`. Each is written to a temporary name and renamed, so a crash leaves the previous copy."""
+    def atomic(target: Path, write) -> None:
+        tmp = target.with_name(f".{target.name}.{os.getpid()}")
+        write(tmp)
+        if target.is_dir():
+            import shutil
+            shutil.rmtree(target)
+        tmp.replace(target)
+
+    atomic(out / "weights.safetensors", lambda tmp: safetensors.torch.save_model(model, str(tmp)))
+    if not hasattr(model, "save_pretrained"):
+        return
+    if getattr(model, "peft_config", None):
+        atomic(out / "adapter", lambda tmp: model.save_pretrained(str(tmp)))
+        model = copy.deepcopy(model).merge_and_unload()  # a copy: the trained adapter model stays as it is
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(str(tmp))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+
+    atomic(out / "model", write)
+
+
+class RunLock:
+    """One run per directory: an exclusive lock that the OS drops when the process ends, however it ends."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / ".lightning_zo.lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise UserError(f"{self.path.parent} is in use by another run (pid {holder}); give this run its own "
+                            "directory (hydra.run.dir=...) or wait for that one to end") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 class TrajectoryLog(pl.Callback):
@@ -104,20 +206,46 @@ class TrajectoryLog(pl.Callback):
     At fit start rank 0 reads the run directory's log and broadcasts it (a setup collective); every rank checks it
     against its freshly loaded base weights and replays it. This is also how a rank that joins with only the base
     weights catches up, and how a run continues at another world size: each record keeps its own world size.
+
+    On resume the trainer's step counters (and so `trainer.global_step`), the LR schedulers (stepped once per
+    replayed step) and the codec state continue where the log ends; a `train_dataloader()` that reads
+    `trainer.global_step` (the prompt recipe's `ShardStream` does) continues with the same batches. A rerun that
+    changes a setting recorded in the header's `run` section (lr, k, the module's and datamodule's hparams) is refused
+    unless `allow_changes=True`; a rerun of a finished run trains nothing and changes nothing.
     """
 
-    def __init__(self, filename: str = "trajectory.zot", fsync: bool = False, out_dir: str | None = None):
+    def __init__(self, filename: str = "trajectory.zot", fsync: bool = False, out_dir: str | None = None,
+                 model_config: dict | None = None, allow_changes: bool = False):
         self.filename, self.fsync, self.out_dir = filename, fsync, out_dir
+        self.model_config = model_config  # how to rebuild the base model (the Hydra `model` config), for replay
+        self.allow_changes = allow_changes
         self.writer: trajectory.Writer | None = None
+        self.lock: RunLock | None = None
+        self.replayed = 0
 
     def path(self, trainer) -> Path:
-        return Path(self.out_dir or trainer.default_root_dir) / self.filename
+        return _run_dir(trainer, self.out_dir) / self.filename
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        ensure_visible_logs()
+        if trainer.is_global_zero and stage == "fit":
+            self.lock = RunLock(self.path(trainer).parent)
+            self.lock.acquire()
+
+    def header(self, trainer, pl_module, opt: ZOOptimizer) -> dict:
+        run = {"lr": [g["lr"] for g in opt.param_groups], "k": opt.k}
+        for owner, obj in (("module", pl_module), ("data", trainer.datamodule)):
+            hparams = getattr(obj, "hparams", None)
+            if hparams:
+                run.update({f"{owner}.{k}": repr(v) for k, v in dict(hparams).items()})
+        model = {"config": self.model_config, **describe_model(opt.model)}
+        return {"format_version": trajectory.FORMAT_VERSION, **opt.describe(),
+                "base_model": model["name_or_path"] or model["class"], "model": model,
+                "base_weights_sha256": weights_digest(opt.model), "run": run}
 
     def on_fit_start(self, trainer, pl_module) -> None:
-        opt = _zo_optimizer(trainer)
-        header = {"format_version": trajectory.FORMAT_VERSION, **opt.describe(),
-                  "base_model": getattr(pl_module.model, "name_or_path", type(pl_module.model).__name__),
-                  "base_weights_sha256": weights_digest(pl_module.model)}
+        opt = zo_optimizer(trainer)
+        header = self.header(trainer, pl_module, opt)
         path = self.path(trainer)
         found: object = None
         if trainer.is_global_zero and path.exists():
@@ -125,28 +253,36 @@ class TrajectoryLog(pl.Callback):
                 found = trajectory.read(path)
             except UserError as e:
                 found = e
-        found = trainer.strategy.broadcast(found, src=0)
+        if trainer.world_size > 1:
+            found = trainer.strategy.broadcast(found, src=0)
         if isinstance(found, Exception):
             raise UserError(f"cannot resume: {found}")
         records = []
         if found is not None:
-            check_compatible(found.header, header, path)
+            changed = check_compatible(found.header, header, path, allow_changes=self.allow_changes)
             records = found.records
+            if trainer.max_steps >= 0 and len(records) >= trainer.max_steps:
+                raise RunComplete(f"{path.parent} already holds a finished run of {len(records)} steps "
+                                  f"(trainer.max_steps={trainer.max_steps}): nothing to train. Raise "
+                                  "trainer.max_steps to continue it, or use another run directory")
             for record in records:
                 opt.apply(record)
-            loop = trainer.fit_loop.epoch_loop
-            loop.manual_optimization.optim_step_progress.total.ready = opt.step_count
-            loop.manual_optimization.optim_step_progress.total.completed = opt.step_count
-            loop._batches_that_stepped = opt.step_count
-            trainer.datamodule.start_step = opt.step_count
+            self.replayed = opt.step_count
+            resume_counters(trainer, opt.step_count)
             if trainer.is_global_zero:
-                print(f"[lightning_zo] resumed from {path}: replayed {len(records)} steps", flush=True)
+                log.info("[lightning_zo] resumed from %s: replayed %d steps", path, len(records))
+            if changed:  # recorded in the log: the new settings, and at which step they took effect
+                header = {**found.header, "run": header["run"],
+                          "changes": [*found.header.get("changes", []), {"step": len(records), "changed": changed}]}
+            else:
+                header = found.header
         if trainer.is_global_zero:
             self.writer = trajectory.Writer(path, header, records, fsync=self.fsync)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.writer is not None:
-            self.writer.append(_zo_optimizer(trainer).last_record)
+        record = zo_optimizer(trainer).last_record
+        if self.writer is not None and record is not None and not record.stop:  # a STOP step is not applied
+            self.writer.append(record)
 
     def on_train_end(self, trainer, pl_module) -> None:
         self.close()
@@ -154,14 +290,43 @@ class TrajectoryLog(pl.Callback):
     def on_exception(self, trainer, pl_module, exception) -> None:
         self.close()
 
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        self.close()
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
 
 
-def check_compatible(logged: dict, current: dict, path) -> None:
-    """A log only continues (or replays onto) the run it was written by: same base weights and step rules."""
+class RunComplete(UserError):
+    """A rerun of a run that already reached max_steps."""
+
+
+def resume_counters(trainer: "pl.Trainer", steps: int) -> None:
+    """Continue Lightning's loop at `steps` as its own checkpoint restore would: the step counters behind
+    `trainer.global_step` (manual and automatic optimization), and every step-interval LR scheduler stepped once per
+    replayed step (the same arithmetic an uninterrupted run did, so the learning rates are bit-identical)."""
+    loop = trainer.fit_loop.epoch_loop
+    for progress in (loop.manual_optimization.optim_step_progress.total,
+                     loop.automatic_optimization.optim_progress.optimizer.step.total):
+        progress.ready = progress.completed = steps
+    loop._batches_that_stepped = steps
+    for config in trainer.lr_scheduler_configs:
+        if config.interval != "step":
+            log.warning("[lightning_zo] LR scheduler %s steps per epoch: not advanced on resume",
+                        type(config.scheduler).__name__)
+            continue
+        for _ in range(steps // config.frequency):
+            config.scheduler.step()
+
+
+def check_compatible(logged: dict, current: dict, path, allow_changes: bool = False) -> list[str]:
+    """A log only continues (or replays onto) the run it was written by: same base weights and step rules; the
+    run's settings only change when the rerun says so (`allow_changes`). Returns the changed settings."""
     if logged["base_weights_sha256"] != current["base_weights_sha256"]:
         raise UserError(f"{path} was written for base weights {logged['base_weights_sha256'][:16]}… "
                         f"({logged.get('base_model')}), but the loaded base model has "
@@ -170,6 +335,15 @@ def check_compatible(logged: dict, current: dict, path) -> None:
     diff = [f"{k}: log {logged.get(k)!r} != run {current.get(k)!r}" for k in keys if logged.get(k) != current.get(k)]
     if diff:
         raise UserError(f"{path} belongs to a run with other settings ({'; '.join(diff)})")
+    before, now = logged.get("run", {}), current.get("run", {})
+    changed = [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(before) | set(now))
+               if before and before.get(k) != now.get(k)]
+    if changed and not allow_changes:
+        raise UserError(f"resuming {path} with changed settings ({'; '.join(changed)}); rerun with the original "
+                        "settings, or say the change is intended with callbacks.trajectory.allow_changes=true")
+    if changed:
+        log.warning("[lightning_zo] resuming %s with changed settings: %s", path, "; ".join(changed))
+    return changed
 
 
 class ReplicaChecksum(pl.Callback):
@@ -184,11 +358,8 @@ class ReplicaChecksum(pl.Callback):
         step = trainer.global_step
         if step % self.every_n_steps or trainer.world_size == 1:
             return
-        import torch
-        import torch.distributed as dist
-
         digests = torch.zeros(trainer.world_size, dtype=torch.int64, device=trainer.strategy.wire_device())
-        digests[trainer.global_rank] = int(weights_digest(pl_module.model)[:15], 16)
+        digests[trainer.global_rank] = int(weights_digest(zo_optimizer(trainer).model)[:15], 16)
         dist.all_reduce(digests)
         values = digests.tolist()
         if len(set(values)) > 1:

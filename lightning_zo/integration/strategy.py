@@ -3,7 +3,12 @@
 Per training step the only collective is one all_reduce(SUM) of the codec payload (int8[world_size * k]): rank r
 writes its codes into its own slots of a zeroed tensor, so the sum is exactly every rank's codes. Lightning's
 per-batch SIGTERM broadcast is removed; a SIGTERM instead makes this rank send the STOP code, and every rank stops
-after that same step (DESIGN I2).
+at that same step (DESIGN I2).
+
+Any LightningModule trains under it when `configure_optimizers` returns a `ZOOptimizer`:
+- automatic optimization: `training_step` returns the loss; the strategy's backward does nothing (there are no
+  gradients) and the optimizer evaluates the closure at theta + eps z and theta - eps z;
+- manual optimization: `training_step` calls `opt.step(loss_fn=lambda j: loss of micro-batch j)`, for k > 1.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from typing_extensions import override
 
+from ..core.errors import UserError
 from ..core.layout import weights_digest
 from ..core.optimizer import ZOOptimizer
 
@@ -32,31 +38,69 @@ class ZOStrategy(DDPStrategy):
         self.stop_requested = False
         self.exchanges = 0  # training steps exchanged by this process
         self.payload_bytes = 0  # size of every exchanged payload tensor (the all_reduce), summed
-        self._previous_sigterm: Any = None
+        self._restore: list[Callable[[], None]] = []  # undoes what we changed in Lightning, in teardown
+
+    @property
+    def zo_optimizer(self) -> ZOOptimizer:
+        return self.optimizers[0]
 
     @override
     def configure_ddp(self) -> None:
         """No DistributedDataParallel wrapper: there are no gradients to reduce."""
 
     @override
+    def setup_environment(self) -> None:
+        """Our SIGTERM handling starts here, before replay and the zero-shot evaluation, not at the first step."""
+        super().setup_environment()
+        self._take_over_sigterm()
+
+    @override
     def setup(self, trainer: "pl.Trainer") -> None:
         super().setup(trainer)
-        self.verify_identical_weights()
-        for opt in self.optimizers:
-            if isinstance(opt, ZOOptimizer):
-                opt.attach(self.global_rank, self.world_size, self.exchange)
+        if len(self.optimizers) != 1 or not isinstance(self.optimizers[0], ZOOptimizer):
+            got = ", ".join(type(o).__name__ for o in self.optimizers) or "nothing"
+            raise UserError(f"strategy='zo' needs configure_optimizers to return one lightning_zo.ZOOptimizer "
+                            f"(got {got}): e.g. `return ZOOptimizer(self, lr=1e-5, eps=1e-3)`")
+        opt = self.zo_optimizer
+        self.verify_agreement(trainer)
+        opt.attach(self.global_rank, self.world_size, self.exchange)
 
-    def verify_identical_weights(self) -> None:
-        """One all_reduce at setup: without DDP nothing broadcasts rank 0's weights, so they must already agree."""
+    def agreement(self, trainer: "pl.Trainer") -> dict:
+        """Everything that determines a step and must be equal on every rank (DESIGN I6)."""
+        opt = self.zo_optimizer
+        schedulers = [(type(c.scheduler).__name__, c.interval, c.frequency,
+                       {k: v for k, v in c.scheduler.state_dict().items() if isinstance(v, (int, float, str, bool))})
+                      for c in trainer.lr_scheduler_configs]
+        described = {**opt.describe(), "k": opt.k, "lr": [g["lr"] for g in opt.param_groups],
+                     "weight_decay_groups": [g["weight_decay"] for g in opt.param_groups],
+                     "lr_schedulers": schedulers, "max_steps": trainer.max_steps,
+                     "base_weights_sha256": weights_digest(opt.model)}
+        for owner, obj in (("module", self.lightning_module), ("data", trainer.datamodule)):
+            hparams = getattr(obj, "hparams", None)
+            if hparams:
+                described.update({f"{owner}.{k}": repr(v) for k, v in dict(hparams).items()})
+        return described
+
+    def verify_agreement(self, trainer: "pl.Trainer") -> None:
+        """One all_gather_object at setup: without DDP nothing broadcasts rank 0's weights or settings, so they must
+        already agree; every rank raises the same one-line error naming the differing keys and ranks."""
         if self.world_size == 1:
             return
-        digest = int(weights_digest(self.lightning_module)[:15], 16)  # 60 bits: fits int64
-        both = torch.tensor([digest, -digest], dtype=torch.int64, device=self.wire_device())
-        dist.all_reduce(both, op=dist.ReduceOp.MAX)
-        if int(both[0]) != -int(both[1]):
-            raise RuntimeError(
-                f"ranks start from different weights (rank {self.global_rank} has digest {digest:015x}); "
-                "every rank must load the same base model (same files, dtype and seed)")
+        mine = self.agreement(trainer)
+        every: list = [None] * self.world_size
+        dist.all_gather_object(every, mine)
+        reference = every[0]
+        differing: dict[str, list[int]] = {}
+        for rank, other in enumerate(every[1:], start=1):
+            for key in sorted(set(reference) | set(other)):
+                if reference.get(key) != other.get(key):
+                    differing.setdefault(key, []).append(rank)
+        if differing:
+            shown = "; ".join(f"{key}: rank 0 has {reference.get(key)!r}, rank(s) {ranks} differ"
+                              + ("" if len(ranks) > 1 else f" ({every[ranks[0]].get(key)!r})")
+                              for key, ranks in differing.items())
+            raise UserError(f"ranks disagree on the step's settings or base weights: {shown}; every rank must run "
+                            "the same command on the same base model")
 
     def wire_device(self) -> torch.device:
         """Where collective tensors must live: the GPU for nccl, the CPU for gloo."""
@@ -64,7 +108,7 @@ class ZOStrategy(DDPStrategy):
 
     def exchange(self, payload: torch.Tensor) -> torch.Tensor:
         """The step's one collective. A stopping rank overwrites its own slots with the STOP code."""
-        opt = self.optimizers[0]
+        opt = self.zo_optimizer
         if self.stop_requested:
             own = slice(self.global_rank * opt.k, (self.global_rank + 1) * opt.k)
             payload[own] = opt.codec.stop
@@ -77,35 +121,47 @@ class ZOStrategy(DDPStrategy):
         return wire.cpu()
 
     @override
+    def backward(self, closure_loss: torch.Tensor, optimizer, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Nothing to do: the ZO step needs only loss values (automatic optimization and manual_backward)."""
+        return closure_loss
+
+    @override
     def optimizer_step(self, optimizer, closure: Callable[[], Any], model=None, **kwargs: Any) -> Any:
         out = super().optimizer_step(optimizer, closure, model, **kwargs)
-        zo = getattr(optimizer, "optimizer", optimizer)
-        if isinstance(zo, ZOOptimizer) and zo.last_record is not None and zo.last_record.stop:
-            log.warning("rank %d: a rank is stopping (SIGTERM); all ranks stop after step %d",
-                        self.global_rank, zo.last_record.step)
+        record = self.zo_optimizer.last_record
+        if record is not None and record.stop:
+            log.warning("rank %d: a rank is stopping (SIGTERM); every rank stops before step %d (not applied: "
+                        "rerun the same command to resume exactly)", self.global_rank, record.step)
             self.lightning_module.trainer.should_stop = True
         return out
 
-    @override
-    def on_train_start(self) -> None:
-        super().on_train_start()
-        trainer = self.lightning_module.trainer
-        # Lightning >= 2.5.2 broadcasts an int64 SIGTERM flag before every training batch and from its signal
-        # handler; both are collectives outside our one int8 exchange. Replace them with the STOP code.
-        trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor = lambda: None
-        self._previous_sigterm = signal.getsignal(signal.SIGTERM)
-        signal.signal(signal.SIGTERM, self._on_sigterm)
+    def _take_over_sigterm(self) -> None:
+        """Lightning >= 2.5.2 broadcasts an int64 SIGTERM flag before every training batch and from its signal handler
+        (a collective no other rank matches when one rank is signalled). Replace both with the STOP code: the
+        handler only sets a flag, and the next exchange carries it. Undone in teardown."""
+        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        self._restore.append(lambda: signal.signal(signal.SIGTERM, previous))
+        if trainer is None:
+            return
+        for owner, name, replacement in ((trainer.fit_loop.epoch_loop, "_broadcast_sigterm_tensor", lambda: None),
+                                         (trainer._signal_connector, "_sigterm_notifier_fn", self._on_sigterm)):
+            setattr(owner, name, replacement)  # an instance attribute shadows the method; deleting it restores
+            self._restore.append(lambda owner=owner, name=name: owner.__dict__.pop(name, None))
 
     def _on_sigterm(self, signum, frame) -> None:
-        log.warning("rank %d received SIGTERM: sending STOP with the next step's codes", self.global_rank)
+        if self.stop_requested:
+            return
         self.stop_requested = True
+        log.warning("rank %d received SIGTERM: sending STOP with the next step's codes", self.global_rank)
+        if self.launcher is not None:  # the popen launcher's children, as Lightning's own handler does
+            self.launcher.kill(signum)
 
     @override
-    def on_train_end(self) -> None:
-        super().on_train_end()
-        if self._previous_sigterm is not None:
-            signal.signal(signal.SIGTERM, self._previous_sigterm)
-            self._previous_sigterm = None
+    def teardown(self) -> None:
+        while self._restore:
+            self._restore.pop()()
+        super().teardown()
 
     @classmethod
     @override
@@ -118,4 +174,6 @@ class ZOStrategy(DDPStrategy):
                                            start_method=start_method)
 
 
-ZOStrategy.register_strategies(StrategyRegistry)
+def register() -> None:
+    """Makes `Trainer(strategy="zo")` and `"zo_spawn"` known to Lightning (called by `import lightning_zo`)."""
+    ZOStrategy.register_strategies(StrategyRegistry)

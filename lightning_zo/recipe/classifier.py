@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import inspect
-import warnings
 from functools import partial
 from typing import Callable, Optional
 
@@ -14,16 +13,15 @@ import torchmetrics
 
 from ..core.codecs import Codec, LinearCodec
 from ..core.optimizer import ZOOptimizer
-
-# ZO training keeps the backbone in eval mode on purpose (no dropout: both forwards must compute one function),
-# so Lightning's warning about modules in eval mode at the start of training says nothing useful here.
-warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
+from .data import label_word_ids
 
 
 class ZOClassifier(pl.LightningModule):
-    """`optimizer` is a partial of ZOOptimizer (Hydra `_partial_: true`); it receives the model and codec.
+    """Prompt classification with label words (MeZO / LM-BFF), trained by manual-optimization ZO steps.
 
-    Each training step splits the rank's batch into k strided micro-batches, one per perturbation slot.
+    `optimizer` is a partial of ZOOptimizer (Hydra `_partial_: true`); it receives the model and codec. Each training
+    step splits the rank's batch into k strided micro-batches, one per perturbation slot. The optimizer runs the
+    perturbed forwards in eval mode, so dropout never makes the two forwards compare two functions.
     """
 
     def __init__(self, model: torch.nn.Module, label_word_ids: list[int], kind: str = "causal",
@@ -39,7 +37,14 @@ class ZOClassifier(pl.LightningModule):
         num_classes = len(label_word_ids)
         self.val_acc = torchmetrics.Accuracy(task="multiclass", num_classes=num_classes)
         self.eval_acc = torchmetrics.Accuracy(task="multiclass", num_classes=num_classes)
-        self._keeps_last_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft wrapper passes it on
+        self._keeps_last_logits = "logits_to_keep" in inspect.signature(base.forward).parameters
+
+    @classmethod
+    def for_task(cls, lm, task, **kwargs) -> "ZOClassifier":
+        """The recipe's module for a loaded language model (`recipe.models.LanguageModel`) and a `PromptTask`:
+        what the `module` config group builds (`_target_: lightning_zo.ZOClassifier.for_task`)."""
+        return cls(lm.model, label_word_ids(lm.tokenizer, task.spec.label_words, lm.kind), lm.kind, **kwargs)
 
     def class_logits(self, batch: dict) -> torch.Tensor:
         """[batch, classes]: the label words' logits at the answer position."""
@@ -78,9 +83,6 @@ class ZOClassifier(pl.LightningModule):
         return chunks
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
-        if self.model.training:
-            # loss(theta + eps z) - loss(theta - eps z) must compare one function: no dropout masks.
-            self.model.eval()
         opt = self.optimizers()
         zo: ZOOptimizer = opt.optimizer
         chunks = self.micro_batches(batch, zo.k)
@@ -95,6 +97,15 @@ class ZOClassifier(pl.LightningModule):
         scheduler = self.lr_schedulers()
         if scheduler is not None:
             scheduler.step()
+
+    def summary_metrics(self, trainer) -> dict[str, float]:
+        """What RunSummary reports before the first step and at the end: validation accuracy (and the evaluation
+        file's, if the task has one) over every rank's shard."""
+        dm = trainer.datamodule
+        metrics = {"val_acc": self.evaluate(dm.val_dataloader(), self.val_acc)}
+        if dm.evaluation is not None:
+            metrics["eval_acc"] = self.evaluate(dm.test_dataloader(), self.eval_acc)
+        return metrics
 
     @torch.no_grad()
     def evaluate(self, loader, metric: torchmetrics.Metric) -> float:

@@ -140,7 +140,11 @@ class PromptDataModule(pl.LightningDataModule):
         self.collate = LeftPadCollator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None
                                        else tokenizer.eos_token_id)
         self.train = self.val = self.evaluation = None
-        self.start_step = 0  # set on resume, before the train loader is built
+        # What every rank must agree on (ZOStrategy checks at setup) and a resume must not change silently.
+        self.save_hyperparameters({"task": task.name, "train_per_class": task.train_per_class,
+                                   "val_per_class": task.val_per_class, "task_seed": task.seed,
+                                   "batch_size": batch_size, "max_length": max_length, "seed": seed,
+                                   "partition": partition, "dirichlet_alpha": dirichlet_alpha})
 
     def _rank(self) -> tuple[int, int]:
         trainer = self.trainer
@@ -157,8 +161,10 @@ class PromptDataModule(pl.LightningDataModule):
         self.val = encode(val, self.task, self.tokenizer, self.kind, self.max_length)
         self.evaluation = encode(evaluation, self.task, self.tokenizer, self.kind, self.max_length) \
             if evaluation else None
-        if len(self.train) < self.batch_size:
-            raise UserError(f"only {len(self.train)} training examples for data.batch_size={self.batch_size}")
+        if len(self.train) < self.batch_size:  # k-shot sets can be smaller than a batch (MeZO's k=16, batch 64)
+            warnings.warn(f"data.batch_size={self.batch_size} but only {len(self.train)} training examples: each "
+                          f"step uses all {len(self.train)} (as MeZO's trainer does)", stacklevel=2)
+            self.batch_size = len(self.train)
         ShardStream(len(self.train), 0, 1, self.batch_size, self.seed)  # validates the sizes early
 
     def _shard(self) -> tuple[int, int]:
@@ -175,7 +181,9 @@ class PromptDataModule(pl.LightningDataModule):
                 raise UserError(f"rank {rank}'s Dirichlet shard has {len(shard)} examples, fewer than "
                                 f"data.batch_size={self.batch_size}; raise data.dirichlet_alpha or add data")
             items, rank, world = [items[i] for i in shard], 0, 1
-        sampler = ShardStream(len(items), rank, world, self.batch_size, self.seed, self.start_step)
+        # A resumed run's trainer.global_step is the replayed step count: continue with the batches it would see.
+        start_step = self.trainer.global_step if self.trainer is not None else 0
+        sampler = ShardStream(len(items), rank, world, self.batch_size, self.seed, start_step)
         return DataLoader(items, batch_size=self.batch_size, sampler=sampler, collate_fn=self.collate)
 
     def _eval_loader(self, items: list[dict]) -> DataLoader:

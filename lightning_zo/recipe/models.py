@@ -58,20 +58,27 @@ def tiny_tokenizer():
 
 
 def tiny(hidden_size: int = 32, num_layers: int = 2, num_heads: int = 2, intermediate_size: int = 64,
-         seed: int = 0, dtype: str = "float32") -> LanguageModel:
-    """A tiny randomly initialised Llama-style causal LM (identical on every rank for a given seed)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+         seed: int = 0, dtype: str = "float32", kind: str = "causal") -> LanguageModel:
+    """A tiny randomly initialised model (identical on every rank for a given seed): a Llama-style causal LM, or
+    with kind="masked" a RoBERTa-style masked LM (tied embeddings and the nested lm_head bias, as roberta-large)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, RobertaConfig, RobertaForMaskedLM
 
+    if kind not in KINDS:
+        raise UserError(f"unknown model kind {kind!r}; choose one of {', '.join(KINDS)}")
     tokenizer = tiny_tokenizer()
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, num_hidden_layers=num_layers,
-                         num_attention_heads=num_heads, num_key_value_heads=num_heads,
-                         intermediate_size=intermediate_size, max_position_embeddings=512,
-                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True)
+    shape = dict(vocab_size=len(tokenizer), hidden_size=hidden_size, num_hidden_layers=num_layers,
+                 num_attention_heads=num_heads, intermediate_size=intermediate_size,
+                 pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                 eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True)
+    if kind == "causal":
+        config, cls = LlamaConfig(**shape, num_key_value_heads=num_heads, max_position_embeddings=512), LlamaForCausalLM
+    else:
+        config, cls = RobertaConfig(**shape, max_position_embeddings=514), RobertaForMaskedLM
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
-    return LanguageModel(name=f"tiny-llama-h{hidden_size}-l{num_layers}-s{seed}", kind="causal",
+        model = cls(config)
+    arch = "llama" if kind == "causal" else "roberta"
+    return LanguageModel(name=f"tiny-{arch}-h{hidden_size}-l{num_layers}-s{seed}", kind=kind,
                          model=model.to(_dtype(dtype)), tokenizer=tokenizer)
 
 
