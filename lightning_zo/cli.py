@@ -4,14 +4,35 @@ lightning_zo/conf, instantiate everything from its `_target_`s, and fit."""
 from __future__ import annotations
 
 import contextlib
+import difflib
+import os
+import re
 import sys
 import warnings
 
 import hydra
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 
 from .core.errors import UserError
+
+
+# Optional packages and the extra that brings each (pyproject.toml).
+EXTRAS = {"gguf": "smollm2", "accelerate": "smollm2", "peft": "lora", "tensorboard": "tensorboard",
+          "tensorboardX": "tensorboard", "wandb": "wandb", "matplotlib": "report", "datasets": "hub",
+          "hydra_plugins.hydra_submitit_launcher": "slurm", "submitit": "slurm"}
+
+
+def _missing_extra(e: ImportError) -> str | None:
+    """One line for an optional package that is not installed, or None for any other ImportError (a bug)."""
+    text = f"{e.name or ''} {e}"
+    for package, extra in EXTRAS.items():
+        if re.search(rf"\b{re.escape(package)}\b", text):
+            first = str(e).strip().splitlines()[0] if str(e).strip() else f"No module named {package!r}"
+            return f"{first} (this needs the optional package {package.split('.')[-1]}: " \
+                   f"pip install \"lightning-zo[{extra}]\")"
+    return None
 
 
 @contextlib.contextmanager
@@ -19,13 +40,22 @@ def user_errors():
     """Bad input ends the run with one line on stderr and exit code 2, not a traceback."""
     try:
         yield
-    except (UserError, InstantiationException, ValueError) as e:
+    except (UserError, InstantiationException, ValueError, ImportError, MissingMandatoryValue) as e:
         root = e
         while isinstance(root, InstantiationException) and root.__cause__ is not None:
             root = root.__cause__
-        if not isinstance(root, (UserError, ValueError)):
+        if isinstance(root, ImportError):
+            message = _missing_extra(root)
+            if message is None:
+                raise
+        elif isinstance(root, MissingMandatoryValue):
+            key = root.full_key or "a value"
+            message = f"{key} is required (??? in the config): set it on the command line, {key}=..."
+        elif isinstance(root, (UserError, ValueError)):
+            message = str(root).strip().split("\n")[0] or type(root).__name__
+        else:
             raise
-        print(f"error: {root}", file=sys.stderr)
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
 
 
@@ -76,13 +106,139 @@ def build(cfg: DictConfig):
 
 
 def run(cfg: DictConfig) -> None:
+    max_steps = cfg.trainer.get("max_steps", -1)
+    if max_steps is None or max_steps < 1:
+        raise UserError(f"trainer.max_steps={max_steps}: nothing would be trained (the step stream is endless, "
+                        "so the step count is the run's length); give trainer.max_steps >= 1")
+    ckpt = cfg.get("checkpoint") or {}
+    if ckpt.get("enabled"):  # Lightning's ModelCheckpoint, into RUN_DIR/checkpoints unless dirpath is given
+        from omegaconf import open_dict
+
+        args = {k: v for k, v in ckpt.items() if k != "enabled"}
+        with open_dict(cfg):
+            cfg.callbacks = cfg.get("callbacks") or {}
+            cfg.callbacks.model_checkpoint = {"_target_": "lightning.pytorch.callbacks.ModelCheckpoint", **args}
+            if cfg.callbacks.model_checkpoint.get("dirpath") is None:
+                cfg.callbacks.model_checkpoint.dirpath = os.path.join(cfg.trainer.default_root_dir, "checkpoints")
+            cfg.trainer.enable_checkpointing = True
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path is not None and ckpt_path not in ("last", "best") and not os.path.isfile(ckpt_path):
+        raise UserError(f"ckpt_path={ckpt_path}: no such checkpoint file")
     trainer, module, dm = build(cfg)
     if trainer.is_global_zero:
         print(OmegaConf.to_yaml(cfg, resolve=True) if cfg.get("print_config") else "", end="")
-    trainer.fit(module, datamodule=dm)
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+
+
+# Hydra's own flags: a pre-check of the overrides would be in their way (they print, or use another config).
+_NO_PRECHECK = {"--help", "-h", "--hydra-help", "--version", "--info", "-i", "--shell-completion", "-sc",
+                "--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd", "--experimental-rerun"}
+_FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--info", "-i"}
+
+
+def _overrides(argv: list[str]) -> tuple[list[str], bool] | None:
+    """(overrides, multirun) from Hydra's command line, or None when a flag means we must not interfere."""
+    overrides, multirun, skip = [], False, False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        flag = arg.split("=", 1)[0]
+        if flag in _NO_PRECHECK:
+            return None
+        if arg in ("-m", "--multirun"):
+            multirun = True
+        elif arg in ("--resolve",):
+            continue
+        elif flag in _FLAGS_WITH_VALUE:
+            skip = "=" not in arg
+        elif arg.startswith("-"):
+            return None  # a flag we do not know: let Hydra handle (and explain) it
+        else:
+            overrides.append(arg)
+    return overrides, multirun
+
+
+def _sweep_jobs(overrides: list[str], limit: int = 64) -> list[list[str]]:
+    """Override lists to pre-check for a multirun: every sweep at its first value, then each sweep value in turn
+    with the others at their first (`a=1,2 b=x,y` -> [a=1 b=x], [a=2 b=x], [a=1 b=y]); Hydra runs the product."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    values = [list(o.sweep_string_iterator()) if o.is_sweep_override() else [text]
+              for text, o in zip(overrides, parsed)]
+    keyed = [[v if not o.is_sweep_override() else f"{o.get_key_element()}={v}" for v in vals] or [text]
+             for text, o, vals in zip(overrides, parsed, values)]
+    first = [vals[0] for vals in keyed]
+    jobs = [first]
+    for i, vals in enumerate(keyed):
+        jobs += [first[:i] + [v] + first[i + 1:] for v in vals[1:]]
+    return jobs[:limit]
+
+
+def _compose(overrides: list[str]):
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module(config_module="lightning_zo.conf", version_base="1.3"):
+        return compose(config_name="config", overrides=overrides, return_hydra_config=True)
+
+
+def _unknown_key_message(key: str, override: str, overrides: list[str]) -> str:
+    parent, _, leaf = key.rpartition(".")
+    hint = ""
+    try:
+        cfg = _compose([o for o in overrides if o != override])
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+        if isinstance(node, DictConfig):
+            keys = [str(k) for k in node.keys() if parent or k != "hydra"]
+            close = difflib.get_close_matches(leaf, keys, n=1)
+            hint = f"; did you mean {parent + '.' if parent else ''}{close[0]}?" if close else \
+                f"; {parent or 'the config'} has: {', '.join(keys)}"
+    except Exception:  # the hint is a courtesy; the message stands without it
+        pass
+    return f"unknown key {key!r}{hint} (to add a new key on purpose: +{override.lstrip('+~')})"
+
+
+def precheck(argv: list[str]) -> None:
+    """Compose the config from the command line's overrides before Hydra runs, so that an unknown group option
+    or key is one `error:` line (UserError) instead of Hydra's multi-line report and exit code 1."""
+    from hydra.errors import ConfigCompositionException, HydraException, MissingConfigException
+
+    parsed = _overrides(argv)
+    if parsed is None:
+        return
+    overrides, multirun = parsed
+    try:
+        for overrides in _sweep_jobs(overrides) if multirun else [overrides]:
+            _compose(overrides)
+    except MissingConfigException as e:
+        group, _, option = (e.missing_cfg_file or "").rpartition("/")
+        if group and e.options:
+            raise UserError(f"unknown {group} {option!r}; choose one of {', '.join(e.options)}") from None
+        raise UserError(str(e).strip().splitlines()[0]) from None
+    except ConfigCompositionException as e:
+        text = str(e)
+        match = re.match(r"Could not override '([^']+)'", text)
+        if match:
+            key = match.group(1)
+            override = next((o for o in overrides if o.lstrip("+~").split("=", 1)[0] == key), key)
+            raise UserError(_unknown_key_message(key, override, overrides)) from None
+        if text.startswith("Ambiguous value"):
+            raise UserError(text.splitlines()[0] + ": quote it ('a,b'), make it a list ([a,b]) or sweep with -m") \
+                from None
+        raise UserError(text.strip().splitlines()[0]) from None
+    except HydraException as e:
+        raise UserError(f"bad override: {str(e).strip().splitlines()[0]}") from None
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
-def main(cfg: DictConfig) -> None:
+def _app(cfg: DictConfig) -> None:
     with user_errors():
         run(cfg)
+
+
+def main() -> None:
+    """`lightning-zo [OVERRIDES]`: Hydra's command line (--help, -m, --cfg job, ...) with one-line errors."""
+    with user_errors():
+        precheck(sys.argv[1:])
+    _app()

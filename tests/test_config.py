@@ -25,6 +25,8 @@ def test_every_config_composes_and_instantiates(group, option, tmp_path, shared_
         return
     if group == "experiment":  # a bundle of overrides: its offline parts instantiate, its model is named
         assert "???" not in str(cfg.model.get("name", ""))
+        if cfg.task.get("data_dir_required"):  # the user's data: required, never a path of ours
+            cfg.task.data_dir = str(shared_data / cfg.task.name)
         assert instantiate(cfg.task).name == cfg.task.name and instantiate(cfg.quantization) is not None
         assert instantiate(cfg.optimizer).keywords["lr"] == cfg.optimizer.lr
         return
@@ -72,6 +74,10 @@ def test_eval_file_is_reported(tmp_path, shared_data):
     (["task.val_per_class=500"], "task sentiment: the training split is empty"),
     (["model.dtype=float8"], "unknown dtype"),
     (["data.partition=zipf"], "data.partition must be one of iid, dirichlet"),
+    (["data.max_length=0"], "data.max_length must be an integer >= 2"),
+    (["data.max_length=1"], "data.max_length must be an integer >= 2"),
+    (["data.max_length=-1"], "data.max_length must be an integer >= 2"),
+    (["data.max_length=2"], "data.max_length=2 is too short for task sentiment's prompt"),
 ])
 def test_bad_input_is_one_clear_line(overrides, message, capsys):
     from lightning_zo.cli import build
@@ -101,15 +107,80 @@ def test_malformed_tsv_reports_file_and_line(tmp_path):
                            f"{path}:3: expected 2 tab-separated fields, got 3"),
                           ("sentence\tlabel\ngood film\tpositive\n", f"{path}:2: unknown label 'positive'"),
                           ("text\tlabel\ngood film\t1\n", f"{path}:1: missing column(s) sentence"),
-                          ("", f"{path}: empty file"), ("sentence\tlabel\n", f"{path}: no examples")]:
-        path.write_text(text)
+                          ("", f"{path}: empty file"), ("sentence\tlabel\n", f"{path}: no examples"),
+                          (b"sentence\tlabel\ngood\t1\ncaf\xe9 noir\t0\n",
+                           f"{path}:3: not UTF-8 text (byte 0xe9 at column 4)"),
+                          (b"sentence\tlabel\ngood\t1\n" + b"x" * (48 << 20) + b"\t0\n",
+                           f"{path}:3: a field longer than 131072 characters")]:
+        if isinstance(text, bytes):
+            path.write_bytes(text)
+        else:
+            path.write_text(text)
         with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
             read_tsv(path, TASKS["sst2"])
 
 
-def test_unknown_model_option_is_reported(tmp_path):
-    proc = train(tmp_path, "model=nope", check=False)
-    assert proc.returncode != 0 and "model/nope" in proc.stderr and "Traceback" not in proc.stderr
+@pytest.mark.parametrize("argv,message", [
+    (["task=sst3"], "unknown task 'sst3'; choose one of cb, rte, sentiment, sst2, sst5, trec"),
+    (["model=foo"], "unknown model 'foo'; choose one of hf, smollm2, tiny"),
+    (["quantization=foo"], "unknown quantization 'foo'; choose one of linear, log, none, sign"),
+    (["logger=foo"], "unknown logger 'foo'; choose one of csv, tensorboard, wandb"),
+    (["optimizer.lrr=1"], "unknown key 'optimizer.lrr'; did you mean optimizer.lr? (to add a new key on purpose: "
+                          "+optimizer.lrr=1)"),
+    (["trainer.max_stepz=3"], "unknown key 'trainer.max_stepz'; did you mean trainer.max_steps?"),
+    (["optimizer.lr=1,2"], "Ambiguous value for argument 'optimizer.lr=1,2'"),
+    (["-m", "model=tiny,foo"], "unknown model 'foo'"),  # every value of a sweep, not only the first
+    (["-m", "model=tiny", "optimizer.lr=1e-5,1e-4", "data.batch_sise=1,2"], "unknown key 'data.batch_sise'"),
+    (["--cfg", "job", "task=sst3"], "unknown task 'sst3'"),
+])
+def test_unknown_group_options_and_keys_are_one_clear_line(argv, message):
+    from lightning_zo.cli import precheck
+    from lightning_zo.core.errors import UserError
+
+    with pytest.raises(UserError) as e:
+        precheck(argv)
+    assert str(e.value).startswith(message) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("argv", [["model=tiny"], ["-m", "model=tiny", "optimizer.lr=1e-5,1e-4"], ["--help"],
+                                  ["--cfg", "job", "model=tiny"], ["hydra/launcher=slurm", "model=tiny"],
+                                  ["model=tiny", 'hydra.run.dir="/tmp/a b"', "hydra.job.name=train_ddp_process_1",
+                                   "hydra.output_subdir=null"], ["-cp", "/nowhere", "-cn", "config.yaml"],
+                                  ["+callbacks.extra._target_=helpers.Diverge", "model=tiny"]])
+def test_precheck_lets_valid_command_lines_through(argv):
+    from lightning_zo.cli import precheck
+
+    precheck(argv)
+
+
+def test_command_line_errors_exit_2_with_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    from helpers import env
+
+    for argv, message in [(["task=sst3"], "error: unknown task 'sst3'; choose one of cb, rte, sentiment, sst2, "
+                                           "sst5, trec"),
+                          (["model=tiny", "trainer.max_steps=0"], "error: trainer.max_steps=0: nothing would be "
+                                                                  "trained")]:
+        proc = subprocess.run([sys.executable, "-m", "lightning_zo", *argv, f"hydra.run.dir={tmp_path}"], cwd=REPO,
+                              env=env(), capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert proc.stderr.strip().startswith(message) and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not (tmp_path / "trajectory.zot").exists()
+
+
+def test_help_lists_groups_and_names_nothing_outside_the_repository():
+    import subprocess
+    import sys
+
+    from helpers import env
+
+    proc = subprocess.run([sys.executable, "-m", "lightning_zo", "--help"], cwd=REPO, env=env(), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "model: hf, smollm2, tiny" in proc.stdout and "logger: csv, tensorboard, wandb" in proc.stdout
+    assert "../" not in proc.stdout and "shared" not in proc.stdout
 
 
 def test_slurm_sweep_launcher_ties_tasks_to_devices(tmp_path):

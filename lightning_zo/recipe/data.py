@@ -28,18 +28,39 @@ def label_word_ids(tokenizer, words, kind: str) -> list[int]:
     return ids
 
 
+def template_length(task: PromptTask, tokenizer, kind: str) -> int:
+    """Tokens of the task's prompt with empty text fields (special tokens included): what every prompt needs."""
+    empty = {c: "" for c in task.spec.columns}
+    if kind == "causal":
+        return len(tokenizer(task.spec.template.format(**empty))["input_ids"])
+    return len(tokenizer(task.spec.mlm_template.format(**empty, mask=tokenizer.mask_token))["input_ids"])
+
+
 def encode(examples: list[Example], task: PromptTask, tokenizer, kind: str, max_length: int) -> list[dict]:
-    out = []
+    """Token ids per example; a causal prompt longer than max_length keeps its end (where the label word is
+    scored), a masked one its start (up to the mask). A max_length that cannot hold the template is refused."""
+    need = template_length(task, tokenizer, kind) + 1  # the template and at least one token of text
+    if max_length < need:
+        raise UserError(f"data.max_length={max_length} is too short for task {task.name}'s prompt: its template "
+                        f"alone is {need - 1} tokens; use at least {need} (default 128)")
+    out, cut = [], 0
     for ex in examples:
         if kind == "causal":
-            ids = tokenizer(task.spec.template.format(**ex.fields))["input_ids"][-max_length:]  # keep the prompt end
-            out.append({"input_ids": ids, "label": ex.label})
+            ids = tokenizer(task.spec.template.format(**ex.fields))["input_ids"]
+            cut += len(ids) > max_length
+            out.append({"input_ids": ids[-max_length:], "label": ex.label})  # keep the prompt end
         else:
             text = task.spec.mlm_template.format(**ex.fields, mask=tokenizer.mask_token)
+            full = tokenizer(text)["input_ids"]
+            cut += len(full) > max_length
             ids = tokenizer(text, truncation=True, max_length=max_length)["input_ids"]
             if tokenizer.mask_token_id not in ids:
                 raise UserError(f"example truncated past its mask token (raise data.max_length): {text[:80]!r}")
             out.append({"input_ids": ids, "label": ex.label, "mask_pos": ids.index(tokenizer.mask_token_id)})
+    if cut:
+        warnings.warn(f"data.max_length={max_length} truncates {cut} of {len(examples)} prompts "
+                      f"({'their start is dropped' if kind == 'causal' else 'their end is dropped'})",
+                      stacklevel=2)
     return out
 
 
@@ -132,6 +153,8 @@ class PromptDataModule(pl.LightningDataModule):
         super().__init__()
         if batch_size < 1 or eval_batch_size < 1:
             raise UserError("data.batch_size and data.eval_batch_size must be >= 1")
+        if not isinstance(max_length, int) or max_length < 2:
+            raise UserError(f"data.max_length must be an integer >= 2 (tokens per prompt), got {max_length}")
         if partition not in PARTITIONS or dirichlet_alpha <= 0:
             raise UserError(f"data.partition must be one of {', '.join(PARTITIONS)} and data.dirichlet_alpha > 0")
         self.partition, self.dirichlet_alpha = partition, dirichlet_alpha

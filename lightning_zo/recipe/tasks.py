@@ -56,29 +56,56 @@ class Example:
     label: int  # class index
 
 
+def _first_bad_utf8(path: Path) -> str:
+    """file:line: what is wrong, for the first line that is not UTF-8."""
+    with path.open("rb") as f:
+        for line, raw in enumerate(f, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return (f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                        "save the file as UTF-8")
+    return f"{path}: not UTF-8 text; save the file as UTF-8"
+
+
 def read_tsv(path: str | Path, spec: TaskSpec) -> list[Example]:
-    """A GLUE-style TSV (header line, tab-separated, no quoting); every error names the file and line."""
+    """A GLUE-style TSV (header line, tab-separated, no quoting, UTF-8 with or without a BOM); every error names
+    the file and line."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"data file not found: {path}")
+    try:
+        return _read_tsv(path, spec)
+    except UnicodeDecodeError:
+        raise UserError(_first_bad_utf8(path)) from None
+
+
+def _read_tsv(path: Path, spec: TaskSpec) -> list[Example]:
     index = {raw: i for i, raw in enumerate(spec.labels)}
     examples = []
-    with path.open(encoding="utf-8", newline="") as f:
+    with path.open(encoding="utf-8-sig", newline="") as f:
         rows = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        header = next(rows, None)
-        if header is None:
-            raise UserError(f"{path}: empty file (expected a header line)")
-        missing = [c for c in (*spec.columns, spec.label_column) if c not in header]
-        if missing:
-            raise UserError(f"{path}:1: missing column(s) {', '.join(missing)} (header has: {', '.join(header)})")
-        pos = {c: header.index(c) for c in (*spec.columns, spec.label_column)}
-        for line, row in enumerate(rows, start=2):
-            if len(row) != len(header):
-                raise UserError(f"{path}:{line}: expected {len(header)} tab-separated fields, got {len(row)}")
-            raw = row[pos[spec.label_column]].strip()
-            if raw not in index:
-                raise UserError(f"{path}:{line}: unknown label {raw!r} (expected one of {', '.join(spec.labels)})")
-            examples.append(Example({c: row[pos[c]].strip() for c in spec.columns}, index[raw]))
+        try:
+            header = next(rows, None)
+            if header is None:
+                raise UserError(f"{path}: empty file (expected a header line)")
+            missing = [c for c in (*spec.columns, spec.label_column) if c not in header]
+            if missing:
+                raise UserError(f"{path}:1: missing column(s) {', '.join(missing)} "
+                                f"(header has: {', '.join(header)})")
+            pos = {c: header.index(c) for c in (*spec.columns, spec.label_column)}
+            for line, row in enumerate(rows, start=2):
+                if len(row) != len(header):
+                    raise UserError(f"{path}:{line}: expected {len(header)} tab-separated fields, got {len(row)}")
+                raw = row[pos[spec.label_column]].strip()
+                if raw not in index:
+                    raise UserError(f"{path}:{line}: unknown label {raw!r} "
+                                    f"(expected one of {', '.join(spec.labels)})")
+                examples.append(Example({c: row[pos[c]].strip() for c in spec.columns}, index[raw]))
+        except csv.Error as e:  # e.g. a field over csv.field_size_limit() (131072 characters)
+            limit = csv.field_size_limit()
+            what = f"a field longer than {limit} characters" if "field limit" in str(e) else str(e)
+            raise UserError(f"{path}:{rows.line_num}: {what} (is this a tab-separated text file?)") from None
     if not examples:
         raise UserError(f"{path}: no examples")
     return examples
@@ -130,9 +157,12 @@ class PromptTask:
 
     def __init__(self, name: str, data_dir: str | None = None, eval_file: str | None = None,
                  train_per_class: int | None = 16, val_per_class: int = 32, seed: int = 42,
-                 hub_eval_split: str = "validation"):
+                 hub_eval_split: str = "validation", data_dir_required: bool = False):
         if name not in TASKS:
             raise UserError(f"unknown task {name!r}; choose one of {', '.join(sorted(TASKS))}")
+        if data_dir_required and data_dir is None:  # an experiment that is about the user's own copy of the data
+            raise UserError(f"task.data_dir is required here: task.data_dir=DIR, a directory with your {name} "
+                            "train.tsv (GLUE-style, tab-separated, with a header line)")
         if train_per_class is not None and train_per_class < 1 or val_per_class < 0:
             raise UserError("task.train_per_class must be >= 1 (or null for all) and task.val_per_class >= 0")
         self.name, self.spec = name, TASKS[name]
