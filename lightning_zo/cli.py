@@ -12,7 +12,7 @@ import warnings
 
 import hydra
 from hydra.errors import InstantiationException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import MissingMandatoryValue
 
 from .core.errors import UserError
@@ -112,8 +112,6 @@ def run(cfg: DictConfig) -> None:
                         "so the step count is the run's length); give trainer.max_steps >= 1")
     ckpt = cfg.get("checkpoint") or {}
     if ckpt.get("enabled"):  # Lightning's ModelCheckpoint, into RUN_DIR/checkpoints unless dirpath is given
-        from omegaconf import open_dict
-
         args = {k: v for k, v in ckpt.items() if k != "enabled"}
         with open_dict(cfg):
             cfg.callbacks = cfg.get("callbacks") or {}
@@ -121,6 +119,12 @@ def run(cfg: DictConfig) -> None:
             if cfg.callbacks.model_checkpoint.get("dirpath") is None:
                 cfg.callbacks.model_checkpoint.dirpath = os.path.join(cfg.trainer.default_root_dir, "checkpoints")
             cfg.trainer.enable_checkpointing = True
+    progress = cfg.get("progress")
+    if progress is not None and cfg.trainer.get("enable_progress_bar", True):
+        # Our choice of bar (Lightning adds its own only when the callbacks hold none): see integration/progress.py
+        with open_dict(cfg):
+            cfg.callbacks = cfg.get("callbacks") or {}
+            cfg.callbacks.progress = {"_target_": "lightning_zo.integration.progress.progress_bar", **progress}
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path is not None and ckpt_path not in ("last", "best") and not os.path.isfile(ckpt_path):
         raise UserError(f"ckpt_path={ckpt_path}: no such checkpoint file")
