@@ -1,10 +1,13 @@
 """Benchmark the ZO step against a MeZO-style reference, measured in the same run (DESIGN §8).
 
     python -m lightning_zo.bench [--model tiny|smollm2|roberta-large|opt-1.3b|opt-13b] [--device cpu|cuda]
+                                 [--machines 1,8,64,512] [--profile]
 
 Prints one JSON line per configuration. Ratios are what to compare across machines; milliseconds are this
 machine's. The reference ("mezo_*") is a faithful re-implementation of MeZO's per-parameter reseeded
 torch.normal: perturb +eps, forward, -2 eps, forward, +eps (restore), then regenerate again for the update.
+The memory floor (`rw_floor_ms`) is one flat read+write pass over as many bytes as theta has. `--profile` also
+prints a torch.profiler table of one step after the JSON line.
 """
 
 from __future__ import annotations
@@ -89,9 +92,10 @@ class PeakMemory:
             self._thread.join()
 
 
-def timed(fn, device: torch.device, repeat: int) -> float:
-    """Median milliseconds of `repeat` calls after one warm-up."""
-    fn()
+def timed(fn, device: torch.device, repeat: int, warmup: bool = True) -> float:
+    """Median milliseconds of `repeat` calls (after one warm-up call unless `warmup` is False)."""
+    if warmup:
+        fn()
     times = []
     for _ in range(repeat):
         if device.type == "cuda":
@@ -110,14 +114,42 @@ def mezo_perturb(params, seed: int, scale: float) -> None:
         p.data.add_(torch.normal(0, 1, size=p.shape, device=p.device, dtype=p.dtype), alpha=scale)
 
 
-def run(name: str, device: torch.device, dtype: torch.dtype, repeat: int, machines: list[int]) -> dict:
+MEZO_UPDATE_MAX_N = 64  # the per-parameter torch.normal reference takes ~40 s per 64 machines on our CPUs
+
+
+def flat_floor(numel: int, dtype: torch.dtype, device: torch.device, repeat: int) -> float:
+    """Milliseconds of one read+write pass over `numel` elements in one flat tensor: the memory floor of a pass."""
+    flat = torch.ones(numel, dtype=dtype, device=device)
+    ms = timed(lambda: flat.mul_(1.0), device, repeat)
+    flat = None
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return ms
+
+
+def profile_table(step, device: torch.device, rows: int = 30) -> str:
+    """torch.profiler's table of one call of `step`, the most expensive operators first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=rows)
+
+
+def run(name: str, device: torch.device, dtype: torch.dtype, repeat: int, machines: list[int],
+        gaussian_machines: list[int], block_bytes: int | None = None, profile: bool = False) -> dict:
     model, vocab = build(name, dtype)
     model = model.to(device).eval()
     batch, length = SIZES[name]
     ids = torch.randint(0, vocab, (batch, length), device=device)
     layout = ParamLayout(model)
     params = [s.param for s in layout]
-    hooks = PerturbedForward(model, layout, "rademacher")
+    hooks = PerturbedForward(model, layout, "rademacher", block_bytes=block_bytes)
+    engine = hooks.engine
 
     import inspect
 
@@ -135,7 +167,7 @@ def run(name: str, device: torch.device, dtype: torch.dtype, repeat: int, machin
             a = float(forward())
         with hooks.perturb(1, -1e-3):
             b = float(forward())
-        apply_update(layout, [1], [-1e-9 * (a - b)], distribution, rounding_seed=2)  # as in training
+        apply_update(layout, [1], [-1e-9 * (a - b)], distribution, rounding_seed=2, engine=engine)  # as training
 
     @torch.no_grad()
     def mezo_step():
@@ -153,31 +185,44 @@ def run(name: str, device: torch.device, dtype: torch.dtype, repeat: int, machin
     with PeakMemory(device) as step_mem:
         zo_step()
     step_ms = timed(zo_step, device, repeat)
+    before = (hooks.materialized, engine.launches, engine.cpu_calls, engine.other_calls)
+    with hooks.perturb(1, 1e-3):
+        forward()
+    per_forward = [b - a for a, b in zip(before, (hooks.materialized, engine.launches, engine.cpu_calls,
+                                                 engine.other_calls))]
+    table = profile_table(zo_step, device) if profile else None
     mezo_ms = timed(mezo_step, device, max(1, repeat // 2))
-    floor_ms = timed(lambda: [p.data.mul_(1.0) for p in params], device, repeat)  # one read + write of theta
     numel = layout.numel
     element = params[0].element_size()
-    largest = max(p.numel() for p in params) * element
+    floor_ms = flat_floor(numel, params[0].dtype, device, repeat)  # one flat read + write of as many bytes as theta
+    largest = max(b.nbytes for b in hooks.blocks)
     out = {"model": name, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
            "dtype": str(dtype).replace("torch.", ""), "params": numel, "batch": batch, "seq_len": length,
            "threads": torch.get_num_threads(), "fwd_ms": round(fwd_ms, 2), "step_ms": round(step_ms, 2),
            "step_over_2fwd": round(step_ms / (2 * fwd_ms), 3), "mezo_step_ms": round(mezo_ms, 2),
            "mezo_step_over_2fwd": round(mezo_ms / (2 * fwd_ms), 3), "rw_floor_ms": round(floor_ms, 2),
            "peak_mem_over_inference": round(step_mem.peak / inference.peak, 3),
-           # DESIGN I3: the step may exceed inference peak by at most the largest module's parameters.
-           "extra_mem_over_largest_param": round((step_mem.peak - inference.peak) / largest, 3),
+           # DESIGN I3: the step may exceed inference peak by at most the largest block's parameters.
+           "extra_mem_over_largest_block": round((step_mem.peak - inference.peak) / largest, 3),
+           "block_bytes": hooks.block_bytes, "largest_block_bytes": largest, "blocks": len(hooks.blocks),
+           "hooks": hooks.hooks, "materialized_per_forward": per_forward[0], "launches_per_forward": per_forward[1],
+           "cpu_kernel_calls_per_forward": per_forward[2], "other_calls_per_forward": per_forward[3],
            "payload_bytes_per_step": 1, "ddp_grad_bytes_per_step": numel * element}
-    for distribution in ("rademacher", "gaussian"):
-        for n in machines:
+    for distribution, ns in (("rademacher", machines), ("gaussian", gaussian_machines)):
+        for n in ns:
             seeds, coeffs = list(range(n)), [1e-9] * n
-            ms = timed(lambda: apply_update(layout, seeds, coeffs, distribution, rounding_seed=2), device,
-                       max(1, repeat // 2))
+            # Large N: one timed call (the kernels are warm from the smaller N; a CPU call takes seconds).
+            ms = timed(lambda: apply_update(layout, seeds, coeffs, distribution, rounding_seed=2, engine=engine),
+                       device, max(1, repeat // 2) if n < 64 else 1, warmup=n < 64)
             out[f"update_ms_{distribution}_n{n}"] = round(ms, 2)
             out[f"update_over_floor_{distribution}_n{n}"] = round(ms / floor_ms, 2)
     # The reference regenerates each machine's z with per-parameter torch.normal (MeZO's way), N times.
-    ms = timed(lambda: [mezo_perturb(params, s, 1e-9) for s in range(machines[-1])], device, 1)
-    out[f"mezo_update_ms_n{machines[-1]}"] = round(ms, 2)
+    n_ref = min(max(machines), MEZO_UPDATE_MAX_N)
+    ms = timed(lambda: [mezo_perturb(params, s, 1e-9) for s in range(n_ref)], device, 1)
+    out[f"mezo_update_ms_n{n_ref}"] = round(ms, 2)
     hooks.remove()
+    if table is not None:
+        out["profile"] = table
     return out
 
 
@@ -188,14 +233,26 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (CUDA default)")
     parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--machines", default="1,8,64", help="N values for the update figures")
+    parser.add_argument("--machines", default="1,8,64,512", help="N values for the update figures (Rademacher)")
+    parser.add_argument("--gaussian-machines", default=None, help="N values for the Gaussian update figures "
+                        "(default: as --machines on CUDA, 1,8,64 on CPU, where N = 512 takes minutes)")
+    parser.add_argument("--block-mb", type=float, default=None, help="memory budget of one perturbed block in MB "
+                        "(default: the largest set of parameters one module owns)")
+    parser.add_argument("--profile", action="store_true", help="also print a torch.profiler table of one step")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     models = args.model or (["tiny", "smollm2"] if device.type == "cpu" else ["roberta-large", "opt-1.3b"])
     dtype = getattr(torch, args.dtype or ("float32" if device.type == "cpu" else "bfloat16"))
     machines = [int(n) for n in args.machines.split(",")]
+    gaussian = args.gaussian_machines or (args.machines if device.type == "cuda" else "1,8,64")
+    gaussian_machines = [int(n) for n in gaussian.split(",")]
+    block_bytes = None if args.block_mb is None else int(args.block_mb * 2**20)
     for name in models:
-        print(json.dumps(run(name, device, dtype, args.repeat, machines)), flush=True)
+        out = run(name, device, dtype, args.repeat, machines, gaussian_machines, block_bytes, args.profile)
+        table = out.pop("profile", None)
+        print(json.dumps(out), flush=True)
+        if table is not None:
+            print(f"# torch.profiler, one step of {name}\n{table}", flush=True)
 
 
 if __name__ == "__main__":

@@ -118,3 +118,21 @@ def test_all_slots_in_one_pass_equal_the_slot_by_slot_sum(backend, distribution,
     inplace = src.clone()
     add_noise_sum(inplace, inplace, seeds, coeffs, 77, distribution, backend)
     assert torch.equal(inplace, got)
+
+
+@pytest.mark.parametrize("distribution", ["rademacher", "gaussian"])
+@pytest.mark.parametrize("m", [2, 16, 35, 64])
+def test_kernel_many_slots_and_zero_coefficients(distribution, m):
+    """The C kernel's vectorized paths (Philox for 16 slots at once, blocks of 128 in registers, a remainder of
+    fewer than 4 slots) against numpy, bit for bit, with +0.0 and -0.0 coefficients (the signs of zero sums)."""
+    seeds = [derive_seed(1, 2, s) for s in range(m)]
+    coeffs = [0.0 if s % 5 == 0 else -0.0 if s % 5 == 1 else (-1) ** s * 1e-3 / (s + 1) for s in range(m)]
+    src = torch.randn(40_000)
+    for offset in (0, 3, 2**35 + 100):
+        want = add_noise_sum(torch.empty_like(src), src, seeds, coeffs, offset, distribution, backend="numpy")
+        got = add_noise_sum(torch.empty_like(src), src, seeds, coeffs, offset, distribution, backend="kernel")
+        assert torch.equal(got.view(torch.int32), want.view(torch.int32)), (m, offset)
+        zeros = [-0.0, 0.0, -0.0][:m]  # dst = the sum alone: the signs of zero sums are the reference's
+        want = add_noise_sum(torch.empty_like(src), None, seeds[:3], zeros, offset, distribution, backend="numpy")
+        got = add_noise_sum(torch.empty_like(src), None, seeds[:3], zeros, offset, distribution, backend="kernel")
+        assert torch.equal(got.view(torch.int32), want.view(torch.int32)), (m, offset)

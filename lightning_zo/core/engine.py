@@ -104,6 +104,10 @@ class Engine:
     def update(self, layout: ParamLayout, seeds: Sequence[int], coeffs: Sequence[float], distribution: str,
                decay: dict[int, float] | None = None, rounding_seed: int | None = None) -> None:
         """See `apply_update`."""
+        with torch.profiler.record_function("lightning_zo.update"):  # a range in profiles (the C kernel is opaque)
+            self._update(layout, seeds, coeffs, distribution, decay, rounding_seed)
+
+    def _update(self, layout, seeds, coeffs, distribution, decay, rounding_seed) -> None:
         decay = decay or {}
         coeffs = [float(np.float32(c)) for c in coeffs]
         fused: dict[tuple, list] = {}  # (device, dtype) -> [(flat theta, offset, factor)]: one launch each
@@ -301,6 +305,10 @@ class PerturbedForward:
         slots = [s for s in slots if id(s.param) not in self._swapped]
         if not slots:
             return [], []
+        with torch.profiler.record_function("lightning_zo.perturb_block"):
+            return self._swap_in(owner, slots)
+
+    def _swap_in(self, owner, slots: list[ParamSlot]) -> tuple[list, list]:
         self.materialized += 1
         seed, coeff = self._active
         engine = self.engine
