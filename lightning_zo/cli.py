@@ -29,9 +29,11 @@ def _missing_extra(e: ImportError) -> str | None:
     text = f"{e.name or ''} {e}"
     for package, extra in EXTRAS.items():
         if re.search(rf"\b{re.escape(package)}\b", text):
-            first = str(e).strip().splitlines()[0] if str(e).strip() else f"No module named {package!r}"
-            return f"{first} (this needs the optional package {package.split('.')[-1]}: " \
-                   f"pip install \"lightning-zo[{extra}]\")"
+            name = package.split(".")[-1]
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            if isinstance(e, ModuleNotFoundError) or "not met" in first or not first:
+                return f"the optional package {name} is not installed: pip install \"lightning-zo[{extra}]\""
+            return f"{first} (optional package {name}: pip install \"lightning-zo[{extra}]\")"
     return None
 
 
@@ -128,6 +130,11 @@ def run(cfg: DictConfig) -> None:
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path is not None and ckpt_path not in ("last", "best") and not os.path.isfile(ckpt_path):
         raise UserError(f"ckpt_path={ckpt_path}: no such checkpoint file")
+    if ckpt_path is not None and (cfg.get("callbacks") or {}).get("trajectory") is not None:
+        # Measured: the trajectory log would start mid-run (replay refuses it) or refuse the restored weights.
+        raise UserError("ckpt_path: the trajectory log cannot continue from a Lightning checkpoint; rerun in the "
+                        "run's own hydra.run.dir without ckpt_path (the log resumes it exactly), or drop the log "
+                        "with ~callbacks.trajectory")
     trainer, module, dm = build(cfg)
     if trainer.is_global_zero:
         print(OmegaConf.to_yaml(cfg, resolve=True) if cfg.get("print_config") else "", end="")

@@ -9,6 +9,7 @@ from helpers import REPO, summaries, train
 CONF = REPO / "lightning_zo" / "conf"
 GROUPS = {g.name: sorted(p.stem for p in g.glob("*.yaml")) for g in CONF.iterdir() if g.is_dir()}
 NEEDS_NETWORK_OR_ARGS = {("model", "hf"), ("model", "smollm2")}
+OPTIONAL_PACKAGE = {("logger", "wandb"): "wandb", ("logger", "tensorboard"): "tensorboard"}
 
 
 def _compose(*overrides):
@@ -31,6 +32,8 @@ def test_every_config_composes_and_instantiates(group, option, tmp_path, shared_
         assert instantiate(cfg.optimizer).keywords["lr"] == cfg.optimizer.lr
         return
     node = cfg[group]
+    if (group, option) in OPTIONAL_PACKAGE:
+        pytest.importorskip(OPTIONAL_PACKAGE[group, option])
     if group == "task" and cfg.task.data_dir is None and option != "sentiment":
         cfg.task.data_dir = str(shared_data / option)
     if group in ("task", "quantization", "model", "logger"):
@@ -196,3 +199,38 @@ def test_slurm_sweep_launcher_ties_tasks_to_devices(tmp_path):
     out = proc.stdout
     assert "SlurmLauncher" in out
     assert "tasks_per_node: 4" in out and "gpus_per_node: 4" in out and "nodes: 3" in out
+
+
+def test_loggers_write_where_their_name_says(tmp_path):
+    pytest.importorskip("tensorboard")
+    train(tmp_path, "logger=tensorboard", "trainer.max_steps=3")
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert not (tmp_path / "csv").exists()
+
+
+def test_wandb_logger_is_offline_by_default_or_says_how_to_install_it(tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is None:
+        proc = train(tmp_path, "logger=wandb", "trainer.max_steps=2", check=False)
+        assert proc.returncode == 2
+        assert proc.stderr.strip().splitlines()[-1] == \
+            'error: the optional package wandb is not installed: pip install "lightning-zo[wandb]"'
+    else:
+        train(tmp_path, "logger=wandb", "trainer.max_steps=2")
+        assert list((tmp_path / "wandb").glob("offline-run-*"))
+
+
+def test_lightning_checkpoint_and_ckpt_path_resume_exactly(tmp_path):
+    full, first, resumed = tmp_path / "full", tmp_path / "first", tmp_path / "resumed"
+    train(full, "trainer.max_steps=6")
+    train(first, "trainer.max_steps=4", "checkpoint.enabled=true", "checkpoint.every_n_train_steps=2")
+    ckpt = first / "checkpoints" / "last.ckpt"
+    assert ckpt.is_file()
+    train(resumed, "trainer.max_steps=6", f"ckpt_path={ckpt}", "~callbacks.trajectory")
+    assert summaries(resumed)[0]["weights_sha256"] == summaries(full)[0]["weights_sha256"]
+    # With the trajectory log on, a Lightning checkpoint cannot be continued: refused in one line, not a broken log.
+    proc = train(tmp_path / "refused", "trainer.max_steps=6", f"ckpt_path={ckpt}", check=False)
+    assert proc.returncode == 2 and "the trajectory log cannot continue from a Lightning checkpoint" in proc.stderr
+    proc = train(tmp_path / "missing", f"ckpt_path={tmp_path}/nope.ckpt", check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().endswith(f"ckpt_path={tmp_path}/nope.ckpt: no such checkpoint file")
