@@ -3,9 +3,9 @@
     python -m lightning_zo.replay RUN_DIR [--to-step T] [--out DIR] [--model MODULE:FACTORY]
 
 The step rules come from the log's header. The base model, in this order: `--model MODULE:FACTORY` (a function
-that builds it, for models only code can build), the run's Hydra config (RUN_DIR/.hydra/config.yaml), the model
-config the log's header recorded, or the header's hub id / directory and class (runs made from Python with a
-Hugging Face model). The last line printed is JSON with `weights_sha256`, equal to the run's summary when replayed
+that builds it, for models only code can build), the model config the log's header recorded (runs of the
+`lightning-zo` command), the run's Hydra config (RUN_DIR/.hydra/config.yaml, for logs of earlier versions), or the
+header's hub id / directory and class (runs made from Python with a Hugging Face model). The last line printed is JSON with `weights_sha256`, equal to the run's summary when replayed
 in full.
 """
 
@@ -49,10 +49,10 @@ def load_base(run_dir: Path, header: dict, factory: str | None = None):
         return (built.model, built.tokenizer) if hasattr(built, "tokenizer") else (built, None)
     hydra_config = run_dir / ".hydra" / "config.yaml"
     model_info = header.get("model") or {}
-    if hydra_config.is_file():  # (runs made before the package's layers name lightning_zo.models.*)
-        config = OmegaConf.create(hydra_config.read_text().replace("lightning_zo.models.", "lightning_zo.recipe.models."))
-    else:
-        config = model_info.get("config")
+    config = model_info.get("config")  # what the run itself recorded: a later refused start cannot change it
+    if config is None and hydra_config.is_file():  # logs written before the header recorded the model
+        config = OmegaConf.create(hydra_config.read_text().replace("lightning_zo.models.",
+                                                                   "lightning_zo.recipe.models."))
     if config is not None:
         lm = build_model(OmegaConf.create(config))
         return lm.model, lm.tokenizer

@@ -115,3 +115,51 @@ class Diverge(pl.Callback):
         if trainer.global_rank == self.rank and trainer.global_step == self.step:
             with torch.no_grad():
                 next(pl_module.model.parameters()).view(-1)[0] += 1.0
+
+
+class SlowStart(pl.Callback):
+    """Holds every rank in its pre-training phase (where replay and the zero-shot evaluation run) for `seconds`,
+    printing a marker first, so that a test can signal a rank there."""
+
+    def __init__(self, seconds: float = 6.0):
+        self.seconds = seconds
+
+    def on_train_start(self, trainer, pl_module):
+        import time
+
+        print(f"slow start rank {trainer.global_rank}", flush=True)
+        time.sleep(self.seconds)
+
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def children(pid: int) -> list[int]:
+    """The pids whose parent is `pid` (a launcher's worker processes)."""
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def logged_steps(path: Path) -> int:
+    """Complete records in a trajectory log (0 while it is missing or being written)."""
+    from lightning_zo.core import trajectory
+
+    try:
+        return len(trajectory.read(path).records)
+    except Exception:
+        return 0

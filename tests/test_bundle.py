@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, env, summaries
+from helpers import REPO, env, logged_steps, summaries
 
 SCRIPT = REPO / "tests" / "plain_module.py"
 
@@ -52,15 +52,6 @@ def test_own_module_on_two_ranks_stays_identical(tmp_path):
     assert replay(tmp_path, "--model", "plain_module:build_model")["weights_sha256"] == s[0]["weights_sha256"]
 
 
-def _records(path: Path) -> int:
-    from lightning_zo.core import trajectory
-
-    try:
-        return len(trajectory.read(path).records)
-    except Exception:
-        return 0
-
-
 def test_kill_9_and_resume_with_a_scheduler_equals_the_uninterrupted_run(tmp_path):
     args = ["--max-steps", "40", "--scheduler"]
     fit(tmp_path / "whole", *args)
@@ -68,11 +59,11 @@ def test_kill_9_and_resume_with_a_scheduler_equals_the_uninterrupted_run(tmp_pat
     proc = subprocess.Popen([sys.executable, str(SCRIPT), str(run), *args], cwd=REPO / "tests", env=env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 120
-    while _records(run / "trajectory.zot") < 15 and time.time() < deadline and proc.poll() is None:
+    while logged_steps(run / "trajectory.zot") < 15 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert 15 <= _records(run / "trajectory.zot") < 40, "the run was not interrupted mid-training"
+    assert 15 <= logged_steps(run / "trajectory.zot") < 40, "the run was not interrupted mid-training"
     resumed = fit(run, *args)
     assert "replayed" in resumed.stdout + resumed.stderr
     (whole,), (again,) = summaries(tmp_path / "whole"), summaries(run)

@@ -34,7 +34,7 @@ def ensure_visible_logs() -> None:
     Hydra they propagate to its handlers (console and the run's train.log)."""
     if not logging.getLogger().handlers and not log.handlers:
         handler = logging.StreamHandler(sys.stdout)
-        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.setFormatter(logging.Formatter("[lightning_zo] %(message)s"))
         log.addHandler(handler)
     if log.getEffectiveLevel() > logging.INFO:
         log.setLevel(logging.INFO)
@@ -94,7 +94,7 @@ class RunSummary(pl.Callback):
         values = {f"{name}_{when}": float(v) for name, v in measure(trainer).items()}
         self.results.update(values)
         if trainer.is_global_zero:
-            log.info("[lightning_zo] %s", ", ".join(f"{k} = {v:.4f}" for k, v in values.items()))
+            log.info("%s", ", ".join(f"{k} = {v:.4f}" for k, v in values.items()))
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         ensure_visible_logs()
@@ -139,9 +139,9 @@ class RunSummary(pl.Callback):
         path.write_text(json.dumps(summary, indent=2) + "\n")
         if trainer.is_global_zero:
             if summary["stopped_by_signal"]:
-                log.warning("[lightning_zo] stopped by SIGTERM after %d steps; rerun the same command to resume",
+                log.warning("stopped by SIGTERM after %d steps; rerun the same command to resume",
                             opt.step_count)
-            log.info("[lightning_zo] steps = %d, world_size = %d, payload = %d B/step, weights_sha256 = %s…, "
+            log.info("steps = %d, world_size = %d, payload = %d B/step, weights_sha256 = %s…, "
                      "summary: %s", opt.step_count, summary["world_size"], summary["payload_bytes_per_step"],
                      summary["weights_sha256"][:16], path)
 
@@ -270,7 +270,7 @@ class TrajectoryLog(pl.Callback):
             self.replayed = opt.step_count
             resume_counters(trainer, opt.step_count)
             if trainer.is_global_zero:
-                log.info("[lightning_zo] resumed from %s: replayed %d steps", path, len(records))
+                log.info("resumed from %s: replayed %d steps", path, len(records))
             if changed:  # recorded in the log: the new settings, and at which step they took effect
                 header = {**found.header, "run": header["run"],
                           "changes": [*found.header.get("changes", []), {"step": len(records), "changed": changed}]}
@@ -317,7 +317,7 @@ def resume_counters(trainer: "pl.Trainer", steps: int) -> None:
     loop._batches_that_stepped = steps
     for config in trainer.lr_scheduler_configs:
         if config.interval != "step":
-            log.warning("[lightning_zo] LR scheduler %s steps per epoch: not advanced on resume",
+            log.warning("LR scheduler %s steps per epoch: not advanced on resume",
                         type(config.scheduler).__name__)
             continue
         for _ in range(steps // config.frequency):
@@ -342,7 +342,7 @@ def check_compatible(logged: dict, current: dict, path, allow_changes: bool = Fa
         raise UserError(f"resuming {path} with changed settings ({'; '.join(changed)}); rerun with the original "
                         "settings, or say the change is intended with callbacks.trajectory.allow_changes=true")
     if changed:
-        log.warning("[lightning_zo] resuming %s with changed settings: %s", path, "; ".join(changed))
+        log.warning("resuming %s with changed settings: %s", path, "; ".join(changed))
     return changed
 
 
