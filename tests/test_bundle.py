@@ -164,3 +164,27 @@ def test_layers_import_only_downwards(layer):
                 assert name.split(".")[0] not in FORBIDDEN[layer], f"{path}: imports {name}"
                 if name.startswith("lightning_zo."):
                     assert name.split(".")[1] in LAYERS[layer] | {layer}, f"{path}: imports {name}"
+
+
+def test_the_run_directory_loads_with_from_pretrained(tmp_path):
+    from helpers import train
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    train(tmp_path, "trainer.max_steps=2")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "model")
+    from lightning_zo import weights_digest
+
+    assert weights_digest(model) == summaries(tmp_path)[0]["weights_sha256"]
+    ids = tokenizer("the film was", return_tensors="pt")["input_ids"]
+    assert model.generate(ids, max_new_tokens=2, do_sample=False).shape[1] == ids.shape[1] + 2
+
+
+def test_logs_written_before_the_layers_still_name_their_codec():
+    from lightning_zo.core.codecs import LinearCodec, LogCodec, codec_from_config
+
+    old = codec_from_config({"_target_": "lightning_zo.codecs.LinearCodec", "init_scale": 0.5, "target": 16.0,
+                             "beta": 0.9, "stochastic_rounding": True})
+    assert isinstance(old, LinearCodec) and old.scale == 0.5
+    assert isinstance(codec_from_config({"_target_": "lightning_zo.codecs.LogCodec", "min_exp": -20}), LogCodec)
+    assert codec_from_config(LinearCodec().config()).config() == LinearCodec().config()
