@@ -90,22 +90,24 @@ def test_blocks_of_any_size_equal_materialized_weights(build, budget, distributi
 
 def test_hooks_and_launches_per_perturbed_forward():
     """Tiny Llama, 3 layers, tied embeddings. Per-module hooks (the old engine) put 2 hooks on each of the 30
-    modules that own parameters and materialised 30 times per forward; blocks under the default budget (the
-    embedding, the largest set one module owns) are [embed], [layers 0-1], [layer 2 + final norm], [lm_head]."""
+    modules that own parameters and materialised 30 times per forward. Now the input embedding is perturbed at
+    its looked-up rows only (CPU), and blocks under the default budget (the embedding's size, the largest set one
+    module owns) are [layers 0-1], [layer 2 + final norm], [lm_head] (which materialises the tied table)."""
     model = _tiny_llama()
     layout = ParamLayout(model)
     owners = [m for m in model.modules() if any(layout.slot_of(p) for p in m.parameters(recurse=False))]
     assert len(owners) == 30
 
     leaf = PerturbedForward(model, layout, "rademacher", block_bytes=0)
-    assert (len(leaf.blocks), leaf.hooks) == (30, 60)
+    assert (len(leaf.blocks), len(leaf.rows), leaf.hooks) == (29, 1, 59)
     leaf.remove()
 
     hooks = PerturbedForward(model, layout, "rademacher")
     assert [[type(m).__name__ for m in b.members] for b in hooks.blocks] == [
-        ["Embedding"], ["LlamaDecoderLayer"] * 2, ["LlamaDecoderLayer", "LlamaRMSNorm"], ["Linear"]]
+        ["LlamaDecoderLayer"] * 2, ["LlamaDecoderLayer", "LlamaRMSNorm"], ["Linear"]]
+    assert hooks.rows == [model.model.embed_tokens]
     assert hooks.block_bytes == model.model.embed_tokens.weight.numel() * 4
-    assert hooks.hooks == 2 * 6 and not hooks.wrappers
+    assert hooks.hooks == 2 * 5 + 1 and not hooks.wrappers
     ids = _ids(model)
     with torch.no_grad():
         model(input_ids=ids)
@@ -113,11 +115,12 @@ def test_hooks_and_launches_per_perturbed_forward():
         for coeff in (1e-2, -1e-2):
             with hooks.perturb(5, coeff):
                 model(input_ids=ids)
-    assert hooks.materialized == 2 * 4
+    assert hooks.materialized == 2 * 4  # 3 blocks + the embedding's rows
     # CPU: one threaded C-kernel pass per block, one call per piece (a block's tensors, cut at most once per thread).
-    pieces = sum(len(b.params) for b in hooks.blocks)
+    # (The rows: one call per distinct looked-up row.)
+    pieces = sum(len(b.params) for b in hooks.blocks) + len(torch.unique(ids))
     assert hooks.engine.launches == 0 and hooks.engine.other_calls == 0
-    assert 2 * pieces <= hooks.engine.cpu_calls <= 2 * (pieces + 3 * (hooks.engine.threads - 1))
+    assert 2 * pieces <= hooks.engine.cpu_calls <= 2 * (pieces + 4 * (hooks.engine.threads - 1))
     hooks.remove()
 
 
@@ -127,8 +130,24 @@ def test_budget_bounds_every_block():
     layer = sum(p.numel() * 4 for p in model.model.layers[0].parameters())
     hooks = PerturbedForward(model, layout, "rademacher", block_bytes=layer)
     assert all(b.nbytes <= layer for b in hooks.blocks[1:-1])  # the embedding is one module: it cannot be split
-    assert [len(b.members) for b in hooks.blocks] == [1] * 6  # embed, 3 layers, norm, lm_head
+    assert [len(b.members) for b in hooks.blocks] == [1] * 5  # 3 layers, norm, lm_head (+ the embedding's rows)
     covered = {id(s.param) for b in hooks.blocks for s in b.params} | {
-        id(s.param) for w in hooks.wrappers for s in w.params}
+        id(s.param) for w in hooks.wrappers for s in w.params} | {id(e.weight) for e in hooks.rows}
     assert covered == {id(s.param) for s in layout}
+    hooks.remove()
+
+
+def test_embedding_rows_fall_back_to_the_whole_table_off_the_kernel_path():
+    """Hooks planned on fp32 weights, then the model cast to bf16: the row path no longer applies and the
+    embedding's output comes from the whole perturbed table (bf16 rounded once), still equal to the reference."""
+    model = _tiny_llama()
+    hooks = PerturbedForward(model, ParamLayout(model), "rademacher")
+    assert hooks.rows
+    model.to(torch.bfloat16)
+    ids = _ids(model)
+    with torch.no_grad():
+        expected = _materialized(model, 8, 1e-2, "rademacher")(input_ids=ids).logits
+        with hooks.perturb(8, 1e-2):
+            got = model(input_ids=ids).logits
+    assert got.dtype == torch.bfloat16 and torch.equal(got, expected)
     hooks.remove()

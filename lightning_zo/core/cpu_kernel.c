@@ -99,7 +99,7 @@ static inline void philox_keys16_avx512(uint64_t block, const uint64_t *seeds, i
  * signed_coeff's bits), then one IEEE add per element and slot, in slot order: the same operations, in the same
  * order, as the portable loops, so the same bits. */
 static void rademacher_run_avx512(float *dst, const float *src, uint64_t block, const uint64_t *seeds,
-                                  const float *coeffs, int m, int accumulate) {
+                                  const float *coeffs, int m, int accumulate, int stream) {
     __m512 acc[8];
     uint32_t words[4][16];
     const __m512i sign = _mm512_set1_epi32((int)0x80000000u);
@@ -133,7 +133,7 @@ static void rademacher_run_avx512(float *dst, const float *src, uint64_t block, 
     }
     for (int v = 0; v < 8; v++) {
         __m512 x = accumulate ? _mm512_add_ps(_mm512_loadu_ps(src + 16 * v), acc[v]) : acc[v];
-        _mm512_storeu_ps(dst + 16 * v, x);
+        if (stream) _mm512_stream_ps(dst + 16 * v, x); else _mm512_storeu_ps(dst + 16 * v, x);
     }
 }
 #endif
@@ -157,7 +157,10 @@ void noise_sum(float *dst, const float *src, int64_t n, uint64_t offset, const u
         if (count > n - i) count = n - i;
 #ifdef HAVE_RUN_AVX512
         if (!gaussian_dist && count == 128) {
-            rademacher_run_avx512(dst + i, src + i, g0 >> 7, seeds, coeffs, m, accumulate);
+            /* A separate destination (a perturbed copy) is written with streaming stores when aligned: no read
+             * of lines that are about to be overwritten. */
+            int stream = dst != src && ((uintptr_t)(dst + i) & 63) == 0;
+            rademacher_run_avx512(dst + i, src + i, g0 >> 7, seeds, coeffs, m, accumulate, stream);
             i += 128;
             continue;
         }
@@ -221,4 +224,7 @@ void noise_sum(float *dst, const float *src, int64_t n, uint64_t offset, const u
         }
         i += count;
     }
+#ifdef HAVE_RUN_AVX512
+    _mm_sfence();  /* streaming stores visible before the caller reads dst */
+#endif
 }

@@ -5,7 +5,7 @@ forward pre-hook swaps a block's parameters for theta + eps*z, materialised just
 untouched originals are swapped back afterwards. A block is a run of consecutive module subtrees (e.g. a few
 transformer layers) whose parameters fit a memory budget, by default the largest set of parameters one module owns
 directly, so peak memory grows by at most the largest block (DESIGN I3) and a forward costs a few hooks and one
-launch per block, not one per leaf module.
+launch per block, not one per leaf module. On the CPU an embedding is perturbed only at the rows it looks up.
 
 Exactly once (DESIGN I5): whichever block or module swaps a parameter in first owns it until it swaps it out;
 every other hook skips a parameter that already holds its perturbed copy (RoBERTa's lm_head.bias, which is also
@@ -204,8 +204,15 @@ class Wrapper:
     stack: list = field(default_factory=list)  # per (re-entrant) call: (saved, buffers)
 
 
-def plan_blocks(model: torch.nn.Module, layout: ParamLayout,
-                budget: int | None = None) -> tuple[list[Block], list[Wrapper], int]:
+def _row_lookup(module: torch.nn.Module, layout: ParamLayout) -> bool:
+    """A plain nn.Embedding whose table is on the C kernel's path: its perturbed forward needs only the looked-up
+    rows of theta + eps*z (an embedding is a gather, no arithmetic), not the whole table."""
+    return (type(module) is torch.nn.Embedding and module.max_norm is None
+            and layout.slot_of(module.weight) is not None and _cpu_fast(module.weight.data))
+
+
+def plan_blocks(model: torch.nn.Module, layout: ParamLayout, budget: int | None = None,
+                rows: list | None = None) -> tuple[list[Block], list[Wrapper], int]:
     """Cut the module tree into blocks of at most `budget` bytes of trainable parameters (default: the most that one
     module owns directly, which can never be split, so the bound of DESIGN I3 does not grow).
 
@@ -227,6 +234,9 @@ def plan_blocks(model: torch.nn.Module, layout: ParamLayout,
     def visit(module: torch.nn.Module) -> None:
         slots = trainable(module.parameters())
         if not slots:
+            return
+        if rows is not None and _row_lookup(module, layout):
+            rows.append(module)  # perturbed row by row in its forward hook: no block
             return
         children = [c for c in module.children() if trainable(c.parameters())]
         callable_ = type(module).forward is not torch.nn.Module.forward  # ModuleList, ModuleDict: never called
@@ -277,7 +287,8 @@ class PerturbedForward:
         self.layout = layout
         self.distribution = distribution
         self.engine = engine or Engine()
-        self.blocks, self.wrappers, self.block_bytes = plan_blocks(model, layout, block_bytes)
+        self.rows: list[torch.nn.Embedding] = []  # embeddings perturbed by looked-up rows (CPU fp32)
+        self.blocks, self.wrappers, self.block_bytes = plan_blocks(model, layout, block_bytes, self.rows)
         self._active: tuple[int, float] | None = None
         self._states: dict = {}  # device -> the seed and coefficient on it, uploaded once per perturbation
         self._swapped: set[int] = set()  # ids of the parameters that now hold their perturbed copy
@@ -290,6 +301,8 @@ class PerturbedForward:
                 last = i == len(block.members) - 1
                 self._handles.append(member.register_forward_pre_hook(functools.partial(self._enter, block)))
                 self._handles.append(member.register_forward_hook(functools.partial(self._leave, block, last)))
+        for embedding in self.rows:
+            self._handles.append(embedding.register_forward_hook(self._rows_out))
         for wrapper in self.wrappers:
             self._handles.append(wrapper.module.register_forward_pre_hook(functools.partial(self._wrap_in, wrapper)))
             self._handles.append(wrapper.module.register_forward_hook(functools.partial(self._wrap_out, wrapper)))
@@ -399,6 +412,35 @@ class PerturbedForward:
         block.depth = max(0, block.depth - 1)
         if last and block.depth == 0:
             self._release(block)
+
+    def _rows_out(self, module: torch.nn.Embedding, args, output):
+        """The embedding's output recomputed from theta + eps*z at the looked-up rows only: the same bits as a lookup
+        into the whole perturbed table, at the cost of the rows (the table itself may be tied to an output layer,
+        whose block materialises it in full)."""
+        p = module.weight
+        if self._active is None or id(p) in self._swapped:  # inactive, or held perturbed by an enclosing holder
+            return None
+        ids = args[0] if args else None
+        slot = self.layout.slot_of(p)
+        if not isinstance(ids, torch.Tensor) or slot is None:
+            return None
+        with torch.profiler.record_function("lightning_zo.perturb_rows"):
+            self.materialized += 1
+            dim = p.shape[1]
+            flat_ids = ids.reshape(-1)
+            rows = torch.unique(flat_ids)  # sorted
+            if _cpu_fast(p.data) and ids.device.type == "cpu":
+                theta = p.data.index_select(0, rows)
+                perturbed = torch.empty_like(theta)
+                seed, coeff = self._active
+                self.engine.fill_cpu([(perturbed[i], theta[i], slot.offset + r * dim)
+                                      for i, r in enumerate(rows.tolist())], [seed], [coeff], self.distribution)
+                return perturbed[torch.searchsorted(rows, flat_ids)].view(*ids.shape, dim)
+            saved, buffers = self._materialize(module, [slot])  # moved off the C kernel's path: the whole table
+            try:
+                return torch.nn.functional.embedding(ids, p, module.padding_idx)
+            finally:
+                self._restore(saved, buffers)
 
     def _wrap_in(self, wrapper: Wrapper, module, args) -> None:
         if self._active is not None:
