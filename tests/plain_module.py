@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 import lightning.pytorch as pl
@@ -114,7 +115,13 @@ def main(argv=None) -> None:
                          default_root_dir=args.run_dir, logger=False, enable_checkpointing=False, use_distributed_sampler=False,
                          enable_progress_bar=False, enable_model_summary=False,
                          callbacks=[lightning_zo.TrajectoryLog(), lightning_zo.RunSummary()])
+    previous = signal.getsignal(signal.SIGTERM)
     trainer.fit(module)
+    # What the strategy changed in Lightning and in the process is undone once fit returns.
+    left = [name for name in ("_broadcast_sigterm_tensor",) if name in vars(trainer.fit_loop.epoch_loop)]
+    left += [name for name in ("_sigterm_notifier_fn",) if name in vars(trainer._signal_connector)]
+    left += ["SIGTERM handler"] if signal.getsignal(signal.SIGTERM) is not previous else []
+    print(f"patches left after fit: {left}")
 
 
 if __name__ == "__main__":

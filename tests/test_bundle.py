@@ -35,7 +35,8 @@ def replay(run_dir: Path, *args: str) -> dict:
 
 @pytest.mark.parametrize("mode", ["automatic", "manual"])
 def test_own_module_trains_and_replays(tmp_path, mode):
-    fit(tmp_path, "--max-steps", "12", *(["--manual", "--k", "2"] if mode == "manual" else []))
+    proc = fit(tmp_path, "--max-steps", "12", *(["--manual", "--k", "2"] if mode == "manual" else []))
+    assert "patches left after fit: []" in proc.stdout  # the strategy undid what it changed in Lightning
     (s,) = summaries(tmp_path)
     assert s["steps"] == 12 and s["k"] == (2 if mode == "manual" else 1)
     if mode == "automatic":  # no task metrics: the module's last logged metrics are reported

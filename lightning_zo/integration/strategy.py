@@ -23,6 +23,7 @@ import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from typing_extensions import override
 
+from ..core.codecs import check_received
 from ..core.errors import UserError
 from ..core.layout import weights_digest
 from ..core.optimizer import ZOOptimizer
@@ -107,18 +108,24 @@ class ZOStrategy(DDPStrategy):
         return self.root_device if dist.get_backend() == "nccl" else torch.device("cpu")
 
     def exchange(self, payload: torch.Tensor) -> torch.Tensor:
-        """The step's one collective. A stopping rank overwrites its own slots with the STOP code."""
+        """The step's one collective. A stopping rank overwrites its own slots with the STOP code. Every rank then
+        checks that its own slots came back as it sent them (DESIGN I7: a peer that writes into another rank's slot
+        wraps the int8 sum, e.g. 21 - 128 = -107, or -127, which would read as STOP): an ExchangeError naming the
+        step and slot, raised before anything is applied or logged."""
         opt = self.zo_optimizer
+        own = slice(self.global_rank * opt.k, (self.global_rank + 1) * opt.k)
         if self.stop_requested:
-            own = slice(self.global_rank * opt.k, (self.global_rank + 1) * opt.k)
             payload[own] = opt.codec.stop
         self.exchanges += 1
         self.payload_bytes += payload.numel() * payload.element_size()
         if self.world_size == 1:
             return payload
+        sent = payload.clone()  # the all_reduce may work in place (gloo on CPU: .to() returns payload itself)
         wire = payload.to(self.wire_device())
         dist.all_reduce(wire, op=dist.ReduceOp.SUM)
-        return wire.cpu()
+        received = wire.cpu()
+        check_received(opt.codec, received, opt.step_count, sent=sent, own=own)
+        return received
 
     @override
     def backward(self, closure_loss: torch.Tensor, optimizer, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -141,7 +148,13 @@ class ZOStrategy(DDPStrategy):
         handler only sets a flag, and the next exchange carries it. Undone in teardown."""
         trainer = self.lightning_module.trainer if self.lightning_module is not None else None
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)
-        self._restore.append(lambda: signal.signal(signal.SIGTERM, previous))
+
+        def restore_sigterm() -> None:
+            signal.signal(signal.SIGTERM, previous)
+            if trainer is not None:  # Lightning's own teardown, which runs after ours, restores what it found: ours
+                trainer._signal_connector._original_handlers[signal.SIGTERM] = previous
+
+        self._restore.append(restore_sigterm)
         if trainer is None:
             return
         for owner, name, replacement in ((trainer.fit_loop.epoch_loop, "_broadcast_sigterm_tensor", lambda: None),
