@@ -1,0 +1,79 @@
+"""The report: legends from what differs, the three plots, a bytes axis that fits, a table without matplotlib."""
+
+import json
+import sys
+
+import pytest
+
+from lightning_zo.report import _bytes_scale, build_report, human_bytes, labels, main
+
+
+def _fake_run(path, lr=1e-5, k=1, model="lightning_zo.recipe.models.tiny", payload=1, steps=20, final=0.6):
+    (path / ".hydra").mkdir(parents=True)
+    (path / ".hydra" / "config.yaml").write_text(
+        f"model:\n  _target_: {model}\n  hidden_size: {32 if 'tiny' in model else 768}\n"
+        f"optimizer:\n  lr: {lr}\n  k: {k}\n  seed: ${{seed}}\nseed: 0\n"
+        f"trainer:\n  max_steps: {steps}\n  default_root_dir: ${{hydra:runtime.output_dir}}\n")
+    (path / "summary.rank0.json").write_text(json.dumps({
+        "val_acc_zero_shot": 0.5, "val_acc_final": final, "steps": steps, "world_size": 1, "k": k,
+        "codec": "linear", "payload_bytes_per_step": payload, "weights_sha256": "ab" * 32}))
+    (path / "csv").mkdir()
+    rows = ["epoch,step,train/loss,val/acc"] + [f"0,{i},{0.7 - i / 100},{0.55 if i == 9 else ''}" for i in range(steps)]
+    (path / "csv" / "metrics.csv").write_text("\n".join(rows) + "\n")
+    return path
+
+
+def test_legends_name_what_differs_between_runs():
+    base = {"optimizer.lr": 1e-5, "optimizer.k": 1, "model._target_": "x.tiny", "model.hidden_size": 32,
+            "trainer.default_root_dir": "${hydra:runtime.output_dir}", "seed": 0, "model.seed": 0}
+    assert labels([base, base | {"optimizer.lr": 1e-3}], ["0", "1"]) == ["lr=1e-05", "lr=0.001"]
+    assert labels([base, base | {"optimizer.k": 4, "optimizer.lr": 1e-3}], ["0", "1"]) == \
+        ["k=1, lr=1e-05", "k=4, lr=0.001"]
+    # a different group choice is named by the group; the keys that come with it are not listed
+    assert labels([base, base | {"model._target_": "x.pretrained", "model.hidden_size": 768}], ["a", "b"]) == \
+        ["model=tiny", "model=pretrained"]
+    # two keys with the same last part keep their full names
+    assert labels([base, base | {"seed": 1, "model.seed": 1}], ["a", "b"]) == \
+        ["model.seed=0, seed=0", "model.seed=1, seed=1"]
+    assert labels([base, base], ["run_a", "run_b"]) == ["run_a", "run_b"]  # nothing differs: directory names
+    assert labels([base, base, base | {"optimizer.lr": 1.0}], ["a", "b", "c"]) == \
+        ["lr=1e-05 (a)", "lr=1e-05 (b)", "lr=1"]
+
+
+def test_bytes_axis_is_log_only_when_payloads_differ_widely():
+    assert _bytes_scale([1, 1], "auto") == "linear" and _bytes_scale([1, 4], "auto") == "linear"
+    assert _bytes_scale([1, 64], "auto") == "log" and _bytes_scale([1, 64], "linear") == "linear"
+    assert [human_bytes(x) for x in (0, 12, 1500, 2.5e6)] == ["0 B", "12 B", "1.5 kB", "2.5 MB"]
+
+
+def test_report_writes_three_plots_and_a_table(tmp_path, capsys):
+    sweep = tmp_path / "sweep"
+    _fake_run(sweep / "0", lr=1e-5)
+    _fake_run(sweep / "1", lr=1e-3, k=64, payload=64, final=0.7)
+    assert main([str(sweep), "--out", str(tmp_path / "rep")]) == 0
+    out = capsys.readouterr().out
+    assert "| k=1, lr=1e-05 | " in out and "| k=64, lr=0.001 | " in out
+    report = (tmp_path / "rep" / "report.md").read_text()
+    for png in ("accuracy_vs_steps.png", "accuracy_vs_bytes.png", "loss_vs_steps.png"):
+        assert (tmp_path / "rep" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"({png})" in report
+    assert report.count("\n| ") == 2
+
+
+def test_without_matplotlib_the_table_is_written_and_one_line_says_why(tmp_path, monkeypatch, capsys):
+    run = _fake_run(tmp_path / "run")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now fails as if not installed
+    assert main([str(run), "--out", str(tmp_path / "rep")]) == 0
+    err = capsys.readouterr().err.strip()
+    assert err == 'no plots: matplotlib is not installed (pip install "lightning-zo[report]")'
+    assert not list((tmp_path / "rep").glob("*.png"))
+    assert "No plots: matplotlib is not installed" in (tmp_path / "rep" / "report.md").read_text()
+    _, written, why = build_report([run], tmp_path / "rep2")
+    assert written == [] and "matplotlib" in why
+
+
+def test_no_run_found_is_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([str(tmp_path)])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip() == f"error: {tmp_path}: no run found (no summary.rank0.json below it)"
