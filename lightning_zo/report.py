@@ -158,18 +158,23 @@ def _plots(out: Path, series: list[dict], bytes_axis: str) -> list[str]:
                     alpha=0.9)
 
     written = []
+
+    def save(fig, ax, name: str, grid: str = "major", **labels) -> None:
+        ax.set(**labels)
+        ax.grid(alpha=0.3, which=grid)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=120)
+        written.append(name)
+        plt.close(fig)
+
     n = len(series)
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     for i, s in enumerate(series):
         steps, accs = zip(*s["acc"]) if s["acc"] else ((), ())
         ax.plot(steps, accs, label=s["label"], **style(i, n))
-    ax.set(title="Validation accuracy vs training steps", xlabel="training step", ylabel="validation accuracy")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "accuracy_vs_steps.png", dpi=120)
-    written.append("accuracy_vs_steps.png")
-    plt.close(fig)
+    save(fig, ax, "accuracy_vs_steps.png", title="Validation accuracy vs training steps", xlabel="training step",
+         ylabel="validation accuracy")
 
     scale = _bytes_scale([s["bytes_per_step"] for s in series], bytes_axis)
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
@@ -184,20 +189,14 @@ def _plots(out: Path, series: list[dict], bytes_axis: str) -> list[str]:
         ax.set_xscale("log", base=10)
         ax.xaxis.set_major_locator(LogLocator(base=10))
     ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: human_bytes(x)))
-    ax.set(title="Validation accuracy vs bytes on the wire (all-reduce payload, all ranks)",
-           xlabel=f"bytes sent in training steps ({'log10' if scale == 'log' else 'linear'} scale)",
-           ylabel="validation accuracy")
-    ax.grid(alpha=0.3, which="both" if scale == "log" else "major")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "accuracy_vs_bytes.png", dpi=120)
-    written.append("accuracy_vs_bytes.png")
-    plt.close(fig)
+    save(fig, ax, "accuracy_vs_bytes.png", grid="both" if scale == "log" else "major",
+         title="Validation accuracy vs bytes on the wire (all-reduce payload, all ranks)",
+         xlabel=f"bytes sent in training steps ({'log10' if scale == 'log' else 'linear'} scale)",
+         ylabel="validation accuracy")
 
     with_loss = [s for s in series if s["loss"]]
     if with_loss:
-        longest = max(len(s["loss"]) for s in with_loss)
-        window = max(1, longest // 25)
+        window = max(1, max(len(s["loss"]) for s in with_loss) // 25)
         fig, ax = plt.subplots(figsize=(7.5, 4.8))
         for i, s in enumerate(with_loss):
             steps, losses = zip(*s["loss"])
@@ -205,15 +204,9 @@ def _plots(out: Path, series: list[dict], bytes_axis: str) -> list[str]:
                             **(style(i, len(with_loss)) | {"markevery": max(1, len(steps) // 12)}))
             if window > 1:
                 ax.plot(steps, losses, color=line.get_color(), alpha=0.2, linewidth=0.8)
-        ax.set(title="Training loss vs steps" + (f" (moving average of {window} steps; raw, faint)"
-                                                   if window > 1 else ""),
-               xlabel="training step", ylabel="train/loss (on each step's batch)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / "loss_vs_steps.png", dpi=120)
-        written.append("loss_vs_steps.png")
-        plt.close(fig)
+        save(fig, ax, "loss_vs_steps.png", xlabel="training step", ylabel="train/loss (on each step's batch)",
+             title="Training loss vs steps" + (f" (moving average of {window} steps; raw, faint)" if window > 1
+                                               else ""))
     return written
 
 
