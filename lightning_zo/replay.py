@@ -21,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from .cli import user_errors
+from .core.aggregation import Aggregation
 from .core.codecs import codec_from_config
 from .core.errors import UserError
 from .core.layout import weights_digest
@@ -65,10 +66,11 @@ def load_base(run_dir: Path, header: dict, factory: str | None = None):
 
 
 def optimizer_for(model: torch.nn.Module, header: dict) -> ZOOptimizer:
-    """A ZOOptimizer with the logged step rules (lr comes from each record)."""
+    """A ZOOptimizer with the logged step rules (lr comes from each record; no `aggregation`: the mean)."""
+    aggregation = Aggregation.from_config(header.get("aggregation"))
     return ZOOptimizer(model, lr=0.0, eps=header["eps"], weight_decay=header["weight_decay"],
                        distribution=header["distribution"], norm=header["norm"], seed=header["seed"],
-                       codec=codec_from_config(header["codec"]))
+                       codec=codec_from_config(header["codec"]), aggregation=aggregation.name, trim=aggregation.trim)
 
 
 def replay(run_dir: Path, to_step: int | None = None, model: torch.nn.Module | None = None,

