@@ -124,7 +124,7 @@ def test_malformed_tsv_reports_file_and_line(tmp_path):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["task=sst3"], "unknown task 'sst3'; choose one of cb, rte, sentiment, sst2, sst5, trec"),
+    (["task=sst3"], "unknown task 'sst3'; choose one of cb, copa, rte, sentiment, sst2, sst5, trec"),
     (["model=foo"], "unknown model 'foo'; choose one of hf, smollm2, tiny"),
     (["quantization=foo"], "unknown quantization 'foo'; choose one of linear, log, none, sign"),
     (["logger=foo"], "unknown logger 'foo'; choose one of csv, tensorboard, wandb"),
@@ -162,7 +162,7 @@ def test_command_line_errors_exit_2_with_one_line(tmp_path):
 
     from helpers import env
 
-    for argv, message in [(["task=sst3"], "error: unknown task 'sst3'; choose one of cb, rte, sentiment, sst2, "
+    for argv, message in [(["task=sst3"], "error: unknown task 'sst3'; choose one of cb, copa, rte, sentiment, sst2, "
                                            "sst5, trec"),
                           (["model=tiny", "trainer.max_steps=0"], "error: trainer.max_steps=0: nothing would be "
                                                                   "trained")]:

@@ -12,8 +12,10 @@ import torch.nn.functional as F
 import torchmetrics
 
 from ..core.codecs import Codec, LinearCodec
+from ..core.errors import UserError
 from ..core.optimizer import ZOOptimizer
 from .data import label_word_ids
+from .tasks import OBJECTIVES, MultipleChoiceSpec
 
 
 class ZOClassifier(pl.LightningModule):
@@ -26,15 +28,21 @@ class ZOClassifier(pl.LightningModule):
 
     def __init__(self, model: torch.nn.Module, label_word_ids: list[int], kind: str = "causal",
                  optimizer: Optional[Callable[..., ZOOptimizer]] = None, codec: Optional[Codec] = None,
-                 scheduler: Optional[Callable] = None):
+                 scheduler: Optional[Callable] = None, num_choices: Optional[int] = None,
+                 objective: str = "cross_entropy"):
         super().__init__()
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective={objective!r}; choose one of {', '.join(OBJECTIVES)}")
+        self.objective = objective
+        if objective != "cross_entropy":  # recorded (agreement check, trajectory header) only when not the default
+            self.save_hyperparameters({"objective": objective})
         self.automatic_optimization = False
         self.model, self.kind = model, kind
         self.register_buffer("label_ids", torch.tensor(label_word_ids), persistent=False)
         self.optimizer_factory = optimizer or partial(ZOOptimizer)
         self.codec = codec or LinearCodec()
         self.scheduler_factory = scheduler
-        num_classes = len(label_word_ids)
+        num_classes = num_choices or len(label_word_ids)  # multiple choice: classes are candidate positions
         self.val_acc = torchmetrics.Accuracy(task="multiclass", num_classes=num_classes)
         self.eval_acc = torchmetrics.Accuracy(task="multiclass", num_classes=num_classes)
         base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft wrapper passes it on
@@ -44,10 +52,18 @@ class ZOClassifier(pl.LightningModule):
     def for_task(cls, lm, task, **kwargs) -> "ZOClassifier":
         """The recipe's module for a loaded language model (`recipe.models.LanguageModel`) and a `PromptTask`:
         what the `module` config group builds (`_target_: lightning_zo.ZOClassifier.for_task`)."""
+        kwargs.setdefault("objective", getattr(task, "objective", "cross_entropy"))
+        if isinstance(task.spec, MultipleChoiceSpec):
+            if lm.kind != "causal":
+                raise UserError(f"task {task.name} (multiple choice) needs a causal LM (model.kind=causal)")
+            return cls(lm.model, [], lm.kind, num_choices=len(task.spec.choice_columns), **kwargs)
         return cls(lm.model, label_word_ids(lm.tokenizer, task.spec.label_words, lm.kind), lm.kind, **kwargs)
 
     def class_logits(self, batch: dict) -> torch.Tensor:
-        """[batch, classes]: the label words' logits at the answer position."""
+        """[batch, classes]: the label words' logits at the answer position (multiple choice: the candidates'
+        scores, see choice_scores)."""
+        if "choice_mask" in batch:
+            return self.choice_scores(batch)
         mask = batch["attention_mask"]
         if self.kind == "causal":
             kwargs = {"logits_to_keep": 1} if self._keeps_last_logits else {}
@@ -60,7 +76,28 @@ class ZOClassifier(pl.LightningModule):
             logits = out.logits[torch.arange(len(mask), device=mask.device), batch["mask_pos"]]
         return logits[:, self.label_ids].float()
 
+    def choice_scores(self, batch: dict) -> torch.Tensor:
+        """[examples, candidates]: each candidate's mean token log-probability after its prompt (MeZO's length
+        normalisation), all rows of the batch (every candidate of every example) in one forward. Only the last
+        positions that predict candidate tokens are turned into logits."""
+        ids, mask, scored = batch["input_ids"], batch["attention_mask"], batch["choice_mask"]
+        n_examples = len(batch["labels"])
+        if len(ids) % n_examples:
+            raise ValueError(f"{len(ids)} rows are not a whole number of candidates for {n_examples} examples")
+        span = int(scored.sum(-1).max())  # candidate tokens sit at the right end (left padding)
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        kwargs = {"logits_to_keep": span + 1} if self._keeps_last_logits else {}
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False, **kwargs)
+        logits = out.logits[:, -(span + 1):-1, :].float()  # position t predicts token t + 1
+        targets, weight = ids[:, -span:], scored[:, -span:].float()
+        token_logp = logits.log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        score = (token_logp * weight).sum(-1) / weight.sum(-1)
+        return score.view(n_examples, -1)
+
     def loss(self, batch: dict) -> torch.Tensor:
+        if self.objective == "accuracy":  # non-differentiable: the ZO step only compares two loss values
+            logits = self.class_logits(batch)
+            return -(logits.argmax(-1) == batch["labels"]).float().mean()
         return F.cross_entropy(self.class_logits(batch), batch["labels"])
 
     @staticmethod
@@ -71,6 +108,8 @@ class ZOClassifier(pl.LightningModule):
             raise ValueError(f"batch size {len(batch['labels'])} is not divisible by k={k}")
         if k == 1:
             return [batch]
+        if "choice_mask" in batch:  # multiple choice: split examples, each with all its candidate rows
+            return ZOClassifier._choice_micro_batches(batch, k)
         chunks = []
         for j in range(k):
             chunk = {key: value[j::k] for key, value in batch.items()}
@@ -79,6 +118,27 @@ class ZOClassifier(pl.LightningModule):
             chunk["attention_mask"] = chunk["attention_mask"][:, start:].contiguous()
             if "mask_pos" in chunk:
                 chunk["mask_pos"] = chunk["mask_pos"] - start
+            chunks.append(chunk)
+        return chunks
+
+    @staticmethod
+    def _choice_micro_batches(batch: dict, k: int) -> list[dict]:
+        """Chunk j = examples j, j+k, ... with all their candidate rows (as rank j of k would collate them), padding
+        columns no row of the chunk needs removed."""
+        n_examples = len(batch["labels"])
+        rows = len(batch["input_ids"])
+        if rows % n_examples:
+            raise ValueError(f"{rows} rows are not a whole number of candidates for {n_examples} examples")
+        n = rows // n_examples
+        chunks = []
+        for j in range(k):
+            chunk = {"labels": batch["labels"][j::k]}
+            for key in ("input_ids", "attention_mask", "choice_mask"):
+                value = batch[key]
+                chunk[key] = value.view(n_examples, n, -1)[j::k].reshape(-1, value.shape[-1])
+            start = int(chunk["attention_mask"].any(0).int().argmax())
+            for key in ("input_ids", "attention_mask", "choice_mask"):
+                chunk[key] = chunk[key][:, start:].contiguous()
             chunks.append(chunk)
         return chunks
 

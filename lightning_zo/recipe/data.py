@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from ..core.errors import UserError
-from .tasks import Example, PromptTask
+from .tasks import Example, MultipleChoiceSpec, PromptTask
 
 
 def label_word_ids(tokenizer, words, kind: str) -> list[int]:
@@ -39,6 +39,8 @@ def template_length(task: PromptTask, tokenizer, kind: str) -> int:
 def encode(examples: list[Example], task: PromptTask, tokenizer, kind: str, max_length: int) -> list[dict]:
     """Token ids per example; a causal prompt longer than max_length keeps its end (where the label word is
     scored), a masked one its start (up to the mask). A max_length that cannot hold the template is refused."""
+    if isinstance(task.spec, MultipleChoiceSpec):
+        return encode_choices(examples, task, tokenizer, kind, max_length)
     need = template_length(task, tokenizer, kind) + 1  # the template and at least one token of text
     if max_length < need:
         raise UserError(f"data.max_length={max_length} is too short for task {task.name}'s prompt: its template "
@@ -64,6 +66,36 @@ def encode(examples: list[Example], task: PromptTask, tokenizer, kind: str, max_
     return out
 
 
+def encode_choices(examples: list[Example], task: PromptTask, tokenizer, kind: str, max_length: int) -> list[dict]:
+    """Multiple choice: per example, one token sequence per candidate (prompt ids + candidate ids, tokenised
+    apart so that every candidate follows the same prompt tokens) and how many of its last tokens are the
+    candidate (the scored ones). A sequence over max_length loses its start; a candidate must fit whole."""
+    spec = task.spec
+    if kind != "causal":
+        raise UserError(f"task {task.name} (multiple choice) scores candidates by their likelihood after the prompt "
+                        "and needs a causal LM (model.kind=causal); masked LMs are not supported for it")
+    out, cut = [], 0
+    for ex in examples:
+        prompt = tokenizer(spec.prompt(ex.fields))["input_ids"]
+        choices, scored = [], []
+        for text in spec.candidates(ex.fields):
+            cand = tokenizer(text, add_special_tokens=False)["input_ids"]
+            if not cand:
+                raise UserError(f"task {task.name}: an empty candidate in {ex.fields}")
+            if len(cand) >= max_length:
+                raise UserError(f"data.max_length={max_length} is too short for task {task.name}: a candidate is "
+                                f"{len(cand)} tokens (and needs one prompt token before it); raise data.max_length")
+            ids = prompt + cand
+            cut += len(ids) > max_length
+            choices.append(ids[-max_length:])
+            scored.append(len(cand))
+        out.append({"choices": choices, "scored": scored, "label": ex.label})
+    if cut:
+        warnings.warn(f"data.max_length={max_length} truncates {cut} of {sum(len(o['choices']) for o in out)} "
+                      "prompt+candidate sequences (their start is dropped)", stacklevel=2)
+    return out
+
+
 class LeftPadCollator:
     """Left padding, so that the last position is every causal example's answer position."""
 
@@ -71,6 +103,8 @@ class LeftPadCollator:
         self.pad_id = pad_id
 
     def __call__(self, items: list[dict]) -> dict:
+        if "choices" in items[0]:
+            return self.collate_choices(items)
         width = max(len(it["input_ids"]) for it in items)
         ids = torch.full((len(items), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(items), width), dtype=torch.long)
@@ -82,6 +116,26 @@ class LeftPadCollator:
         if "mask_pos" in items[0]:
             batch["mask_pos"] = torch.tensor([width - len(it["input_ids"]) + it["mask_pos"] for it in items])
         return batch
+
+
+    def collate_choices(self, items: list[dict]) -> dict:
+        """Multiple choice: row e*n + i is example e's candidate i (an example's rows are adjacent, so one forward
+        scores them all); `choice_mask` marks the candidate tokens (the last `scored` of each row); `labels` has one
+        entry per example."""
+        n = len(items[0]["choices"])
+        if any(len(it["choices"]) != n for it in items):
+            raise ValueError("every example of a multiple-choice batch needs the same number of candidates")
+        rows = [(ids, k) for it in items for ids, k in zip(it["choices"], it["scored"])]
+        width = max(len(ids) for ids, _ in rows)
+        ids_t = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        scored = torch.zeros((len(rows), width), dtype=torch.long)
+        for row, (ids, k) in enumerate(rows):
+            ids_t[row, width - len(ids):] = torch.tensor(ids)
+            mask[row, width - len(ids):] = 1
+            scored[row, width - k:] = 1
+        return {"input_ids": ids_t, "attention_mask": mask, "choice_mask": scored,
+                "labels": torch.tensor([it["label"] for it in items])}
 
 
 class ShardSampler(Sampler):

@@ -23,6 +23,42 @@ class TaskSpec:
     hub: tuple[str, str | None] = ("", None)  # (datasets path, config) for loading from the Hugging Face hub
 
 
+@dataclass(frozen=True)
+class MultipleChoiceSpec(TaskSpec):
+    """A multiple-choice task (MeZO's COPA): every example has one candidate continuation per `choice_columns`
+    entry; the label is the index of the right one. A candidate's score is its mean token log-probability after
+    the prompt (causal LM). Prompt: the `stem_column` text without its final period, then the connector word that
+    `connectors` maps the `connector_column` value to; candidate: " " + the choice, first letter lowercased.
+    `template` is only the readable form (label_words stay empty: nothing is scored at one position)."""
+
+    choice_columns: tuple[str, ...] = ()
+    stem_column: str = ""
+    connector_column: str = ""
+    connectors: tuple[tuple[str, str], ...] = ()  # (column value, connector word) pairs
+    lowercase_choice: bool = True
+
+    def prompt(self, fields: dict[str, str]) -> str:
+        stem = fields[self.stem_column].rstrip()
+        stem = stem[:-1] if stem.endswith(".") else stem
+        if not self.connector_column:
+            return stem
+        words = dict(self.connectors)
+        value = fields[self.connector_column]
+        if value not in words:
+            raise UserError(f"{self.connector_column}={value!r}: expected one of {', '.join(words)}")
+        return f"{stem} {words[value]}"
+
+    def candidates(self, fields: dict[str, str]) -> list[str]:
+        out = []
+        for column in self.choice_columns:
+            choice = fields[column].strip()
+            first = choice.split(" ", 1)[0]
+            if self.lowercase_choice and choice and first != "I" and not first.startswith("I'"):  # keep "I", "I'm"
+                choice = choice[0].lower() + choice[1:]
+            out.append(" " + choice)
+        return out
+
+
 _SENTIMENT = dict(columns=("sentence",), label_column="label", labels=("0", "1"), label_words=("terrible", "great"),
                   template="{sentence} It was", mlm_template="{sentence} It was {mask}.")
 
@@ -44,6 +80,16 @@ TASKS: dict[str, TaskSpec] = {
                    template='Suppose {premise} Can we infer that "{hypothesis}"? Yes, No, or Maybe?\n',
                    mlm_template="{premise} ? {mask} , {hypothesis}", hub=("super_glue", "cb")),
 }
+
+# COPA (MeZO's template): "<premise without its final period> because|so <choice, first letter lowercased>".
+# template/label_words hold no new words: the tiny test model's vocabulary (built from them) stays as it was.
+TASKS["copa"] = MultipleChoiceSpec(
+    columns=("premise", "choice1", "choice2", "question"), label_column="label", labels=("0", "1"),
+    label_words=(), template="{premise}", mlm_template="{premise}", hub=("super_glue", "copa"),
+    choice_columns=("choice1", "choice2"), stem_column="premise", connector_column="question",
+    connectors=(("cause", "because"), ("effect", "so")))
+
+OBJECTIVES = ("cross_entropy", "accuracy")  # task.objective: what the ZO step's two forwards compare
 
 
 def bundled_data_dir() -> str:
@@ -157,7 +203,8 @@ class PromptTask:
 
     def __init__(self, name: str, data_dir: str | None = None, eval_file: str | None = None,
                  train_per_class: int | None = 16, val_per_class: int = 32, seed: int = 42,
-                 hub_eval_split: str = "validation", data_dir_required: bool = False):
+                 hub_eval_split: str = "validation", data_dir_required: bool = False,
+                 objective: str = "cross_entropy"):
         if name not in TASKS:
             raise UserError(f"unknown task {name!r}; choose one of {', '.join(sorted(TASKS))}")
         if data_dir_required and data_dir is None:  # an experiment that is about the user's own copy of the data
@@ -169,6 +216,9 @@ class PromptTask:
         self.data_dir = bundled_data_dir() if name == "sentiment" and data_dir is None else data_dir
         self.eval_file, self.hub_eval_split = eval_file, hub_eval_split
         self.train_per_class, self.val_per_class, self.seed = train_per_class, val_per_class, seed
+        if objective not in OBJECTIVES:
+            raise UserError(f"task.objective={objective!r}; choose one of {', '.join(OBJECTIVES)}")
+        self.objective = objective  # cross_entropy, or accuracy: minus the batch accuracy (non-differentiable)
 
     def data_dir_for(self, rank: int) -> str | None:
         """`{rank}` in data_dir gives each rank its own directory (federated layouts)."""
