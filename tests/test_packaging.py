@@ -79,3 +79,23 @@ def test_no_compiler_falls_back_to_numpy_with_a_reason(cc, reason, tmp_path, mon
         assert any("using the numpy path" in m and reason in m for m in messages), messages
     finally:
         cpu_kernel.load.cache_clear()  # later tests load the real kernel again
+
+
+def test_a_missing_optional_package_names_its_extra_and_a_real_import_bug_is_not_hidden(capsys):
+    from lightning_zo.cli import user_errors
+
+    with pytest.raises(SystemExit) as e, user_errors():
+        raise ModuleNotFoundError("No module named 'peft'", name="peft")
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip() == \
+        'error: the optional package peft is not installed: pip install "lightning-zo[lora]"'
+    with pytest.raises(ModuleNotFoundError), user_errors():  # not optional: a bug, keep the traceback
+        raise ModuleNotFoundError("No module named 'lightning_zo.nope'", name="lightning_zo.nope")
+
+
+def test_a_required_value_left_unset_is_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "lightning_zo", "model=hf", f"hydra.run.dir={tmp_path}"], cwd=REPO,
+                          env=env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: model.name is required (??? in the config): set it on the command line, model.name=..."]
