@@ -142,6 +142,12 @@ class ZOClassifier(pl.LightningModule):
             chunks.append(chunk)
         return chunks
 
+    def on_fit_start(self) -> None:
+        # Hugging Face's from_pretrained returns the model in eval mode; training mode is Lightning's convention
+        # (and silences its warning about modules in eval mode). The optimizer runs the perturbed forwards in eval
+        # mode itself, and warns if that switches off dropout.
+        self.train()
+
     def training_step(self, batch: dict, batch_idx: int) -> None:
         opt = self.optimizers()
         zo: ZOOptimizer = opt.optimizer
