@@ -2,6 +2,7 @@
 however modules share or nest it (DESIGN I5), and bit-identical to theta + eps*z written into the weights."""
 
 import copy
+import io
 
 import pytest
 import torch
@@ -121,6 +122,7 @@ def test_hooks_and_launches_per_perturbed_forward():
     pieces = sum(len(b.params) for b in hooks.blocks) + len(torch.unique(ids))
     assert hooks.engine.launches == 0 and hooks.engine.other_calls == 0
     assert 2 * pieces <= hooks.engine.cpu_calls <= 2 * (pieces + 4 * (hooks.engine.threads - 1))
+    torch.save(model, io.BytesIO())  # a model with its hooks (and the engine's threads) still pickles
     hooks.remove()
 
 
@@ -151,3 +153,12 @@ def test_embedding_rows_fall_back_to_the_whole_table_off_the_kernel_path():
             got = model(input_ids=ids).logits
     assert got.dtype == torch.bfloat16 and torch.equal(got, expected)
     hooks.remove()
+
+
+def test_pool_keeps_about_one_largest_buffer():
+    from lightning_zo.core.engine import BufferPool
+
+    pool = BufferPool()
+    for n in (100, 50, 300, 200, 300):  # blocks of several sizes, one at a time
+        pool.give(pool.take(n, torch.device("cpu")))
+    assert [b.numel() for b in pool._free] == [300]

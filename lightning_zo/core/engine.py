@@ -45,6 +45,9 @@ class BufferPool:
         for i, buf in enumerate(self._free):
             if buf.numel() >= numel and buf.device == device and buf.dtype == dtype:
                 return self._free.pop(i)[:numel]
+        # None fits: drop the smaller free ones of this kind first, so the pool holds about one largest block
+        # (blocks come one at a time), not one buffer per block size (measured: 2x the largest block of RSS).
+        self._free = [b for b in self._free if b.device != device or b.dtype != dtype]
         return torch.empty(numel, dtype=dtype, device=device)
 
     def give(self, tensor: torch.Tensor) -> None:
@@ -79,6 +82,9 @@ class Engine:
     def __deepcopy__(self, memo) -> "Engine":
         # Copying a model copies its hooks and so this engine: give the copy fresh state (threads cannot be copied).
         return Engine(self.threads)
+
+    def __getstate__(self) -> dict:  # pickling a model pickles its hooks: leave the threads behind
+        return {**self.__dict__, "_executor": None}
 
     @property
     def launches(self) -> int:
@@ -456,7 +462,9 @@ class PerturbedForward:
     def perturb(self, seed: int, coeff: float) -> Iterator[None]:
         """Forwards inside see theta + coeff * z(seed); the weights are bit-identical afterwards."""
         self._active = (seed, float(np.float32(coeff)))
-        self._states = {}
+        # The seed and coefficient on every device the kernel runs on, uploaded here, once, not inside the forward.
+        devices = {s.param.device for s in self.layout if _fused(s.param.data)}
+        self._states = {d: triton_kernel.step_state([seed], [self._active[1]], None, d) for d in devices}
         try:
             yield
         finally:
