@@ -7,6 +7,7 @@ import contextlib
 import difflib
 import os
 import re
+import signal
 import sys
 import warnings
 
@@ -139,6 +140,9 @@ def run(cfg: DictConfig) -> None:
     if trainer.is_global_zero:
         print(OmegaConf.to_yaml(cfg, resolve=True) if cfg.get("print_config") else "", end="")
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    # The run is complete and its outputs written: a late SIGTERM (a cluster's time limit arriving now) must not turn
+    # it into a failed job (exit 143) while the process winds down.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
 
 
 # Hydra's own flags: a pre-check of the overrides would be in their way (they print, or use another config).

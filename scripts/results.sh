@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# The runs behind docs/RESULTS.md: SmolLM2-135M on real SST-2 sentences (../shared/data), on one CPU machine.
-#   bash scripts/results.sh [OUT_DIR]      (about 35 minutes on 2 cores)
+# The runs behind docs/RESULTS.md: SmolLM2-135M on real SST-2 sentences (a GLUE-style directory with train.tsv;
+# ours was the project's shared data folder), on one CPU machine.
+#   SST2_DIR=PATH/TO/sst2 bash scripts/results.sh [OUT_DIR]      (about 35 minutes on 2 cores)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-results}
-COMMON=(experiment=smollm2_sst2 trainer.enable_progress_bar=false)
+COMMON=(experiment=smollm2_sst2 "task.data_dir=${SST2_DIR:?set SST2_DIR to a directory with SST-2 train.tsv}"
+        trainer.enable_progress_bar=false)
 # 1. int8 (the default linear codec): zero-shot vs trained, and the baseline for 2 and 3
 python train.py "${COMMON[@]}" hydra.run.dir="$OUT/int8"
 # 2. the float32 payload ablation, same seeds and steps

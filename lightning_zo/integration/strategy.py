@@ -53,7 +53,7 @@ class ZOStrategy(DDPStrategy):
     def setup_environment(self) -> None:
         """Our SIGTERM handling starts here, before replay and the zero-shot evaluation, not at the first step."""
         super().setup_environment()
-        self._take_over_sigterm()
+        self._take_over_signals()
 
     @override
     def setup(self, trainer: "pl.Trainer") -> None:
@@ -142,7 +142,7 @@ class ZOStrategy(DDPStrategy):
             self.lightning_module.trainer.should_stop = True
         return out
 
-    def _take_over_sigterm(self) -> None:
+    def _take_over_signals(self) -> None:
         """Lightning >= 2.5.2 broadcasts an int64 SIGTERM flag before every training batch and from its signal handler
         (a collective no other rank matches when one rank is signalled). Replace both with the STOP code: the
         handler only sets a flag, and the next exchange carries it. Undone in teardown."""
@@ -157,8 +157,13 @@ class ZOStrategy(DDPStrategy):
         self._restore.append(restore_sigterm)
         if trainer is None:
             return
+        # Under SLURM with auto-requeue Lightning also saves a checkpoint from inside its SIGUSR1 handler, mid-step,
+        # and requeues the job; a rerun would restore those weights as its "base". SIGUSR1 means STOP here too (the
+        # sbatch script requeues a job that stopped by a signal), so the rerun resumes from the trajectory log.
+        connector = trainer._signal_connector
         for owner, name, replacement in ((trainer.fit_loop.epoch_loop, "_broadcast_sigterm_tensor", lambda: None),
-                                         (trainer._signal_connector, "_sigterm_notifier_fn", self._on_sigterm)):
+                                         (connector, "_sigterm_notifier_fn", self._on_sigterm),
+                                         (connector, "_slurm_sigusr_handler_fn", self._on_sigterm)):
             setattr(owner, name, replacement)  # an instance attribute shadows the method; deleting it restores
             self._restore.append(lambda owner=owner, name=name: owner.__dict__.pop(name, None))
 
@@ -166,7 +171,8 @@ class ZOStrategy(DDPStrategy):
         if self.stop_requested:
             return
         self.stop_requested = True
-        log.warning("rank %d received SIGTERM: sending STOP with the next step's codes", self.global_rank)
+        log.warning("rank %d received %s: sending STOP with the next step's codes", self.global_rank,
+                    signal.Signals(signum).name)
         if self.launcher is not None:  # the popen launcher's children, as Lightning's own handler does
             self.launcher.kill(signum)
 
