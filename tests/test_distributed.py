@@ -152,3 +152,81 @@ def test_each_rank_reads_its_own_data_directory(tmp_path):
     (tmp_path / "data1" / "train.tsv").write_text(source)
     train(tmp_path / "run", *args)
     _assert_identical(tmp_path / "run", 2, 4)
+
+
+def _weights_max_abs(run_dir) -> float:
+    import safetensors.torch
+
+    tensors = safetensors.torch.load_file(str(Path(run_dir) / "weights.safetensors"))
+    return max(float(t.float().abs().max()) for t in tensors.values())
+
+
+def _train_losses(run_dir) -> list[float]:
+    """Rank 0's train/loss per step (the CSV logger writes rank 0's local metrics)."""
+    import csv
+
+    with (Path(run_dir) / "csv" / "metrics.csv").open() as f:
+        return [float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
+
+
+@pytest.mark.parametrize("rule", ["ema", "robust"])
+def test_one_rank_sending_126_every_step_cannot_overflow_the_scale(tmp_path, rule):
+    """The issue's attack: with the old scale rule it doubled every step (6.3e10 by step 39, |w| ~ 8e13)."""
+    proc = train(tmp_path, "trainer.strategy=zo_spawn", "trainer.devices=2", "trainer.max_steps=40",
+                 "data.batch_size=4", "optimizer.lr=1e-3", f"quantization.rule={rule}",
+                 "+callbacks.forge._target_=helpers.ForgeCodes", "+callbacks.forge.rank=1", "+callbacks.forge.value=126")
+    s = _assert_identical(tmp_path, 2, 40)
+    from lightning_zo.recipe.models import tiny
+
+    base = max(float(p.detach().abs().max()) for p in tiny().model.parameters())
+    biggest = _weights_max_abs(tmp_path)
+    if rule == "ema":
+        assert not biggest < 1e6, (biggest, proc.stdout[-2000:])  # what the robust rule prevents
+    else:
+        assert biggest < base + 1.0, biggest
+    assert s[0]["weights_sha256"] == s[1]["weights_sha256"]
+
+
+# A model and data that ZO visibly fits in a few hundred steps (d = 3168 parameters, 12 training sentences):
+# measured honest, 3 ranks, aggregation=mean, lr 2e-2, 300 steps: train/loss quarters 0.6925 0.6799 0.6097 0.6014.
+LEARNABLE = ["model.hidden_size=4", "model.num_layers=1", "model.num_heads=1", "model.intermediate_size=8",
+             "task.train_per_class=6", "trainer.strategy=zo_spawn", "trainer.devices=3", "data.batch_size=4",
+             "optimizer.lr=2e-2"]
+
+
+@pytest.mark.parametrize("aggregation", ["mean", "median"])
+def test_with_robust_aggregation_the_honest_loss_keeps_falling_against_a_126_rank(tmp_path, aggregation):
+    """3 ranks, rank 2 sends +126 every step. With the mean, its 126 codes' worth of random direction every step
+    blows the honest loss up (measured: quarters 0.7311, 7.94, 2.5e5, 2.2e6; max |w| 1.3e4); the median of each
+    shared direction's 3 estimates stays within the honest ones and the loss keeps falling (measured: 0.7133,
+    0.7067, 0.6752, 0.6176; max |w| 1.6)."""
+    train(tmp_path, *LEARNABLE, "trainer.max_steps=300", f"optimizer.aggregation={aggregation}",
+          "+callbacks.forge._target_=helpers.ForgeCodes", "+callbacks.forge.rank=2", "+callbacks.forge.value=126",
+          timeout=900)
+    _assert_identical(tmp_path, 3, 300)
+    losses = _train_losses(tmp_path)  # rank 0's, an honest rank
+    window = len(losses) // 4
+    first, last = sum(losses[:window]) / window, sum(losses[-window:]) / window
+    if aggregation == "mean":
+        assert last > 2 * first, (first, last)  # what robust aggregation prevents
+    else:
+        assert last < first - 0.05 and _weights_max_abs(tmp_path) < 10, (first, last)
+
+
+@pytest.mark.parametrize("slot,value,message", [
+    (0, -128, "step 3: slot 0 (this rank's own) came back as"),  # rank 1 writes into rank 0's slot: the sum wraps
+    (None, 127, "step 3: slot 1 holds code 127, outside the linear codec's range"),  # no honest rank sends 127
+])
+def test_a_forged_or_out_of_range_slot_is_an_error_naming_the_step(tmp_path, slot, value, message):
+    forge = ["+callbacks.forge._target_=helpers.ForgeCodes", "+callbacks.forge.rank=1",
+             f"+callbacks.forge.value={value}", "+callbacks.forge.from_step=3"]
+    if slot is not None:
+        forge.append(f"+callbacks.forge.slot={slot}")
+    proc = train(tmp_path, "trainer.strategy=zo_spawn", "trainer.devices=2", "trainer.max_steps=10",
+                 "data.batch_size=4", *forge, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and message in out, out[-3000:]
+    assert not summaries(tmp_path)  # neither read as a STOP nor as a skip: no rank ends cleanly
+    from lightning_zo.core import trajectory
+
+    assert trajectory.read(tmp_path / "trajectory.zot").last_step == 2  # the forged step was never logged

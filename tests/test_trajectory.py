@@ -13,6 +13,7 @@ import pytest
 from helpers import REPO, TINY, env, summaries, train
 from lightning_zo.core import trajectory
 from lightning_zo.core.errors import UserError
+from lightning_zo.core.optimizer import StepRecord
 from lightning_zo.replay import replay
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
@@ -22,21 +23,29 @@ def _replayed_sha(run_dir, **kw):
     return replay(Path(run_dir), progress=False, **kw)[1]["weights_sha256"]
 
 
-@pytest.mark.parametrize("world_size,codec", [(1, "linear"), (1, "log"), (1, "sign"), (1, "none"), (2, "linear"),
-                                              (3, "log")])
-def test_replay_equals_live_weights(tmp_path, world_size, codec):
+@pytest.mark.parametrize("world_size,codec,extra", [
+    (1, "linear", ()), (1, "log", ()), (1, "sign", ()), (1, "none", ()), (2, "linear", ()), (3, "log", ()),
+    (1, "linear", ("quantization.rule=ema",)),  # the scale rule of logs written before the robust one
+    (3, "linear", ("optimizer.aggregation=trimmed_mean", "optimizer.trim=0.3")),
+    (2, "log", ("optimizer.aggregation=median", "optimizer.k=2")),
+    (2, "linear", ("optimizer.aggregation=sign_vote", "optimizer.k=2")),
+])
+def test_replay_equals_live_weights(tmp_path, world_size, codec, extra):
     strategy = ["trainer.strategy=zo_spawn", f"trainer.devices={world_size}"] if world_size > 1 else []
     train(tmp_path, *strategy, f"quantization={codec}", "trainer.max_steps=12", "data.batch_size=4",
-          "optimizer.lr=1e-3")
+          "optimizer.lr=1e-3", *extra)
     live = summaries(tmp_path)
     assert len(live) == world_size and len({s["weights_sha256"] for s in live}) == 1
     log = trajectory.read(tmp_path / "trajectory.zot")
     assert len(log.records) == 12 and all(r.world_size == world_size for r in log.records)
     assert _replayed_sha(tmp_path) == live[0]["weights_sha256"]
+    k = next((int(x.split("=")[1]) for x in extra if x.startswith("optimizer.k=")), 1)
     slot_bytes = 4 if codec == "none" else 1
     assert (tmp_path / "trajectory.zot").stat().st_size == (
         len(trajectory.MAGIC) + 8 + len(json.dumps(log.header, sort_keys=True))
-        + 12 * trajectory.record_size(world_size, slot_bytes))
+        + 12 * trajectory.record_size(world_size * k, slot_bytes))
+    aggregation = next((x.split("=")[1] for x in extra if x.startswith("optimizer.aggregation=")), "mean")
+    assert log.header["aggregation"]["name"] == aggregation
 
 
 def test_bf16_true_run_replays_exactly(tmp_path):
@@ -155,3 +164,99 @@ def test_mismatched_base_weights_are_refused(logged_run, tmp_path):
         replay(logged_run, model=tiny(seed=1).model, progress=False)
     proc = train(logged_run, "model.seed=1", "trainer.max_steps=12", check=False)
     assert proc.returncode == 2 and "refusing to replay" in proc.stderr
+
+
+def _synthetic_log(path: Path, steps: int, version: int = 2, slots: int = 1) -> bytes:
+    header = {"format_version": version, "payload_dtype": "int8"}
+    writer = trajectory.Writer(path, header, slots=slots if version == 2 else None)
+    for step in range(steps):
+        writer.append(StepRecord(step=step, world_size=slots, k=1, lr=1e-3, codes=[(step % 50) - 25] * slots))
+    writer.close()
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_a_flipped_length_byte_is_damage_not_a_torn_tail(tmp_path, version):
+    """The issue's case: record 15's length field with its high byte flipped made the 510 bytes after step 14 look
+    like one torn record (replay gave 15 of 30 steps; a resume rewrote the log without the 15 good records)."""
+    path = tmp_path / "t.zot"
+    data = bytearray(_synthetic_log(path, 30, version))
+    start = trajectory.read(path).ends[14]
+    data[start + 3] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(trajectory.CorruptLog, match="the 510 bytes after step 14 .* not a torn final record.*"
+                                                    "the last good record is step 14") as e:
+        trajectory.read(path)
+    assert e.value.last_good_step == 14
+    with pytest.raises(trajectory.CorruptLog):  # the writer validates before it touches anything
+        trajectory.Writer(path, {"format_version": version, "payload_dtype": "int8"})
+    assert path.read_bytes() == bytes(data)
+
+
+@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("left", [1, 3, 4, 11, 12, 19, 20, 33])
+def test_a_record_cut_anywhere_is_a_torn_tail_and_the_writer_continues(tmp_path, version, left):
+    path = tmp_path / "t.zot"
+    data = _synthetic_log(path, 30, version)
+    size = trajectory.record_size(1, 1)
+    assert size == 34
+    path.write_bytes(data[:len(data) - size + left])  # `left` bytes of the final record survive
+    with pytest.warns(UserWarning, match=f"dropping a torn final record \\({left} bytes"):
+        log = trajectory.read(path)
+    assert log.last_step == 28 and log.torn_bytes == left
+    writer = trajectory.Writer(path, log.header, log.records)  # same header: cut the tail, then append
+    writer.append(StepRecord(step=29, world_size=1, k=1, lr=1e-3, codes=[29 - 25]))
+    writer.close()
+    assert path.read_bytes() == data
+
+
+@pytest.mark.parametrize("garbage", [b"\x01" * 10, b"\x00" * 34, bytes(range(200))])
+def test_bytes_that_cannot_be_a_record_are_damage(tmp_path, garbage):
+    path = tmp_path / "t.zot"
+    path.write_bytes(_synthetic_log(path, 5) + garbage)
+    with pytest.raises(trajectory.CorruptLog, match="the last good record is step 4"):
+        trajectory.read(path)
+
+
+def test_a_torn_record_of_a_new_world_size_after_an_elastic_resume(tmp_path):
+    """Format 1 (no record_slots): the torn record's own world size and k justify another length."""
+    path = tmp_path / "t.zot"
+    _synthetic_log(path, 4, version=1, slots=2)
+    bigger = trajectory.encode_record(StepRecord(step=4, world_size=3, k=1, lr=1e-3, codes=[1, 2, 3]), "int8")
+    with path.open("ab") as f:
+        f.write(bigger[:-2])
+    with pytest.warns(UserWarning, match="torn final record"):
+        assert trajectory.read(path).last_step == 3
+
+
+def test_the_writer_appends_and_rewrites_only_a_changed_header(tmp_path):
+    path = tmp_path / "t.zot"
+    data = _synthetic_log(path, 6)
+    log = trajectory.read(path)
+    trajectory.Writer(path, log.header, log.records).close()
+    assert path.read_bytes() == data  # nothing rewritten
+    changed = {**log.header, "changes": [{"step": 6, "changed": ["lr"]}]}
+    trajectory.Writer(path, changed, log.records).close()
+    again = trajectory.read(path)
+    assert again.header["changes"] and again.records == log.records
+    assert path.read_bytes()[again.header_end:] == data[log.header_end:]  # the records' bytes, verbatim
+    with pytest.raises(ValueError, match="not rewriting"):
+        trajectory.Writer(path, changed, log.records[:3])
+    assert trajectory.read(path).records == log.records
+
+
+def test_resume_and_replay_refuse_a_damaged_log_and_leave_it_untouched(logged_run, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(logged_run, copy)
+    path = copy / "trajectory.zot"
+    data = bytearray(path.read_bytes())
+    data[trajectory.read(path).ends[4] + 3] ^= 0xFF  # record 5's length field, high byte
+    path.write_bytes(bytes(data))
+    proc = train(copy, "trainer.max_steps=12", "optimizer.lr=1e-3", check=False)
+    assert proc.returncode == 2 and "the last good record is step 4" in proc.stderr, proc.stderr[-2000:]
+    assert path.read_bytes() == bytes(data)
+    proc = subprocess.run([sys.executable, "-m", "lightning_zo.replay", str(copy)], cwd=REPO, env=env(),
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "not a torn final record" in proc.stderr and "step 4" in proc.stderr
