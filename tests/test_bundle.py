@@ -189,3 +189,11 @@ def test_logs_written_before_the_layers_still_name_their_codec():
     assert isinstance(old, LinearCodec) and old.scale == 0.5
     assert isinstance(codec_from_config({"_target_": "lightning_zo.codecs.LogCodec", "min_exp": -20}), LogCodec)
     assert codec_from_config(LinearCodec().config()).config() == LinearCodec().config()
+
+
+def test_a_resume_with_another_aggregation_rule_is_refused(tmp_path):
+    from helpers import train
+
+    train(tmp_path, "trainer.max_steps=3")
+    proc = train(tmp_path, "trainer.max_steps=6", "optimizer.aggregation=median", check=False)
+    assert proc.returncode == 2 and "aggregation: log {'name': 'mean'} != run {'name': 'median'}" in proc.stderr

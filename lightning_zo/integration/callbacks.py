@@ -277,7 +277,7 @@ class TrajectoryLog(pl.Callback):
             else:
                 header = found.header
         if trainer.is_global_zero:
-            self.writer = trajectory.Writer(path, header, records, fsync=self.fsync)
+            self.writer = trajectory.Writer(path, header, records, fsync=self.fsync, slots=opt.world_size * opt.k)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         record = zo_optimizer(trainer).last_record
@@ -331,8 +331,11 @@ def check_compatible(logged: dict, current: dict, path, allow_changes: bool = Fa
         raise UserError(f"{path} was written for base weights {logged['base_weights_sha256'][:16]}… "
                         f"({logged.get('base_model')}), but the loaded base model has "
                         f"{current['base_weights_sha256'][:16]}… ({current.get('base_model')}): refusing to replay")
-    keys = ("generator", "distribution", "norm", "eps", "seed", "weight_decay", "codec", "payload_dtype", "numel")
-    diff = [f"{k}: log {logged.get(k)!r} != run {current.get(k)!r}" for k in keys if logged.get(k) != current.get(k)]
+    defaults = {"aggregation": {"name": "mean"}}  # what logs written before the key existed used
+    keys = ("generator", "distribution", "norm", "eps", "seed", "weight_decay", "codec", "aggregation",
+            "payload_dtype", "numel")
+    diff = [f"{k}: log {logged.get(k, defaults.get(k))!r} != run {current.get(k)!r}" for k in keys
+            if logged.get(k, defaults.get(k)) != current.get(k)]
     if diff:
         raise UserError(f"{path} belongs to a run with other settings ({'; '.join(diff)})")
     before, now = logged.get("run", {}), current.get("run", {})
