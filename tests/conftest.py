@@ -1,4 +1,6 @@
+import inspect
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -27,3 +29,20 @@ def tiny_lm():
 def _quiet_env(monkeypatch):
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO), str(Path(__file__).parent)]))
+
+
+# A test that starts training processes (through these helpers, a launcher or SLURM) is slow.
+_STARTS_PROCESSES = re.compile(r"\b(train|fit|_two_nodes|sbatch|subprocess\.(run|Popen)|Popen)\(")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        function = getattr(item, "function", None)
+        try:
+            source = inspect.getsource(function) if function is not None else ""
+        except (OSError, TypeError):
+            source = ""
+        if _STARTS_PROCESSES.search(source) or item.module.__name__ == "test_slurm":
+            item.add_marker(pytest.mark.slow)
+        if item.module.__name__ == "test_slurm":
+            item.add_marker(pytest.mark.xdist_group("slurm"))  # one local cluster: its jobs run one at a time
