@@ -3,23 +3,14 @@
 import json
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from helpers import REPO, TINY, env, summaries, train
+from helpers import REPO, TINY, TORCHRUN, children, env, free_port, summaries, train
 
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _assert_identical(run_dir, world_size, steps):
@@ -66,7 +57,7 @@ def test_torchrun_standalone(tmp_path):
 
 
 def test_two_nodes_on_loopback(tmp_path):
-    port = _free_port()
+    port = free_port()
     procs = []
     for node in range(2):
         cmd = [*TORCHRUN, "--nnodes=2", "--nproc-per-node=1", f"--node-rank={node}", "--rdzv-backend=c10d",
@@ -79,18 +70,6 @@ def test_two_nodes_on_loopback(tmp_path):
     _assert_identical(tmp_path, 2, 15)
 
 
-def _children(pid: int) -> list[int]:
-    kids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            kids.append(int(stat.parent.name))
-    return kids
-
-
 def test_sigterm_to_one_rank_stops_every_rank_cleanly(tmp_path):
     cmd = [*TORCHRUN, "--standalone", "--nproc-per-node=2", str(REPO / "train.py"), *TINY,
            f"hydra.run.dir={tmp_path}", "trainer.devices=2", "trainer.max_steps=100000"]
@@ -101,7 +80,7 @@ def test_sigterm_to_one_rank_stops_every_rank_cleanly(tmp_path):
         if "val_acc_zero_shot" in line:
             break
     time.sleep(2)
-    workers = sorted(_children(proc.pid))
+    workers = sorted(children(proc.pid))
     assert len(workers) == 2, lines
     os.kill(workers[1], signal.SIGTERM)
     out = proc.communicate(timeout=120)[0]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, TINY, env, summaries, train
+from helpers import REPO, TINY, env, logged_steps, summaries, train
 from lightning_zo.core import trajectory
 from lightning_zo.core.errors import UserError
 from lightning_zo.core.optimizer import StepRecord
@@ -64,13 +64,6 @@ def test_replay_cli_prints_the_hash_last_and_exports(tmp_path):
     assert (tmp_path / "hf" / "config.json").exists() and (tmp_path / "hf" / "model.safetensors").exists()
 
 
-def _records(path: Path) -> int:
-    try:
-        return len(trajectory.read(path).records)
-    except Exception:
-        return 0
-
-
 def test_kill_9_then_rerun_equals_uninterrupted(tmp_path):
     args = ["trainer.devices=2", "trainer.max_steps=150", "optimizer.lr=1e-3"]
     train(tmp_path / "whole", *args, launcher=TORCHRUN)
@@ -79,11 +72,11 @@ def test_kill_9_then_rerun_equals_uninterrupted(tmp_path):
     proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     deadline = time.time() + 120
-    while _records(run / "trajectory.zot") < 40 and time.time() < deadline and proc.poll() is None:
+    while logged_steps(run / "trajectory.zot") < 40 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    done = _records(run / "trajectory.zot")
+    done = logged_steps(run / "trajectory.zot")
     assert 40 <= done < 150, "the run was not interrupted mid-training"
     assert not list(run.glob("summary.rank*.json"))
     proc = train(run, *args, launcher=TORCHRUN)
