@@ -1,5 +1,6 @@
 """Trajectory log: replay == live, resume after kill -9, elastic world size, corruption, mismatched base."""
 
+import contextlib
 import json
 import os
 import signal
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, TINY, env, logged_steps, summaries, train
+from helpers import REPO, TINY, children, env, logged_steps, summaries, train
 from lightning_zo.core import trajectory
 from lightning_zo.core.errors import UserError
 from lightning_zo.core.optimizer import StepRecord
@@ -74,7 +75,11 @@ def test_kill_9_then_rerun_equals_uninterrupted(tmp_path):
     deadline = time.time() + 120
     while logged_steps(run / "trajectory.zot") < 40 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
+    workers = children(proc.pid)  # torchrun starts each worker in a session of its own: kill -9 them by pid
     os.killpg(proc.pid, signal.SIGKILL)
+    for pid in workers:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     proc.wait()
     done = logged_steps(run / "trajectory.zot")
     assert 40 <= done < 150, "the run was not interrupted mid-training"
