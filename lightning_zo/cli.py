@@ -99,8 +99,9 @@ def build(cfg: DictConfig):
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     for callback in callbacks:  # what only the config knows: how replay rebuilds the model, what the output needs
         if isinstance(callback, TrajectoryLog) and callback.model_config is None:
-            callback.model_config = OmegaConf.to_container(
-                OmegaConf.create({"model": cfg.model, "peft": cfg.get("peft")}), resolve=True)
+            callback.model_config = {  # resolved where they stand, so ${seed} and the like find their values
+                "model": OmegaConf.to_container(cfg.model, resolve=True),
+                "peft": OmegaConf.to_container(cfg.peft, resolve=True) if cfg.get("peft") else None}
         if isinstance(callback, RunSummary) and callback.tokenizer is None:
             callback.tokenizer = lm.tokenizer
     logger = instantiate(cfg.logger) if cfg.get("logger") else False

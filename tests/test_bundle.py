@@ -197,3 +197,18 @@ def test_a_resume_with_another_aggregation_rule_is_refused(tmp_path):
     train(tmp_path, "trainer.max_steps=3")
     proc = train(tmp_path, "trainer.max_steps=6", "optimizer.aggregation=median", check=False)
     assert proc.returncode == 2 and "aggregation: log {'name': 'mean'} != run {'name': 'median'}" in proc.stderr
+
+
+def test_the_cli_trains_a_lora_adapter_that_replays_from_the_log_alone(tmp_path):
+    import shutil
+
+    from helpers import train
+
+    train(tmp_path, "peft=lora", "trainer.max_steps=3")
+    (s,) = summaries(tmp_path)
+    shutil.rmtree(tmp_path / ".hydra")  # the log's header alone says how to rebuild the base model and adapter
+    info = replay(tmp_path, "--out", str(tmp_path / "export"))
+    assert info["weights_sha256"] == s["weights_sha256"]
+    assert (tmp_path / "adapter" / "adapter_config.json").exists()
+    assert (tmp_path / "export" / "adapter" / "adapter_config.json").exists()
+    assert (tmp_path / "export" / "config.json").exists()
