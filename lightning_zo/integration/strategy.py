@@ -181,6 +181,11 @@ class ZOStrategy(DDPStrategy):
         while self._restore:
             self._restore.pop()()
         super().teardown()
+        if self._start_method != "popen" and dist.is_available() and dist.is_initialized():
+            # A spawned rank's process ends right after fit: release the gloo group here, not in its destructors at
+            # interpreter exit, where one rank of a 2-rank spawn run once aborted ("terminate called without an
+            # active exception") after finishing its work.
+            dist.destroy_process_group()
 
     @classmethod
     @override
