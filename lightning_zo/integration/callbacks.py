@@ -24,7 +24,7 @@ from ..core import trajectory
 from ..core.errors import UserError
 from ..core.layout import weights_digest
 from ..core.optimizer import ZOOptimizer
-from .strategy import ZOStrategy
+from .strategy import ZOStrategy, module_settings
 
 log = logging.getLogger("lightning_zo")
 
@@ -221,7 +221,6 @@ class TrajectoryLog(pl.Callback):
         self.allow_changes = allow_changes
         self.writer: trajectory.Writer | None = None
         self.lock: RunLock | None = None
-        self.replayed = 0
 
     def path(self, trainer) -> Path:
         return _run_dir(trainer, self.out_dir) / self.filename
@@ -233,11 +232,7 @@ class TrajectoryLog(pl.Callback):
             self.lock.acquire()
 
     def header(self, trainer, pl_module, opt: ZOOptimizer) -> dict:
-        run = {"lr": [g["lr"] for g in opt.param_groups], "k": opt.k}
-        for owner, obj in (("module", pl_module), ("data", trainer.datamodule)):
-            hparams = getattr(obj, "hparams", None)
-            if hparams:
-                run.update({f"{owner}.{k}": repr(v) for k, v in dict(hparams).items()})
+        run = {"lr": [g["lr"] for g in opt.param_groups], "k": opt.k, **module_settings(trainer, pl_module)}
         model = {"config": self.model_config, **describe_model(opt.model)}
         return {"format_version": trajectory.FORMAT_VERSION, **opt.describe(),
                 "base_model": model["name_or_path"] or model["class"], "model": model,
@@ -267,7 +262,6 @@ class TrajectoryLog(pl.Callback):
                                   "trainer.max_steps to continue it, or use another run directory")
             for record in records:
                 opt.apply(record)
-            self.replayed = opt.step_count
             resume_counters(trainer, opt.step_count)
             if trainer.is_global_zero:
                 log.info("resumed from %s: replayed %d steps", path, len(records))

@@ -31,6 +31,16 @@ from ..core.optimizer import ZOOptimizer
 log = logging.getLogger(__name__)
 
 
+def module_settings(trainer: "pl.Trainer", module: "pl.LightningModule") -> dict:
+    """The module's and the datamodule's hyperparameters (`save_hyperparameters`), as comparable strings."""
+    settings = {}
+    for owner, obj in (("module", module), ("data", trainer.datamodule)):
+        hparams = getattr(obj, "hparams", None)
+        if hparams:
+            settings.update({f"{owner}.{k}": repr(v) for k, v in dict(hparams).items()})
+    return settings
+
+
 class ZOStrategy(DDPStrategy):
     strategy_name = "zo"
 
@@ -76,11 +86,7 @@ class ZOStrategy(DDPStrategy):
                      "weight_decay_groups": [g["weight_decay"] for g in opt.param_groups],
                      "lr_schedulers": schedulers, "max_steps": trainer.max_steps,
                      "base_weights_sha256": weights_digest(opt.model)}
-        for owner, obj in (("module", self.lightning_module), ("data", trainer.datamodule)):
-            hparams = getattr(obj, "hparams", None)
-            if hparams:
-                described.update({f"{owner}.{k}": repr(v) for k, v in dict(hparams).items()})
-        return described
+        return {**described, **module_settings(trainer, self.lightning_module)}
 
     def verify_agreement(self, trainer: "pl.Trainer") -> None:
         """One all_gather_object at setup: without DDP nothing broadcasts rank 0's weights or settings, so they must
