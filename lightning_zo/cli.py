@@ -78,6 +78,7 @@ def build(cfg: DictConfig):
 
     from .core.optimizer import validate_hparams
     from .integration.callbacks import RunSummary, TrajectoryLog
+    from .recipe.classifier import is_zo
     from .recipe.data import PromptDataModule
 
     lm = build_model(cfg)
@@ -85,10 +86,11 @@ def build(cfg: DictConfig):
     codec = instantiate(cfg.quantization)
     optimizer = instantiate(cfg.optimizer)
     try:
-        validate_hparams(**optimizer.keywords)
+        if is_zo(optimizer):
+            validate_hparams(**optimizer.keywords)
     except ValueError as e:
         raise UserError(f"optimizer: {e}") from e
-    if codec.breaks_one_byte:
+    if codec.breaks_one_byte and is_zo(optimizer):
         warnings.warn(f"quantization={codec.name}: the payload is {codec.bytes_per_slot} bytes per slot; "
                       "this ablation breaks the one-byte-per-step property", stacklevel=1)
     dm = PromptDataModule(task, lm.tokenizer, lm.kind, **cfg.data)

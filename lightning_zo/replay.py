@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from .cli import user_errors
 from .core.aggregation import Aggregation
+from .core.rules import UpdateRule
 from .core.codecs import codec_from_config
 from .core.errors import UserError
 from .core.layout import weights_digest
@@ -65,12 +66,19 @@ def load_base(run_dir: Path, header: dict, factory: str | None = None):
                     "pass --model MODULE:FACTORY, a function that returns it")
 
 
+def rule_keywords(header: dict) -> dict:
+    """The update rule's keywords for ZOOptimizer from a header (logs written before rules existed: sgd)."""
+    rule = UpdateRule.from_config(header.get("rule"))
+    return {"rule": rule.name, "beta": rule.beta, "history": rule.history, "beta2": rule.beta2}
+
+
 def optimizer_for(model: torch.nn.Module, header: dict) -> ZOOptimizer:
     """A ZOOptimizer with the logged step rules (lr comes from each record; no `aggregation`: the mean)."""
     aggregation = Aggregation.from_config(header.get("aggregation"))
     return ZOOptimizer(model, lr=0.0, eps=header["eps"], weight_decay=header["weight_decay"],
                        distribution=header["distribution"], norm=header["norm"], seed=header["seed"],
-                       codec=codec_from_config(header["codec"]), aggregation=aggregation.name, trim=aggregation.trim)
+                       codec=codec_from_config(header["codec"]), aggregation=aggregation.name, trim=aggregation.trim,
+                       **rule_keywords(header))
 
 
 def replay(run_dir: Path, to_step: int | None = None, model: torch.nn.Module | None = None,

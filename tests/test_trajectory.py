@@ -30,6 +30,7 @@ def _replayed_sha(run_dir, **kw):
     (3, "linear", ("optimizer.aggregation=trimmed_mean", "optimizer.trim=0.3")),
     (2, "log", ("optimizer.aggregation=median", "optimizer.k=2")),
     (2, "linear", ("optimizer.aggregation=sign_vote", "optimizer.k=2")),
+    (3, "log", ("optimizer.rule=normalized", "optimizer.lr=1e-2")),  # the rule's state, rebuilt by replay
 ])
 def test_replay_equals_live_weights(tmp_path, world_size, codec, extra):
     strategy = ["trainer.strategy=zo_spawn", f"trainer.devices={world_size}"] if world_size > 1 else []

@@ -73,19 +73,23 @@ class Aggregation:
         """From a header; logs written before aggregation existed used the mean."""
         return cls(**{"trim": 0.25, **(config or {"name": "mean"})})
 
-    def terms(self, codec: Codec, codes: list, k: int, lr: float, norm: str) -> list[tuple[int, float]]:
-        """(direction, coefficient) pairs for one step's code vector (slot order), lr already applied."""
+    def estimates(self, codec: Codec, codes: list, k: int) -> list[tuple[int, float]]:
+        """(direction, value) per moving direction: each valid slot's estimate (mean), or each direction's
+        combined estimate a_j (the robust rules; a direction with a_j = 0 does not move)."""
         valid = [(codec.decode(c), slot) for slot, c in enumerate(codes) if codec.is_estimate(c)]
         if self.name == "mean":
-            scale = _norm(len(codes), norm)
-            return [(slot, -lr * g / scale) for g, slot in valid]
-        scale = _norm(k, norm)
-        terms = []
-        for j in range(k):
-            a = self.combine(sorted(pair for pair in valid if pair[1] % k == j))
-            if a:
-                terms.append((j, -lr * a / scale))
-        return terms
+            return [(slot, g) for g, slot in valid]
+        combined = [(j, self.combine(sorted(pair for pair in valid if pair[1] % k == j))) for j in range(k)]
+        return [(j, a) for j, a in combined if a]
+
+    def scale(self, n_slots: int, k: int, norm: str) -> float:
+        """What each estimate is divided by: norm(N*k) over all slots (mean), norm(k) over the shared directions."""
+        return _norm(n_slots if self.name == "mean" else k, norm)
+
+    def terms(self, codec: Codec, codes: list, k: int, lr: float, norm: str) -> list[tuple[int, float]]:
+        """(direction, coefficient) pairs for one step's code vector (slot order), lr already applied."""
+        scale = self.scale(len(codes), k, norm)
+        return [(d, -lr * value / scale) for d, value in self.estimates(codec, codes, k)]
 
     def combine(self, ranked: list[tuple[float, int]]) -> float:
         """One direction's estimates, sorted by (value, slot), combined into one value (0.0: no move)."""

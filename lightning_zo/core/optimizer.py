@@ -22,6 +22,7 @@ from .engine import PerturbedForward, apply_update
 from .layout import ParamLayout
 from .noise import DISTRIBUTIONS
 from .philox import derive_seed
+from .rules import UpdateRule, validate as validate_rule
 
 NORMS = ("mean", "sqrt")
 ROUNDING_STREAM = 1  # derive_seed stream for stochastic rounding of low-precision weights
@@ -56,7 +57,7 @@ def no_decay(name: str) -> bool:
 
 
 def validate_hparams(lr=1e-5, eps=1e-3, k=1, distribution="rademacher", norm="mean", weight_decay=0.0,
-                     aggregation="mean", trim=0.25, **_):
+                     aggregation="mean", trim=0.25, rule="sgd", beta=0.9, history=8, beta2=0.99, **_):
     """Raise ValueError for hyperparameters the step cannot use (called early by the CLI, and by __init__)."""
     if not eps > 0 or not math.isfinite(eps):
         raise ValueError(f"eps must be a positive finite number, got {eps!r}")
@@ -71,6 +72,7 @@ def validate_hparams(lr=1e-5, eps=1e-3, k=1, distribution="rademacher", norm="me
     if weight_decay < 0:
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
     validate_aggregation(aggregation, trim)
+    validate_rule(rule, beta, history, beta2)
 
 
 class ZOOptimizer(torch.optim.Optimizer):
@@ -85,8 +87,9 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     def __init__(self, model: torch.nn.Module, lr: float = 1e-5, eps: float = 1e-3, weight_decay: float = 0.0,
                  k: int = 1, distribution: str = "rademacher", norm: str = "mean", seed: int = 0,
-                 codec: Optional[Codec] = None, aggregation: str = "mean", trim: float = 0.25):
-        validate_hparams(lr, eps, k, distribution, norm, weight_decay, aggregation, trim)
+                 codec: Optional[Codec] = None, aggregation: str = "mean", trim: float = 0.25, rule: str = "sgd",
+                 beta: float = 0.9, history: int = 8, beta2: float = 0.99):
+        validate_hparams(lr, eps, k, distribution, norm, weight_decay, aggregation, trim, rule, beta, history, beta2)
         layout = ParamLayout(model)
         if layout.numel == 0:
             raise ValueError("the model has no trainable parameters")
@@ -103,6 +106,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.seed = int(seed)
         self.codec = codec if codec is not None else LinearCodec()
         self.aggregation = Aggregation(aggregation, trim)  # how a step's N*k estimates combine (core/aggregation.py)
+        self.rule = UpdateRule(rule, beta, history, beta2)  # how they move the weights, given history (core/rules.py)
         self.forward_hooks = PerturbedForward(model, layout, distribution)
         self.rank, self.world_size = 0, 1
         self.exchange: Callable[[torch.Tensor], torch.Tensor] = lambda payload: payload
@@ -115,7 +119,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         """Everything besides the base weights and the per-step records that replay needs."""
         return {"generator": "philox4x32-10", "distribution": self.distribution, "norm": self.norm, "eps": self.eps,
                 "seed": self.seed, "weight_decay": self.weight_decay, "codec": self.codec.config(),
-                "aggregation": self.aggregation.config(),
+                "aggregation": self.aggregation.config(), "rule": self.rule.config(),
                 "payload_dtype": str(self.codec.dtype).replace("torch.", ""), "numel": self.layout.numel,
                 "param_dtype": str(self.layout.slots[0].param.dtype).replace("torch.", "")}
 
@@ -205,8 +209,11 @@ class ZOOptimizer(torch.optim.Optimizer):
         """Decode a step's codes and update the weights; advances the codec and the step counter. Used by replay."""
         codec = self.codec
         check_received(codec, record.codes, record.step)
-        terms = self.aggregation.terms(codec, record.codes, record.k, record.lr, self.norm)
-        seeds = [self.direction_seed(record.step, direction) for direction, _ in terms]
+        aggregation = self.aggregation
+        estimates = [(self.direction_seed(record.step, direction), value)
+                     for direction, value in aggregation.estimates(codec, record.codes, record.k)]
+        terms = self.rule.terms(estimates, aggregation.scale(len(record.codes), record.k, self.norm), record.lr)
+        seeds = [seed for seed, _ in terms]
         coeffs = [coefficient for _, coefficient in terms]
         codec.advance(record.codes)
         decay = {}
@@ -221,7 +228,8 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     def state_dict(self) -> dict:
         state = super().state_dict()
-        state["zo"] = {"step_count": self.step_count, "codec": self.codec.state_dict(), "seed": self.seed}
+        state["zo"] = {"step_count": self.step_count, "codec": self.codec.state_dict(), "seed": self.seed,
+                       "rule": self.rule.state_dict()}
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -231,3 +239,5 @@ class ZOOptimizer(torch.optim.Optimizer):
         if zo is not None:
             self.step_count = zo["step_count"]
             self.codec.load_state_dict(zo["codec"])
+            if "rule" in zo:
+                self.rule.load_state_dict(zo["rule"])

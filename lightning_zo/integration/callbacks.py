@@ -113,11 +113,15 @@ class RunSummary(pl.Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         train_seconds = time.time() - self._t0
         self._measure(trainer, pl_module, "final")
-        opt = zo_optimizer(trainer)
         if not hasattr(pl_module, "summary_metrics"):
             self.results.update({k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1})
         out = _run_dir(trainer, self.out_dir)
         out.mkdir(parents=True, exist_ok=True)
+        opts = [getattr(o, "optimizer", o) for o in trainer.optimizers]
+        if not (len(opts) == 1 and isinstance(opts[0], ZOOptimizer)):
+            self._first_order_summary(trainer, pl_module, out, train_seconds, opts)
+            return
+        opt = opts[0]
         record = opt.last_record
         summary = {
             **self.results,
@@ -144,6 +148,24 @@ class RunSummary(pl.Callback):
             log.info("steps = %d, world_size = %d, payload = %d B/step, weights_sha256 = %s…, "
                      "summary: %s", opt.step_count, summary["world_size"], summary["payload_bytes_per_step"],
                      summary["weights_sha256"][:16], path)
+
+
+    def _first_order_summary(self, trainer, pl_module, out: Path, train_seconds: float, opts: list) -> None:
+        """A reference run by another optimizer (backprop): the same metrics; what data parallelism would put on
+        the wire is every gradient, 4 bytes per trainable parameter per rank per step (0 on one rank)."""
+        model = getattr(pl_module, "model", pl_module)  # the module's own model, as ZOOptimizer.model is
+        numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        summary = {**self.results, "steps": trainer.global_step, "world_size": trainer.world_size,
+                   "rank": trainer.global_rank, "optimizer": type(opts[0]).__name__ if opts else None,
+                   "payload_bytes_per_step": 4 * numel * trainer.world_size if trainer.world_size > 1 else 0,
+                   "gradient_bytes_per_rank_per_step": 4 * numel, "train_seconds": round(train_seconds, 3),
+                   "weights_sha256": weights_digest(model)}
+        if self.save_weights and trainer.is_global_zero:
+            save_model(model, out, self.tokenizer)
+        path = out / f"summary.rank{trainer.global_rank}.json"
+        path.write_text(json.dumps(summary, indent=2) + "\n")
+        if trainer.is_global_zero:
+            log.info("steps = %d (%s, first order), summary: %s", summary["steps"], summary["optimizer"], path)
 
 
 def save_model(model: torch.nn.Module, out: Path, tokenizer=None) -> None:
@@ -325,8 +347,8 @@ def check_compatible(logged: dict, current: dict, path, allow_changes: bool = Fa
         raise UserError(f"{path} was written for base weights {logged['base_weights_sha256'][:16]}… "
                         f"({logged.get('base_model')}), but the loaded base model has "
                         f"{current['base_weights_sha256'][:16]}… ({current.get('base_model')}): refusing to replay")
-    defaults = {"aggregation": {"name": "mean"}}  # what logs written before the key existed used
-    keys = ("generator", "distribution", "norm", "eps", "seed", "weight_decay", "codec", "aggregation",
+    defaults = {"aggregation": {"name": "mean"}, "rule": {"name": "sgd"}}  # what logs before the keys used
+    keys = ("generator", "distribution", "norm", "eps", "seed", "weight_decay", "codec", "aggregation", "rule",
             "payload_dtype", "numel")
     diff = [f"{k}: log {logged.get(k, defaults.get(k))!r} != run {current.get(k)!r}" for k in keys
             if logged.get(k, defaults.get(k)) != current.get(k)]

@@ -22,12 +22,20 @@ from .tasks import OBJECTIVES, MultipleChoiceSpec
 log = logging.getLogger("lightning_zo")
 
 
+def is_zo(factory: Callable) -> bool:
+    """Whether an optimizer factory (a class, or a partial of one) builds a ZOOptimizer."""
+    func = getattr(factory, "func", factory)
+    return isinstance(func, type) and issubclass(func, ZOOptimizer)
+
+
 class ZOClassifier(pl.LightningModule):
     """Prompt classification with label words (MeZO / LM-BFF), trained by manual-optimization ZO steps.
 
     `optimizer` is a partial of ZOOptimizer (Hydra `_partial_: true`); it receives the model and codec. Each training
     step splits the rank's batch into k strided micro-batches, one per perturbation slot. The optimizer runs the
     perturbed forwards in eval mode, so dropout never makes the two forwards compare two functions.
+    Any other torch optimizer (a partial taking the parameters, e.g. `optimizer=adam`) trains the same module by
+    backprop: the first-order reference of issue 15, with the same prompts, examples and evaluation.
     """
 
     def __init__(self, model: torch.nn.Module, label_word_ids: list[int], kind: str = "causal",
@@ -44,6 +52,9 @@ class ZOClassifier(pl.LightningModule):
         self.model, self.kind = model, kind
         self.register_buffer("label_ids", torch.tensor(label_word_ids), persistent=False)
         self.optimizer_factory = optimizer or partial(ZOOptimizer)
+        self.backprop = not is_zo(self.optimizer_factory)
+        if self.backprop and objective != "cross_entropy":
+            raise ValueError(f"objective={objective} is not differentiable: train it with the ZO optimizer")
         self.codec = codec or LinearCodec()
         self.scheduler_factory = scheduler
         num_classes = num_choices or len(label_word_ids)  # multiple choice: classes are candidate positions
@@ -153,6 +164,8 @@ class ZOClassifier(pl.LightningModule):
         self.train()
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
+        if self.backprop:
+            return self._backprop_step(batch)
         opt = self.optimizers()
         zo: ZOOptimizer = opt.optimizer
         chunks = self.micro_batches(batch, zo.k)
@@ -164,6 +177,18 @@ class ZOClassifier(pl.LightningModule):
                        "train/lr": torch.tensor(record.lr), "train/contributions": torch.tensor(float(valid))},
                       prog_bar=False, on_step=True, on_epoch=False)
         self.log("loss", loss, prog_bar=True, logger=False)
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()
+
+    def _backprop_step(self, batch: dict) -> None:
+        opt = self.optimizers()
+        loss = self.loss(batch)
+        opt.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        opt.step()
+        self.log_dict({"train/loss": loss.detach(), "train/lr": torch.tensor(float(opt.param_groups[0]["lr"]))},
+                      on_step=True, on_epoch=False)
         scheduler = self.lr_schedulers()
         if scheduler is not None:
             scheduler.step()
@@ -204,7 +229,10 @@ class ZOClassifier(pl.LightningModule):
         self.log("test/acc", self.eval_acc, on_epoch=True)
 
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory(self.model, codec=self.codec)
+        if self.backprop:
+            optimizer = self.optimizer_factory([p for p in self.model.parameters() if p.requires_grad])
+        else:
+            optimizer = self.optimizer_factory(self.model, codec=self.codec)
         if self.scheduler_factory is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer),

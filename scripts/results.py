@@ -1,0 +1,230 @@
+"""The runs behind docs/RESULTS.md, and the page itself, from one script.
+
+    python scripts/results.py run  [--out DIR] [--tasks sst2,trec,rte] [--methods spsa,...] [--seeds 0,1,2]
+    python scripts/results.py page [--out DIR] [--page docs/RESULTS.md]
+
+`run` trains SmolLM2-135M (the offline copy) on each task's shared training split (validation carved from train,
+seed 42) with every method and run seed, one run at a time, into DIR/<task>/<method>/seed<S>. A run whose
+summary is already there is skipped, so an interrupted `run` continues where it stopped. `page` reads the runs'
+summaries and metrics and writes the page: accuracy vs steps and vs bytes on the wire, mean ± spread over seeds,
+wall time. Data: `--data` (default ../shared/data, the project's shared folder) with <task>/train.tsv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+STEPS = 300
+EVERY = 50
+# Per task: examples per class for training and for the carved validation set, and the prompt length that fits.
+TASKS = {
+    "sst2": {"task.train_per_class": 500, "task.val_per_class": 50, "data.max_length": 64},
+    "trec": {"task.train_per_class": 64, "task.val_per_class": 16, "data.max_length": 64},
+    "rte": {"task.train_per_class": 500, "task.val_per_class": 50, "data.max_length": 128},
+    "copa": {"task.val_per_class": 50, "data.max_length": 64},  # 300 train, 100 validation (issue 17)
+}
+# method -> (overrides, bytes on the wire per rank per step, what it is)
+METHODS = {
+    "spsa": ([], 1, "plain SPSA (the paper's rule), lr 1e-5"),
+    "momentum": (["optimizer.rule=momentum"], 1, "momentum (beta 0.9, window 8 steps), lr 1e-5"),
+    "normalized": (["optimizer.rule=normalized", "optimizer.lr=5e-4"], 1, "normalized (beta2 0.99), lr 5e-4"),
+    "adam": (["optimizer=adam"], 0, "first order: backprop + AdamW, lr 1e-5 (one rank)"),
+    "spsa_accuracy": (["task.objective=accuracy"], 1, "plain SPSA on minus the batch accuracy, lr 1e-5"),
+}
+# The order the runs are made in: every method on SST-2 first, then the issue-17 runs, then TREC and RTE, so that
+# a machine that runs out of time leaves whole comparisons behind.
+PLAN = ([("sst2", m, s) for m in ("spsa", "momentum", "normalized", "adam") for s in (0, 1, 2)]
+        + [("copa", "spsa", 0), ("sst2", "spsa_accuracy", 0)]
+        + [(t, m, s) for t in ("trec", "rte") for m in ("spsa", "momentum", "normalized", "adam") for s in (0, 1, 2)])
+# The new rules run half the steps (the target is plain SPSA's 300-step accuracy in at most 150 steps) and the
+# first-order reference a third: the 2-core machine has about two hours for all of it.
+STEPS_OF = {"momentum": 150, "normalized": 150, "adam": 100}
+COMMON = ["model=smollm2", f"trainer.val_check_interval={EVERY}",
+          "data.batch_size=8", "trainer.enable_progress_bar=false", "+callbacks.run_summary.save_weights=false"]
+
+
+def run_dir(out: Path, task: str, method: str, seed: int) -> Path:
+    return out / task / method / f"seed{seed}"
+
+
+def command(data: Path, out: Path, task: str, method: str, seed: int, steps: int = STEPS) -> list[str]:
+    overrides = [f"task={task}", f"task.data_dir={data / task}", *COMMON, f"trainer.max_steps={steps}",
+                 *(f"{k}={v}" for k, v in TASKS[task].items()), *METHODS[method][0], f"seed={seed}",
+                 f"hydra.run.dir={run_dir(out, task, method, seed)}"]
+    return [sys.executable, str(ROOT / "train.py"), *overrides]
+
+
+def run(args) -> None:
+    jobs = [(t, m, s) for t, m, s in PLAN if t in args.tasks and m in args.methods and s in args.seeds]
+    for i, (task, method, seed) in enumerate(jobs, 1):
+        where = run_dir(args.out, task, method, seed)
+        if (where / "summary.rank0.json").exists():
+            print(f"[{i}/{len(jobs)}] {task} {method} seed {seed}: done before, skipped", flush=True)
+            continue
+        where.mkdir(parents=True, exist_ok=True)
+        started = time.monotonic()
+        with (where / "stdout.log").open("w") as log:
+            rc = subprocess.call(command(args.data, args.out, task, method, seed, args.steps[method]), stdout=log,
+                                 stderr=subprocess.STDOUT, cwd=ROOT)
+        wall = time.monotonic() - started
+        (where / "wall.json").write_text(json.dumps({"wall_s": round(wall, 1), "rc": rc}))
+        print(f"[{i}/{len(jobs)}] {task} {method} seed {seed}: rc {rc}, {wall:.0f} s", flush=True)
+        if rc:
+            sys.exit(f"{where}: the run failed (rc {rc}); see {where / 'stdout.log'}")
+
+
+# ------------------------------------------------------------------------------------------------------ page
+
+
+def load(out: Path, task: str, method: str, seeds: list[int]) -> list[dict]:
+    """The finished runs of one (task, method): summary, accuracy curve, wall time."""
+    from lightning_zo.report import _metrics, accuracy_curve
+
+    runs = []
+    for seed in seeds:
+        where = run_dir(out, task, method, seed)
+        if not (where / "summary.rank0.json").exists():
+            continue
+        summary = json.loads((where / "summary.rank0.json").read_text())
+        wall = json.loads((where / "wall.json").read_text())["wall_s"] if (where / "wall.json").exists() else None
+        runs.append({"seed": seed, "summary": summary, "curve": dict(accuracy_curve(_metrics(where), summary)),
+                     "wall_s": wall})
+    return runs
+
+
+def mean_spread(values: list[float]) -> str:
+    """`mean ± sample standard deviation` in percent (one run: its value)."""
+    if not values:
+        return ""
+    mean = statistics.mean(values)
+    if len(values) == 1:
+        return f"{100 * mean:.1f}"
+    return f"{100 * mean:.1f} ± {100 * statistics.stdev(values):.1f}"
+
+
+def at(runs: list[dict], step: int) -> list[float]:
+    return [r["curve"][step] for r in runs if step in r["curve"]]
+
+
+def table(out: Path, task: str, methods: list[str], seeds: list[int]) -> tuple[list[str], dict]:
+    """Markdown rows for one task, and the mean accuracy per (method, step)."""
+    steps = list(range(EVERY, STEPS + 1, EVERY))
+    head = ["| method | bytes / rank / step | seeds | zero-shot | " + " | ".join(f"{s}" for s in steps)
+            + " | wall per run |", "|---|---|---|---|" + "---|" * len(steps) + "---|"]
+    means, rows = {}, []
+    for method in methods:
+        runs = load(out, task, method, seeds)
+        if not runs:
+            continue
+        cells = [mean_spread(at(runs, s)) for s in steps]
+        means[method] = {s: statistics.mean(at(runs, s)) for s in [0, *steps] if at(runs, s)}
+        walls = [r["wall_s"] for r in runs if r["wall_s"]]
+        per_step = runs[0]["summary"].get("payload_bytes_per_step", 0)
+        wire = f"{per_step} B" if method != "adam" else \
+            f"0 (one rank; data-parallel: {runs[0]['summary']['gradient_bytes_per_rank_per_step'] / 1e6:.0f} MB)"
+        rows.append(f"| {METHODS[method][2]} | {wire} | {len(runs)} | {mean_spread(at(runs, 0))} | "
+                    + " | ".join(cells) + f" | {statistics.mean(walls) / 60:.1f} min |")
+    return head + rows, means
+
+
+def plots(out: Path, page_dir: Path, tasks: list[str], methods: list[str], seeds: list[int]) -> list[str]:
+    """accuracy vs steps and vs bytes per rank, one panel per task: seed mean, min-max band."""
+    try:
+        import matplotlib
+    except ImportError:
+        return []
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for name, xlabel in (("steps", "training step"), ("bytes", "bytes sent per rank (log scale)")):
+        fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
+        for ax, task in zip(axes[0], tasks):
+            for method in methods:
+                runs = load(out, task, method, seeds)
+                if not runs:
+                    continue
+                points = sorted(set.intersection(*(set(r["curve"]) for r in runs)))
+                per_step = (runs[0]["summary"]["gradient_bytes_per_rank_per_step"] if method == "adam"
+                            else runs[0]["summary"]["payload_bytes_per_step"])
+                if name == "bytes":
+                    points = [p for p in points if p > 0]
+                xs = [p * per_step if name == "bytes" else p for p in points]
+                values = [[r["curve"][p] for r in runs] for p in points]
+                ax.plot(xs, [statistics.mean(v) for v in values], marker="o", markersize=3,
+                        label=METHODS[method][2].split(",")[0])
+                ax.fill_between(xs, [min(v) for v in values], [max(v) for v in values], alpha=0.15)
+            ax.set(title=task.upper(), xlabel=xlabel, ylabel="validation accuracy")
+            if name == "bytes":
+                ax.set_xscale("log")
+            ax.grid(alpha=0.3)
+        axes[0][0].legend(fontsize=8)
+        fig.tight_layout()
+        page_dir.mkdir(parents=True, exist_ok=True)
+        fig.savefig(page_dir / f"accuracy_vs_{name}.png", dpi=110)
+        plt.close(fig)
+        written.append(f"accuracy_vs_{name}.png")
+    return written
+
+
+def page(args) -> None:
+    """The tables, the target check and the plots, into args.page (and its results/ folder)."""
+    lines = []
+    for task in args.tasks:
+        rows, means = table(args.out, task, [m for m in args.methods if m in METHODS], args.seeds)
+        if not rows[2:]:
+            continue
+        lines += [f"### {task.upper()}", "", *rows, ""]
+        goal = means.get("spsa", {}).get(STEPS)
+        if goal is not None:
+            for method in ("momentum", "normalized"):
+                reached = [s for s, v in sorted(means.get(method, {}).items()) if s > 0 and v >= goal]
+                lines.append(f"- {method}: plain SPSA's {STEPS}-step mean ({100 * goal:.1f} %) "
+                             + (f"reached at step {reached[0]}" if reached else
+                                f"not reached within {max(means.get(method, {0: 0}))} steps"))
+            lines.append("")
+    images = plots(args.out, args.page.parent / "results", args.tasks, args.methods, args.seeds)
+    lines += [f"![accuracy vs {name[12:-4]}](results/{name})" for name in images]
+    text = args.page.read_text() if args.page.exists() else ""
+    begin, end = "<!-- results.py: begin -->", "<!-- results.py: end -->"
+    block = "\n".join([begin, *lines, end])
+    if begin in text and end in text:
+        text = text[:text.index(begin)] + block + text[text.index(end) + len(end):]
+    else:
+        text = text + "\n" + block + "\n"
+    args.page.write_text(text)
+    print(f"wrote {args.page}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("what", choices=("run", "page"))
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("RESULTS_DIR", "results")))
+    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
+    parser.add_argument("--tasks", type=lambda s: s.split(","), default=list(TASKS))
+    parser.add_argument("--methods", type=lambda s: s.split(","), default=list(METHODS))
+    parser.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=None, help=f"steps per run (default {STEPS}; see STEPS_OF)")
+    parser.add_argument("--page", type=Path, default=ROOT / "docs" / "RESULTS.md")
+    args = parser.parse_args(argv)
+    args.out = args.out.resolve()
+    args.steps = {m: args.steps or STEPS_OF.get(m, STEPS) for m in METHODS}
+    if args.what == "run":
+        run(args)
+    else:
+        page(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
