@@ -108,6 +108,10 @@ def build(cfg: DictConfig):
             callback.tokenizer = lm.tokenizer
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
+    if not is_zo(optimizer) and trainer.world_size > 1:
+        raise UserError(f"optimizer={cfg.optimizer._target_.rsplit('.', 1)[-1]} is the one-rank first-order "
+                        f"reference; this trainer has {trainer.world_size} ranks (trainer.devices=1 "
+                        "trainer.num_nodes=1)")
     return trainer, module, dm
 
 

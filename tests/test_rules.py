@@ -68,6 +68,14 @@ def test_state_dict_continues_exactly():
         assert [whole.terms(e, 3.0, 1e-2) for e in steps[7:]] == [second.terms(e, 3.0, 1e-2) for e in steps[7:]]
 
 
+def test_a_checkpoint_of_another_rule_is_refused():
+    model = torch.nn.Linear(2, 2)
+    state = ZOOptimizer(model, rule="sgd").state_dict()
+    with pytest.raises(ValueError, match="update rule"):
+        ZOOptimizer(model, rule="momentum").load_state_dict(state)
+    ZOOptimizer(model, rule="sgd").load_state_dict(state)
+
+
 def test_headers_and_bad_settings():
     assert UpdateRule.from_config(None).name == "sgd"  # logs written before rules existed
     assert UpdateRule("adam", beta=0.8, history=2).config() == {"name": "adam", "beta": 0.8, "history": 2,
@@ -110,6 +118,7 @@ def test_two_ranks_stay_identical_and_replay_then_resume_equals_the_uninterrupte
     assert len({s["weights_sha256"] for s in whole}) == 1
     header = trajectory.read(tmp_path / "whole" / "trajectory.zot").header
     assert header["rule"]["name"] == rule and header["rule"]["history"] == 4
+    assert header["format_version"] == trajectory.HISTORY_VERSION  # releases before rules refuse it
     assert replay(tmp_path / "whole", progress=False)[1]["weights_sha256"] == whole[0]["weights_sha256"]
     train(tmp_path / "resumed", *args, "trainer.max_steps=5")  # then continued from the log: the window rebuilt
     proc = train(tmp_path / "resumed", *args, "trainer.max_steps=12")
@@ -146,3 +155,8 @@ def test_the_first_order_reference_trains_the_same_module_by_backprop(tmp_path):
 def test_the_first_order_reference_refuses_a_non_differentiable_objective(tmp_path):
     proc = train(tmp_path, "optimizer=adam", "task.objective=accuracy", "trainer.max_steps=2", check=False)
     assert proc.returncode == 2 and "not differentiable" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_the_first_order_reference_runs_on_one_rank_only(tmp_path):
+    proc = train(tmp_path, "optimizer=adam", "trainer.devices=2", "trainer.max_steps=2", check=False)
+    assert proc.returncode == 2 and "one-rank first-order reference" in proc.stderr.strip().splitlines()[-1]

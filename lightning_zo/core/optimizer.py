@@ -229,7 +229,7 @@ class ZOOptimizer(torch.optim.Optimizer):
     def state_dict(self) -> dict:
         state = super().state_dict()
         state["zo"] = {"step_count": self.step_count, "codec": self.codec.state_dict(), "seed": self.seed,
-                       "rule": self.rule.state_dict()}
+                       "rule": self.rule.config(), "rule_state": self.rule.state_dict()}
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -239,5 +239,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         if zo is not None:
             self.step_count = zo["step_count"]
             self.codec.load_state_dict(zo["codec"])
-            if "rule" in zo:
-                self.rule.load_state_dict(zo["rule"])
+            saved = zo.get("rule", {"name": "sgd"})
+            if saved != self.rule.config():
+                raise ValueError(f"the checkpoint's update rule {saved} is not this optimizer's {self.rule.config()}")
+            if "rule_state" in zo:
+                self.rule.load_state_dict(zo["rule_state"])

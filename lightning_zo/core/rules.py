@@ -11,11 +11,13 @@ All arithmetic is Python floats (IEEE float64) in a fixed order; the engine roun
     momentum    heavy ball over a window: theta -= lr * sum_{h<H} beta^h * (step t-h's sum c z), regenerating the
                 last H steps' directions from their seeds instead of keeping a momentum buffer (no extra weight
                 memory; H x the update's noise generation, fused in one pass over the weights). With beta = 0.9 a
-                long-run step is up to 1/(1-beta) times the sgd step.
+                long-run step is up to 1/(1-beta) times the sgd step. Past estimates are scaled by the current
+                step's lr (under a scheduler, not the lr they were made with).
     normalized  theta -= lr * sum (c / s_t) z, s_t the root of a bias-corrected running mean (beta2) of the
-                squared estimates of every step so far (FZOO/Adam-like, one scalar of state): lr becomes the
-                length of a typical step along a direction, whatever the loss's scale; one outlying estimate
-                moves the weights at most about 1/sqrt(1 - beta2) typical steps. No extra cost.
+                squared estimates of every step so far (FZOO/Adam-like, one scalar of state): with one estimate
+                per step lr is the length of a typical step along its direction, whatever the loss's scale
+                (with n = N*k they share it as in sgd, lr / norm(n) each); one outlying estimate moves at most
+                sqrt(n / (1 - beta2)) / norm(n) * lr, 10 typical steps for n = 1. No extra cost.
     adam        normalized estimates, then momentum over the window: both of the above.
 """
 

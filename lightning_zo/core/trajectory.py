@@ -29,7 +29,14 @@ from .optimizer import StepRecord
 
 MAGIC = b"LZOTRAJ\x01"
 FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+HISTORY_VERSION = 3  # a log whose update rule depends on past steps: releases before rules (which would replay it
+                     # as sgd, silently wrong) refuse it
+READABLE_VERSIONS = (1, 2, 3)
+
+
+def format_version(header: dict) -> int:
+    """The version a log with this header is written as: 2 unless its update rule needs this release."""
+    return FORMAT_VERSION if (header.get("rule") or {"name": "sgd"})["name"] == "sgd" else HISTORY_VERSION
 _RECORD = struct.Struct("<QIIdB")
 _U32 = struct.Struct("<I")
 _DTYPES = {"int8": np.int8, "float32": np.float32}

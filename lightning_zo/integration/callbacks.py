@@ -256,7 +256,7 @@ class TrajectoryLog(pl.Callback):
     def header(self, trainer, pl_module, opt: ZOOptimizer) -> dict:
         run = {"lr": [g["lr"] for g in opt.param_groups], "k": opt.k, **module_settings(trainer, pl_module)}
         model = {"config": self.model_config, **describe_model(opt.model)}
-        return {"format_version": trajectory.FORMAT_VERSION, **opt.describe(),
+        return {"format_version": trajectory.format_version(opt.describe()), **opt.describe(),
                 "base_model": model["name_or_path"] or model["class"], "model": model,
                 "base_weights_sha256": weights_digest(opt.model), "run": run}
 
