@@ -40,11 +40,17 @@ def ensure_visible_logs() -> None:
         log.setLevel(logging.INFO)
 
 
-def zo_optimizer(trainer: "pl.Trainer") -> ZOOptimizer:
+def find_zo_optimizer(trainer: "pl.Trainer") -> ZOOptimizer | None:
+    """The trainer's one ZOOptimizer, or None (another optimizer, or several)."""
     opts = [getattr(o, "optimizer", o) for o in trainer.optimizers]
-    if len(opts) != 1 or not isinstance(opts[0], ZOOptimizer):
+    return opts[0] if len(opts) == 1 and isinstance(opts[0], ZOOptimizer) else None
+
+
+def zo_optimizer(trainer: "pl.Trainer") -> ZOOptimizer:
+    opt = find_zo_optimizer(trainer)
+    if opt is None:
         raise UserError("lightning_zo callbacks need configure_optimizers to return one lightning_zo.ZOOptimizer")
-    return opts[0]
+    return opt
 
 
 def _payload_per_step(strategy, opt: ZOOptimizer) -> int:
@@ -117,11 +123,10 @@ class RunSummary(pl.Callback):
             self.results.update({k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1})
         out = _run_dir(trainer, self.out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        opts = [getattr(o, "optimizer", o) for o in trainer.optimizers]
-        if not (len(opts) == 1 and isinstance(opts[0], ZOOptimizer)):
-            self._first_order_summary(trainer, pl_module, out, train_seconds, opts)
+        opt = find_zo_optimizer(trainer)
+        if opt is None:
+            self._first_order_summary(trainer, pl_module, out, train_seconds)
             return
-        opt = opts[0]
         record = opt.last_record
         summary = {
             **self.results,
@@ -150,13 +155,13 @@ class RunSummary(pl.Callback):
                      summary["weights_sha256"][:16], path)
 
 
-    def _first_order_summary(self, trainer, pl_module, out: Path, train_seconds: float, opts: list) -> None:
+    def _first_order_summary(self, trainer, pl_module, out: Path, train_seconds: float) -> None:
         """A reference run by another optimizer (backprop): the same metrics; what data parallelism would put on
         the wire is every gradient, 4 bytes per trainable parameter per rank per step (0 on one rank)."""
         model = getattr(pl_module, "model", pl_module)  # the module's own model, as ZOOptimizer.model is
         numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
         summary = {**self.results, "steps": trainer.global_step, "world_size": trainer.world_size,
-                   "rank": trainer.global_rank, "optimizer": type(opts[0]).__name__ if opts else None,
+                   "rank": trainer.global_rank, "optimizer": ", ".join(type(getattr(o, "optimizer", o)).__name__ for o in trainer.optimizers),
                    "payload_bytes_per_step": 4 * numel * trainer.world_size if trainer.world_size > 1 else 0,
                    "gradient_bytes_per_rank_per_step": 4 * numel, "train_seconds": round(train_seconds, 3),
                    "weights_sha256": weights_digest(model)}
@@ -256,7 +261,8 @@ class TrajectoryLog(pl.Callback):
     def header(self, trainer, pl_module, opt: ZOOptimizer) -> dict:
         run = {"lr": [g["lr"] for g in opt.param_groups], "k": opt.k, **module_settings(trainer, pl_module)}
         model = {"config": self.model_config, **describe_model(opt.model)}
-        return {"format_version": trajectory.format_version(opt.describe()), **opt.describe(),
+        described = opt.describe()
+        return {"format_version": trajectory.format_version(described), **described,
                 "base_model": model["name_or_path"] or model["class"], "model": model,
                 "base_weights_sha256": weights_digest(opt.model), "run": run}
 
