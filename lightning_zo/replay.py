@@ -75,10 +75,12 @@ def rule_keywords(header: dict) -> dict:
 def optimizer_for(model: torch.nn.Module, header: dict) -> ZOOptimizer:
     """A ZOOptimizer with the logged step rules (lr comes from each record; no `aggregation`: the mean)."""
     aggregation = Aggregation.from_config(header.get("aggregation"))
-    return ZOOptimizer(model, lr=0.0, eps=header["eps"], weight_decay=header["weight_decay"],
-                       distribution=header["distribution"], norm=header["norm"], seed=header["seed"],
-                       codec=codec_from_config(header["codec"]), aggregation=aggregation.name, trim=aggregation.trim,
-                       **rule_keywords(header))
+    opt = ZOOptimizer(model, lr=0.0, eps=header["eps"], weight_decay=header["weight_decay"],
+                      distribution=header["distribution"], norm=header["norm"], seed=header["seed"],
+                      codec=codec_from_config(header["codec"]), aggregation=aggregation.name, trim=aggregation.trim,
+                      **rule_keywords(header))
+    opt.use_generator_version(header.get("generator_version", 1))
+    return opt
 
 
 def replay(run_dir: Path, to_step: int | None = None, model: torch.nn.Module | None = None,

@@ -11,6 +11,7 @@ from helpers import summaries, train
 from lightning_zo.core import trajectory
 from lightning_zo.core.aggregation import Aggregation
 from lightning_zo.core.codecs import QMAX, LinearCodec
+from lightning_zo.core.errors import UserError
 from lightning_zo.core.optimizer import StepRecord, ZOOptimizer
 from lightning_zo.core.rules import RULES, UpdateRule
 from lightning_zo.core.layout import weights_digest
@@ -160,3 +161,43 @@ def test_the_first_order_reference_refuses_a_non_differentiable_objective(tmp_pa
 def test_the_first_order_reference_runs_on_one_rank_only(tmp_path):
     proc = train(tmp_path, "optimizer=adam", "trainer.devices=2", "trainer.max_steps=2", check=False)
     assert proc.returncode == 2 and "one-rank first-order reference" in proc.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("rule,k,refused_at", [("sgd", 4, None), ("momentum", 2, None), ("sgd", 5, 0),
+                                               ("momentum", 3, 1)])
+def test_a_log_of_generator_version_1_replays_up_to_4_slots_and_refuses_more(rule, k, refused_at):
+    """Version 1 summed every slot left to right; version 2 (noise.slot_sum) sums groups of 4, the same bits for up
+    to 4 slots. A header without "generator_version" is version 1: its steps of <= 4 slots replay exactly, a step
+    of more is refused in one line, not replayed into other weights. Momentum over 2 steps adds 2k slots."""
+    torch.manual_seed(0)
+    live = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2))
+    base = {name: v.clone() for name, v in live.state_dict().items()}
+    x, y = torch.randn(32, 8), torch.randint(0, 2, (32,))
+    opt = ZOOptimizer(live, lr=1e-2, k=k, rule=rule, history=2)
+    header = opt.describe()
+    assert header["generator_version"] == 2
+    records = []
+    for _ in range(4):
+        opt.step(lambda: torch.nn.functional.cross_entropy(live(x), y))
+        records.append(opt.last_record)
+    old_header = {key: value for key, value in header.items() if key != "generator_version"}
+    for h in (header, old_header):
+        replayed = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2))
+        replayed.load_state_dict(base)
+        other = optimizer_for(replayed, h)
+        if h is old_header and refused_at is not None:
+            for record in records[:refused_at]:
+                other.apply(record)
+            with pytest.raises(UserError, match=rf"step {refused_at} adds \d+ slots, but its log was written by "
+                                                r"generator version 1"):
+                other.apply(records[refused_at])
+            continue
+        for record in records:
+            other.apply(record)
+        assert weights_digest(replayed) == weights_digest(live)
+
+
+def test_an_unknown_generator_version_is_refused():
+    opt = ZOOptimizer(torch.nn.Linear(2, 2))
+    with pytest.raises(UserError, match="generator version 3"):
+        opt.use_generator_version(3)

@@ -57,6 +57,21 @@ def case_multi_tensor_sum(device: str) -> None:
                     assert same_bits(g, want), (distribution, m, with_src, o)
 
 
+def case_grouped_sums(device: str) -> None:
+    """More than 4 slots: noise.slot_sum's groups of 4 and their pairs (5 to 17 slots: a partial group, a group
+    without a partner, several pairs), with +-0.0 coefficients."""
+    torch.manual_seed(3)
+    seeds = [SEEDS[s % 3] + 7919 * s for s in range(17)]
+    coeffs = [0.0 if s % 5 == 0 else -0.0 if s % 5 == 1 else (-1) ** s * 1e-3 / (s + 1) for s in range(17)]
+    src = torch.randn(700)
+    for distribution in ("rademacher", "gaussian"):
+        for m in (5, 8, 13, 17):
+            got = torch.empty(700, device=device)
+            triton_kernel.noise_sum([got], [src.to(device)], [61], seeds[:m], coeffs[:m], distribution)
+            want = add_noise_sum(torch.empty(700), src, seeds[:m], coeffs[:m], 61, distribution, backend="numpy")
+            assert same_bits(got, want), (distribution, m)
+
+
 def case_low_precision_perturbation(device: str) -> None:
     """bf16/fp16 theta + c z: fp32 sum, then one round-to-nearest into the storage dtype."""
     torch.manual_seed(1)

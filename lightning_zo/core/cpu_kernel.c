@@ -1,8 +1,11 @@
-/* Fused CPU noise kernel: dst[i] = (accumulate ? src[i] : 0) + sum_s coeff_s * z_s(offset + i), float32.
+/* Fused CPU noise kernel: dst[i] = (accumulate ? src[i] : 0) + slot_sum_s(coeff_s * z_s(offset + i)), float32.
+ * slot_sum is noise.py's association (generator version 2): groups of 4 slots summed left to right, pairs of
+ * groups added, the pairs summed left to right; for m <= 4 slots the plain left-to-right sum.
  * Same bits as noise.py's reference semantics (Rademacher: bit g % 128 of Philox block g / 128, LSB first, set =
  * -1; Gaussian: uint16 lane g % 8 of block g / 8 through the inverse-CDF table). Built with -ffp-contract=off: no FMA, so the product and the sum
  * are rounded separately exactly as in the numpy and torch paths. */
 #include <stdint.h>
+#include <stdlib.h>
 
 #define M0 0xD2511F53u
 #define M1 0xCD9E8D57u
@@ -62,6 +65,9 @@ static inline void philox_keys16(uint64_t block, const uint64_t *seeds, int n, u
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #define HAVE_RUN_AVX512 1
+#if defined(__AVX512VBMI__) && defined(__GFNI__)
+#define HAVE_RUN_TABLES 1  /* byte permutes and the GF(2) affine bit transpose */
+#endif
 /* philox_keys16 with AVX-512 intrinsics: 32x32->64 products by vpmuludq on the even and the odd lanes (the
  * compiler's own vectorization of the loop above uses the much slower 64-bit vpmullq). Same integer function. */
 static inline void philox_keys16_avx512(uint64_t block, const uint64_t *seeds, int n, uint32_t out[4][16]) {
@@ -136,6 +142,124 @@ static void rademacher_run_avx512(float *dst, const float *src, uint64_t block, 
         if (stream) _mm512_stream_ps(dst + 16 * v, x); else _mm512_storeu_ps(dst + 16 * v, x);
     }
 }
+
+#ifdef HAVE_RUN_TABLES
+/* For vpermt2b over two Philox words of 16 slots (source bytes 0-63: the first word, 64-127: the second, 4 bytes
+ * per slot): byte b of qword e is byte e of slot (8 * octet + 7 - b)'s two words, so that gf2p8affine (bit i of
+ * its result reads byte 7 - i) turns qword e into one byte per element, bit i = slot 8 * octet + i. */
+static inline __m512i octet_index(int octet) {
+    uint8_t idx[64];
+    for (int e = 0; e < 8; e++)
+        for (int b = 0; b < 8; b++)
+            idx[8 * e + b] = (uint8_t)((e >> 2) * 64 + 4 * (8 * octet + 7 - b) + (e & 3));
+    return _mm512_loadu_si512(idx);
+}
+
+/* Dword lane i of chunk v's index: byte 16 * (v & 3) + i of a bytes register (the rest of the dword is ignored:
+ * vpermps reads 4 bits, and the high nibble is shifted down into them). */
+static inline __m512i spread_index(int v) {
+    uint8_t idx[64];
+    for (int i = 0; i < 64; i++) idx[i] = (uint8_t)(16 * (v & 3) + i / 4);
+    return _mm512_loadu_si512(idx);
+}
+
+/* Philox's round keys of 16 slots (lane i: seeds[i], lanes >= n: seed 0): keys[2r] = k0 + r W0, keys[2r + 1] =
+ * k1 + r W1 for rounds r = 0..9. They depend on the seeds only, so one call of noise_sum computes them once. */
+static void round_keys16(const uint64_t *seeds, int n, __m512i keys[20]) {
+    uint32_t k0[16], k1[16];
+    for (int i = 0; i < 16; i++) {
+        uint64_t seed = i < n ? seeds[i] : 0;
+        k0[i] = (uint32_t)seed; k1[i] = (uint32_t)(seed >> 32);
+    }
+    for (int r = 0; r < 10; r++) {
+        keys[2 * r] = _mm512_loadu_si512(k0);
+        keys[2 * r + 1] = _mm512_loadu_si512(k1);
+        for (int i = 0; i < 16; i++) { k0[i] += W0; k1[i] += W1; }
+    }
+}
+
+/* philox() of one block under J * 16 keys (J chunks of round_keys16), the J chains interleaved so that the
+ * multiplies' latency overlaps. The first round is folded: its counter words 2 and 3 are 0 and words 0 and 1 are
+ * the same in every lane. The high and low halves of the 32x32 products are gathered by one two-source permute
+ * each. Same integer function as philox(). */
+static inline __attribute__((always_inline)) void philox_chunks(uint64_t block, const __m512i *keys, int J,
+                                                                __m512i out[4][4]) {
+    const __m512i m0 = _mm512_set1_epi64(M0), m1 = _mm512_set1_epi64(M1);
+    const __m512i lo_idx = _mm512_setr_epi32(0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30);
+    const __m512i hi_idx = _mm512_setr_epi32(1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
+    uint64_t p = (uint64_t)M0 * (uint32_t)block;
+    const __m512i counter_hi = _mm512_set1_epi32((int)(uint32_t)(block >> 32));
+    const __m512i p_hi = _mm512_set1_epi32((int)(uint32_t)(p >> 32)), p_lo = _mm512_set1_epi32((int)(uint32_t)p);
+    __m512i c0[4], c1[4], c2[4], c3[4];
+    for (int j = 0; j < J; j++) {
+        c0[j] = _mm512_xor_si512(counter_hi, keys[20 * j]);
+        c1[j] = _mm512_setzero_si512();
+        c2[j] = _mm512_xor_si512(p_hi, keys[20 * j + 1]);
+        c3[j] = p_lo;
+    }
+    for (int r = 1; r < 10; r++) {
+        for (int j = 0; j < J; j++) {
+            __m512i e0 = _mm512_mul_epu32(c0[j], m0), o0 = _mm512_mul_epu32(_mm512_srli_epi64(c0[j], 32), m0);
+            __m512i e1 = _mm512_mul_epu32(c2[j], m1), o1 = _mm512_mul_epu32(_mm512_srli_epi64(c2[j], 32), m1);
+            __m512i hi0 = _mm512_permutex2var_epi32(e0, hi_idx, o0), lo0 = _mm512_permutex2var_epi32(e0, lo_idx, o0);
+            __m512i hi1 = _mm512_permutex2var_epi32(e1, hi_idx, o1), lo1 = _mm512_permutex2var_epi32(e1, lo_idx, o1);
+            c0[j] = _mm512_ternarylogic_epi32(hi1, c1[j], keys[20 * j + 2 * r], 0x96);  /* hi1 ^ c1 ^ k0 */
+            c2[j] = _mm512_ternarylogic_epi32(hi0, c3[j], keys[20 * j + 2 * r + 1], 0x96);
+            c1[j] = lo1;
+            c3[j] = lo0;
+        }
+    }
+    for (int j = 0; j < J; j++) { out[j][0] = c0[j]; out[j][1] = c1[j]; out[j][2] = c2[j]; out[j][3] = c3[j]; }
+}
+
+/* One whole aligned Rademacher run over m > 4 slots by table lookup: `tables` holds, for each group of 4 slots,
+ * its 16 possible sums ((+-c0 +- c1) +- c2) +- c3 indexed by the 4 sign bits (computed in that order by
+ * group_tables), so a lookup gives exactly the group's sum. Each 8 slots' sign bits are transposed into one byte
+ * per element (vpermt2b, then an 8x8 bit transpose per qword by gf2p8affine); the byte's two nibbles look up the
+ * pair's two groups (vpermps), which are added, and the pair sums are accumulated in order: slot_sum's bits.
+ * `keys`: round_keys16 of each 16 slots. */
+static void rademacher_run_tables(float *dst, const float *src, uint64_t block, const __m512i *keys,
+                                  const float *tables, int m, int accumulate, int stream) {
+    __m512 acc[8];
+    __m512i words[4][4];
+    const __m512i identity = _mm512_set1_epi64(0x8040201008040201LL);
+    __m512i octet_idx[2] = {octet_index(0), octet_index(1)}, spread[4];
+    for (int v = 0; v < 4; v++) spread[v] = spread_index(v);
+    for (int s64 = 0; s64 < m; s64 += 64) {
+        int chunks = (m - s64 + 15) / 16;
+        const __m512i *k = keys + 20 * (s64 / 16);
+        switch (chunks >= 4 ? 4 : chunks) {  /* constant J, so each case's loops unroll */
+            case 4: philox_chunks(block, k, 4, words); break;
+            case 3: philox_chunks(block, k, 3, words); break;
+            case 2: philox_chunks(block, k, 2, words); break;
+            default: philox_chunks(block, k, 1, words); break;
+        }
+        for (int c = 0; c < 4 && s64 + 16 * c < m; c++) {
+            int s0 = s64 + 16 * c, n = m - s0 < 16 ? m - s0 : 16;
+            for (int octet = 0; octet < 2 && 8 * octet < n; octet++) {
+                __m512i bytes[2] = {
+                    _mm512_gf2p8affine_epi64_epi8(
+                        identity, _mm512_permutex2var_epi8(words[c][0], octet_idx[octet], words[c][1]), 0),
+                    _mm512_gf2p8affine_epi64_epi8(
+                        identity, _mm512_permutex2var_epi8(words[c][2], octet_idx[octet], words[c][3]), 0)};
+                int group = (s0 + 8 * octet) / 4, pair = n - 8 * octet > 4;
+                __m512 lo_table = _mm512_loadu_ps(tables + 16 * group);
+                __m512 hi_table = pair ? _mm512_loadu_ps(tables + 16 * (group + 1)) : lo_table;
+                for (int v = 0; v < 8; v++) {
+                    __m512i idx = _mm512_permutexvar_epi8(spread[v & 3], bytes[v >> 2]);
+                    __m512 sum = _mm512_permutexvar_ps(idx, lo_table);
+                    if (pair) sum = _mm512_add_ps(sum, _mm512_permutexvar_ps(_mm512_srli_epi32(idx, 4), hi_table));
+                    acc[v] = s0 + 8 * octet ? _mm512_add_ps(acc[v], sum) : sum;
+                }
+            }
+        }
+    }
+    for (int v = 0; v < 8; v++) {
+        __m512 x = accumulate ? _mm512_add_ps(_mm512_loadu_ps(src + 16 * v), acc[v]) : acc[v];
+        if (stream) _mm512_stream_ps(dst + 16 * v, x); else _mm512_storeu_ps(dst + 16 * v, x);
+    }
+}
+#endif /* HAVE_RUN_TABLES */
 #endif
 
 /* -c when bit is 1, c when 0: a sign-bit XOR, branch-free (random bits defeat branch prediction). */
@@ -145,36 +269,103 @@ static inline float signed_coeff(uint32_t coeff_bits, uint32_t bit) {
     return v.f;
 }
 
-/* All m slots in one pass: acc = ((c0 z0 + c1 z1) + c2 z2) + ..., then dst = src + acc (accumulate) or dst = acc.
- * Works through aligned runs of at most 128 elements, so acc stays in registers / L1. */
+/* Folds slot s's terms (in `group`) into slot_sum's partial sums, n elements: a group closes after its 4th slot or
+ * the last one; the first group of a pair waits in `pair`, the second is added to it and the pair to `total`. */
+static void close_slot(float *group, float *pair, float *total, int s, int m, int64_t n) {
+    int last = s == m - 1;
+    if ((s & 3) != 3 && !last) return;
+    int second = (s >> 2) & 1, first_pair = s < 8;
+    if (second) {
+        for (int64_t j = 0; j < n; j++) pair[j] += group[j];
+    } else if (!last) {
+        for (int64_t j = 0; j < n; j++) pair[j] = group[j];
+        return;
+    } else {
+        pair = group;  /* a last group without a partner is the pair */
+    }
+    if (first_pair) {
+        for (int64_t j = 0; j < n; j++) total[j] = pair[j];
+    } else {
+        for (int64_t j = 0; j < n; j++) total[j] += pair[j];
+    }
+}
+
+/* The 16 sums of each group of 4 slots for every sign pattern b (bit i set: slot 4j+i's z is -1), in slot_sum's
+ * order; bits of slots past the last are ignored (their entries repeat). */
+static void group_tables(const float *coeffs, int m, float *tables) {
+    for (int j = 0; 4 * j < m; j++) {
+        int r = m - 4 * j < 4 ? m - 4 * j : 4;
+        for (uint32_t b = 0; b < 16; b++) {
+            union { float f; uint32_t u; } c = {coeffs[4 * j]};
+            float sum = signed_coeff(c.u, b & 1u);
+            for (int i = 1; i < r; i++) {
+                c.f = coeffs[4 * j + i];
+                sum += signed_coeff(c.u, (b >> i) & 1u);
+            }
+            tables[16 * j + b] = sum;
+        }
+    }
+}
+
+/* All m slots in one pass: acc = slot_sum(c0 z0, c1 z1, ...), then dst = src + acc (accumulate) or dst = acc.
+ * Works through aligned runs of at most 128 elements, so the partial sums stay in registers / L1. */
 void noise_sum(float *dst, const float *src, int64_t n, uint64_t offset, const uint64_t *seeds,
                const float *coeffs, int m, int gaussian_dist, const float *table, int accumulate) {
-    float acc[128], by_lane[8][16];
+    float group[128], pair[128], acc[128], by_lane[8][16];
     int64_t i = 0;
+#ifdef HAVE_RUN_TABLES
+    float *tables = NULL;
+    __m512i *keys = NULL;
+    if (!gaussian_dist && m > 4) {
+        int chunks = (m + 15) / 16;
+        tables = (float *)malloc(sizeof(float) * 16 * (size_t)((m + 3) / 4));
+        if (posix_memalign((void **)&keys, 64, sizeof(__m512i) * 20 * (size_t)chunks)) keys = NULL;
+        if (tables && keys) {
+            group_tables(coeffs, m, tables);
+            for (int c = 0; c < chunks; c++) round_keys16(seeds + 16 * c, m - 16 * c, keys + 20 * c);
+        } else {
+            free(tables);
+            free(keys);
+            tables = NULL;
+            keys = NULL;
+        }
+    }
+#endif
     while (i < n) {
         uint64_t g0 = offset + (uint64_t)i;
         int64_t count = 128 - (int64_t)(g0 & 127);
         if (count > n - i) count = n - i;
 #ifdef HAVE_RUN_AVX512
-        if (!gaussian_dist && count == 128) {
+        if (!gaussian_dist && count == 128 && (m <= 4
+#ifdef HAVE_RUN_TABLES
+                                               || tables
+#endif
+                                               )) {
             /* A separate destination (a perturbed copy) is written with streaming stores when aligned: no read
-             * of lines that are about to be overwritten. */
+             * of lines that are about to be overwritten. For m <= 4, slot_sum is the left-to-right sum. */
             int stream = dst != src && ((uintptr_t)(dst + i) & 63) == 0;
+#ifdef HAVE_RUN_TABLES
+            if (tables) rademacher_run_tables(dst + i, src + i, g0 >> 7, keys, tables, m, accumulate, stream);
+            else
+#endif
             rademacher_run_avx512(dst + i, src + i, g0 >> 7, seeds, coeffs, m, accumulate, stream);
             i += 128;
             continue;
         }
 #endif
+        /* by_lane's layout for a whole Gaussian run, natural otherwise: the same for all three partial sums. */
+        float *terms = gaussian_dist && count == 128 ? &by_lane[0][0] : group;
         for (int s = 0; s < m; s++) {
             union { float f; uint32_t u; } c = {coeffs[s]};
             uint32_t w[4];
+            int fresh = (s & 3) == 0;  /* the first slot of a group */
             if (!gaussian_dist && count == 128) {
                 /* A whole aligned block: word by word, so each inner loop shifts one broadcast word (vectorizes
                  * without gathers). */
                 philox(g0 >> 7, seeds[s], w);
                 for (int q = 0; q < 4; q++) {
-                    float *a = acc + 32 * q;
-                    if (s) {
+                    float *a = terms + 32 * q;
+                    if (!fresh) {
                         for (uint32_t b = 0; b < 32; b++) a[b] += signed_coeff(c.u, (w[q] >> b) & 1u);
                     } else {
                         for (uint32_t b = 0; b < 32; b++) a[b] = signed_coeff(c.u, (w[q] >> b) & 1u);
@@ -186,7 +377,7 @@ void noise_sum(float *dst, const float *src, int64_t n, uint64_t offset, const u
                 for (int64_t j = 0; j < count; j++) {
                     int64_t b = first + j;
                     float v = signed_coeff(c.u, (w[b >> 5] >> (b & 31)) & 1u);
-                    acc[j] = s ? acc[j] + v : v;
+                    terms[j] = fresh ? v : terms[j] + v;
                 }
             } else if (count == 128) {
                 /* A whole aligned run: its 16 Gaussian blocks generated together, and summed lane-major
@@ -197,7 +388,7 @@ void noise_sum(float *dst, const float *src, int64_t n, uint64_t offset, const u
                     const uint32_t *word = x[lane >> 1];
                     uint32_t shift = 16u * (uint32_t)(lane & 1);
                     float *a = by_lane[lane], coeff = coeffs[s];
-                    if (s) {
+                    if (!fresh) {
                         for (int blk = 0; blk < 16; blk++) a[blk] += coeff * table[(word[blk] >> shift) & 0xFFFFu];
                     } else {
                         for (int blk = 0; blk < 16; blk++) a[blk] = coeff * table[(word[blk] >> shift) & 0xFFFFu];
@@ -210,12 +401,15 @@ void noise_sum(float *dst, const float *src, int64_t n, uint64_t offset, const u
                     if ((g >> 3) != block) { block = g >> 3; philox(block, seeds[s], w); }
                     int64_t lane = (int64_t)(g & 7);
                     float v = coeffs[s] * table[(w[lane >> 1] >> (16 * (lane & 1))) & 0xFFFFu];
-                    acc[j] = s ? acc[j] + v : v;
+                    terms[j] = fresh ? v : terms[j] + v;
                 }
             }
+            close_slot(terms, pair, acc, s, m, count == 128 ? 128 : count);
         }
         if (gaussian_dist && count == 128) {
-            for (int j = 0; j < 128; j++) acc[j] = by_lane[j & 7][j >> 3];
+            float natural[128];
+            for (int j = 0; j < 128; j++) natural[j] = acc[(j & 7) * 16 + (j >> 3)];
+            for (int j = 0; j < 128; j++) acc[j] = natural[j];
         }
         if (accumulate) {
             for (int64_t j = 0; j < count; j++) dst[i + j] = src[i + j] + acc[j];
@@ -224,6 +418,10 @@ void noise_sum(float *dst, const float *src, int64_t n, uint64_t offset, const u
         }
         i += count;
     }
+#ifdef HAVE_RUN_TABLES
+    free(tables);
+    free(keys);
+#endif
 #ifdef HAVE_RUN_AVX512
     _mm_sfence();  /* streaming stores visible before the caller reads dst */
 #endif

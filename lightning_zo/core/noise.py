@@ -112,12 +112,53 @@ def add_noise(dst: torch.Tensor, src: torch.Tensor | None, seed: int, offset: in
     return dst
 
 
+GROUP = 4  # slots summed left to right into one partial sum (see `slot_sum`)
+PAIR = 2  # partial sums added pairwise before the running total
+
+
+def slot_sum(terms):
+    """The association of every multi-slot sum (generator version 2; `GENERATOR_VERSION`), on anything that adds:
+
+        g_j = ((t_4j + t_4j+1) + t_4j+2) + t_4j+3           groups of 4 slots, left to right
+        o_k = g_2k + g_2k+1  (g_2k alone if it is the last)  pairs of groups
+        sum = ((o_0 + o_1) + o_2) + ...                      pairs left to right
+
+    For 4 slots or fewer this is the plain left-to-right sum (version 1's, so those logs replay unchanged). It lets
+    a kernel look a group's 16 possible Rademacher sums up by 4 sign bits instead of adding slot by slot: the table
+    entries are computed in the same order, so the bits are the same."""
+    total = first = group = None  # first: a pair's first group, waiting for its second
+    count = 0
+    for t in terms:  # streamed: at most four operands are alive, whatever the number of slots
+        group = t if count % GROUP == 0 else group + t
+        count += 1
+        if count % GROUP == 0:
+            first, total = _close_group(group, first, total)
+            group = None
+    if count == 0:
+        raise ValueError("slot_sum needs at least one term")
+    if group is not None:
+        first, total = _close_group(group, first, total)
+    if first is not None:
+        total = first if total is None else total + first
+    return total
+
+
+def _close_group(group, first, total):
+    if first is None:
+        return group, total
+    pair = first + group
+    return None, pair if total is None else total + pair
+
+
+GENERATOR_VERSION = 2  # 1: one left-to-right sum over all slots; 2: `slot_sum`'s groups (same bits for <= 4 slots)
+
+
 def add_noise_sum(dst: torch.Tensor, src: torch.Tensor | None, seeds: list[int], coeffs: list[float], offset: int,
                   distribution: str, backend: str = "auto") -> torch.Tensor:
-    """dst = src + (((c0 z0 + c1 z1) + c2 z2) + ...) (or dst = the sum without src): every slot's update at once.
+    """dst = src + slot_sum(c_s z_s) (or dst = the sum without src): every slot's update at once.
 
-    The kernel and triton backends read and write dst once for all slots; the others loop over `add_noise`, with
-    the same roundings in the same order.
+    The kernel and triton backends read and write dst once for all slots; the others generate slot by slot and add
+    in `slot_sum`'s order, with the same roundings.
     """
     _check_distribution(distribution)
     if not seeds:
@@ -132,9 +173,8 @@ def add_noise_sum(dst: torch.Tensor, src: torch.Tensor | None, seeds: list[int],
                                 distribution)
         return dst
     if src is None or len(seeds) > 1:
-        acc = add_noise(torch.empty_like(dst), None, seeds[0], offset, coeffs[0], distribution, backend)
-        for seed, c in zip(seeds[1:], coeffs[1:]):
-            add_noise(acc, acc, seed, offset, c, distribution, backend)
+        acc = slot_sum(add_noise(torch.empty_like(dst), None, seed, offset, c, distribution, backend)
+                       for seed, c in zip(seeds, coeffs))
         return dst.copy_(acc) if src is None else torch.add(src, acc, out=dst)
     return add_noise(dst, src, seeds[0], offset, coeffs[0], distribution, backend)
 

@@ -20,7 +20,8 @@ from .aggregation import Aggregation, validate as validate_aggregation
 from .codecs import Codec, LinearCodec, check_received, is_stop
 from .engine import PerturbedForward, apply_update
 from .layout import ParamLayout
-from .noise import DISTRIBUTIONS
+from .errors import UserError
+from .noise import DISTRIBUTIONS, GENERATOR_VERSION, GROUP
 from .philox import derive_seed
 from .rules import UpdateRule, validate as validate_rule
 
@@ -111,17 +112,27 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.rank, self.world_size = 0, 1
         self.exchange: Callable[[torch.Tensor], torch.Tensor] = lambda payload: payload
         self.step_count = 0
+        self.generator_version = GENERATOR_VERSION  # how multi-slot sums associate (noise.slot_sum)
         self.last_record: Optional[StepRecord] = None
         self.weight_decay = float(weight_decay)
         self._warned_dropout = False
 
     def describe(self) -> dict:
         """Everything besides the base weights and the per-step records that replay needs."""
-        return {"generator": "philox4x32-10", "distribution": self.distribution, "norm": self.norm, "eps": self.eps,
+        return {"generator": "philox4x32-10", "generator_version": self.generator_version, "distribution": self.distribution, "norm": self.norm, "eps": self.eps,
                 "seed": self.seed, "weight_decay": self.weight_decay, "codec": self.codec.config(),
                 "aggregation": self.aggregation.config(), "rule": self.rule.config(),
                 "payload_dtype": str(self.codec.dtype).replace("torch.", ""), "numel": self.layout.numel,
                 "param_dtype": str(self.layout.slots[0].param.dtype).replace("torch.", "")}
+
+    def use_generator_version(self, version: int) -> None:
+        """Replay or continue a log of another generator version (its header's "generator_version"; 1 if absent).
+        Version 1 summed all slots left to right; that is version 2's sum for up to 4 slots, so such logs replay
+        exactly, and `apply` refuses a step of more slots rather than compute other bits."""
+        if version not in (1, GENERATOR_VERSION):
+            raise UserError(f"the log was written by generator version {version!r}; this release reads versions 1 "
+                            f"and {GENERATOR_VERSION}")
+        self.generator_version = version
 
     def attach(self, rank: int, world_size: int, exchange: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Called by the strategy: who we are and how codes travel."""
@@ -213,6 +224,11 @@ class ZOOptimizer(torch.optim.Optimizer):
         estimates = [(self.direction_seed(record.step, direction), value)
                      for direction, value in aggregation.estimates(codec, record.codes, record.k)]
         terms = self.rule.terms(estimates, aggregation.scale(len(record.codes), record.k, self.norm), record.lr)
+        if self.generator_version == 1 and len(terms) > GROUP:
+            raise UserError(f"step {record.step} adds {len(terms)} slots, but its log was written by generator "
+                            "version 1 (one left-to-right sum of all slots), which this release reproduces for at "
+                            f"most {GROUP}; version {GENERATOR_VERSION} adds them in groups of {GROUP}. Replay or "
+                            "continue it with the release that wrote it, or start a new run")
         seeds = [seed for seed, _ in terms]
         coeffs = [coefficient for _, coefficient in terms]
         codec.advance(record.codes)

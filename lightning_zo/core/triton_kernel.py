@@ -2,7 +2,7 @@
 
 Same bits as noise.py's reference semantics (tests hold it to them, on CUDA and through Triton's CPU interpreter):
 
-    x = src * factor (if decayed) + (((c0 z0 + c1 z1) + c2 z2) + ...)      every product and sum rounded in fp32
+    x = src * factor (if decayed) + noise.slot_sum(c0 z0, c1 z1, ...)      every product and sum rounded in fp32
     dst = x rounded to dst's dtype: to nearest, or for bfloat16 stochastically with 16 shared random bits
 
 Compiled with `enable_fp_fusion=False`, so no multiply-add is contracted into an FMA (the CPU kernel is built with
@@ -96,6 +96,25 @@ if triton is not None:
         return term
 
     @triton.jit
+    def _group(seeds, coeffs, gauss, s, m, b0, b1, w, h, GAUSSIAN: tl.constexpr):
+        """noise.slot_sum's group: slots s .. min(s + 4, m) - 1, left to right."""
+        g = _term(seeds, coeffs, gauss, s, b0, b1, w, h, GAUSSIAN)
+        j = s + 1
+        end = tl.minimum(s + 4, m)
+        while j < end:
+            g = g + _term(seeds, coeffs, gauss, j, b0, b1, w, h, GAUSSIAN)
+            j += 1
+        return g
+
+    @triton.jit
+    def _pair(seeds, coeffs, gauss, s, m, b0, b1, w, h, GAUSSIAN: tl.constexpr):
+        """noise.slot_sum's pair: the group at s plus the group at s + 4, if there is one."""
+        o = _group(seeds, coeffs, gauss, s, m, b0, b1, w, h, GAUSSIAN)
+        if s + 4 < m:
+            o = o + _group(seeds, coeffs, gauss, s + 4, m, b0, b1, w, h, GAUSSIAN)
+        return o
+
+    @triton.jit
     def _bfloat16_nearest(x):
         """x rounded to the nearest bfloat16 (ties to even), still as float32: integer ops, so the final conversion
         is exact on every backend (Triton 3.6's CPU interpreter does not round this conversion to nearest-even)."""
@@ -144,12 +163,12 @@ if triton is not None:
         b0 = block.to(tl.uint32)
         b1 = (block >> 32).to(tl.uint32)
 
-        if HAS_NOISE:
-            acc = _term(seeds, coeffs, gauss, 0, b0, b1, w, h, GAUSSIAN)  # not 0 + term: a -0.0 stays, as on the CPU
-            s = 1
-            while s < m:  # not `for s in range(1, m)`: Triton 3.6's interpreter cannot range over a runtime int
-                acc = acc + _term(seeds, coeffs, gauss, s, b0, b1, w, h, GAUSSIAN)
-                s += 1
+        if HAS_NOISE:  # noise.slot_sum's association: pairs of groups of 4 slots
+            acc = _pair(seeds, coeffs, gauss, 0, m, b0, b1, w, h, GAUSSIAN)  # not 0 + ...: a -0.0 stays, as on the CPU
+            s = 8
+            while s < m:  # not `for s in range(8, m, 8)`: Triton 3.6's interpreter cannot range over a runtime int
+                acc = acc + _pair(seeds, coeffs, gauss, s, m, b0, b1, w, h, GAUSSIAN)
+                s += 8
 
         if ACCUMULATE:
             x = tl.load(src + src_at + i, mask=mask).to(tl.float32)

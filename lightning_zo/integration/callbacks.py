@@ -284,6 +284,7 @@ class TrajectoryLog(pl.Callback):
         if found is not None:
             changed = check_compatible(found.header, header, path, allow_changes=self.allow_changes)
             records = found.records
+            opt.use_generator_version(found.header.get("generator_version", 1))
             if trainer.max_steps >= 0 and len(records) >= trainer.max_steps:
                 raise RunComplete(f"{path.parent} already holds a finished run of {len(records)} steps "
                                   f"(trainer.max_steps={trainer.max_steps}): nothing to train. Raise "
