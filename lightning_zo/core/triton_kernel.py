@@ -96,25 +96,6 @@ if triton is not None:
         return term
 
     @triton.jit
-    def _group(seeds, coeffs, gauss, s, m, b0, b1, w, h, GAUSSIAN: tl.constexpr):
-        """noise.slot_sum's group: slots s .. min(s + 4, m) - 1, left to right."""
-        g = _term(seeds, coeffs, gauss, s, b0, b1, w, h, GAUSSIAN)
-        j = s + 1
-        end = tl.minimum(s + 4, m)
-        while j < end:
-            g = g + _term(seeds, coeffs, gauss, j, b0, b1, w, h, GAUSSIAN)
-            j += 1
-        return g
-
-    @triton.jit
-    def _pair(seeds, coeffs, gauss, s, m, b0, b1, w, h, GAUSSIAN: tl.constexpr):
-        """noise.slot_sum's pair: the group at s plus the group at s + 4, if there is one."""
-        o = _group(seeds, coeffs, gauss, s, m, b0, b1, w, h, GAUSSIAN)
-        if s + 4 < m:
-            o = o + _group(seeds, coeffs, gauss, s + 4, m, b0, b1, w, h, GAUSSIAN)
-        return o
-
-    @triton.jit
     def _bfloat16_nearest(x):
         """x rounded to the nearest bfloat16 (ties to even), still as float32: integer ops, so the final conversion
         is exact on every backend (Triton 3.6's CPU interpreter does not round this conversion to nearest-even)."""
@@ -163,12 +144,31 @@ if triton is not None:
         b0 = block.to(tl.uint32)
         b1 = (block >> 32).to(tl.uint32)
 
-        if HAS_NOISE:  # noise.slot_sum's association: pairs of groups of 4 slots
-            acc = _pair(seeds, coeffs, gauss, 0, m, b0, b1, w, h, GAUSSIAN)  # not 0 + ...: a -0.0 stays, as on the CPU
-            s = 8
-            while s < m:  # not `for s in range(8, m, 8)`: Triton 3.6's interpreter cannot range over a runtime int
-                acc = acc + _pair(seeds, coeffs, gauss, s, m, b0, b1, w, h, GAUSSIAN)
-                s += 8
+        if HAS_NOISE:
+            # noise.slot_sum's association, slot by slot (as cpu_kernel.c's close_slot): a group of 4 closes after
+            # its 4th slot or the last; a pair's first group waits, the second joins it, the pair joins the total.
+            # The first term of each sum is assigned, not added to 0: a -0.0 stays, as on the CPU.
+            group = tl.zeros(g.shape, tl.float32)
+            pair = tl.zeros(g.shape, tl.float32)
+            acc = tl.zeros(g.shape, tl.float32)
+            s = 0
+            while s < m:  # not `for s in range(m)`: Triton 3.6's interpreter cannot range over a runtime int
+                term = _term(seeds, coeffs, gauss, s, b0, b1, w, h, GAUSSIAN)
+                if s % 4 == 0:
+                    group = term
+                else:
+                    group = group + term
+                if (s % 4 == 3) | (s == m - 1):
+                    if s % 8 < 4:
+                        pair = group
+                    else:
+                        pair = pair + group
+                    if (s % 8 >= 4) | (s == m - 1):
+                        if s < 8:
+                            acc = pair
+                        else:
+                            acc = acc + pair
+                s += 1
 
         if ACCUMULATE:
             x = tl.load(src + src_at + i, mask=mask).to(tl.float32)
