@@ -113,7 +113,6 @@ def add_noise(dst: torch.Tensor, src: torch.Tensor | None, seed: int, offset: in
 
 
 GROUP = 4  # slots summed left to right into one partial sum (see `slot_sum`)
-PAIR = 2  # partial sums added pairwise before the running total
 
 
 def slot_sum(terms):

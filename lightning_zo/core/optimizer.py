@@ -119,7 +119,8 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     def describe(self) -> dict:
         """Everything besides the base weights and the per-step records that replay needs."""
-        return {"generator": "philox4x32-10", "generator_version": self.generator_version, "distribution": self.distribution, "norm": self.norm, "eps": self.eps,
+        return {"generator": "philox4x32-10", "generator_version": self.generator_version,
+                "distribution": self.distribution, "norm": self.norm, "eps": self.eps,
                 "seed": self.seed, "weight_decay": self.weight_decay, "codec": self.codec.config(),
                 "aggregation": self.aggregation.config(), "rule": self.rule.config(),
                 "payload_dtype": str(self.codec.dtype).replace("torch.", ""), "numel": self.layout.numel,
