@@ -79,7 +79,7 @@ def optimizer_for(model: torch.nn.Module, header: dict) -> ZOOptimizer:
                       distribution=header["distribution"], norm=header["norm"], seed=header["seed"],
                       codec=codec_from_config(header["codec"]), aggregation=aggregation.name, trim=aggregation.trim,
                       **rule_keywords(header))
-    opt.use_generator_version(header.get("generator_version", 1))
+    opt.follow_log(header)
     return opt
 
 

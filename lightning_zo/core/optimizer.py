@@ -126,9 +126,12 @@ class ZOOptimizer(torch.optim.Optimizer):
                 "payload_dtype": str(self.codec.dtype).replace("torch.", ""), "numel": self.layout.numel,
                 "param_dtype": str(self.layout.slots[0].param.dtype).replace("torch.", "")}
 
+    def follow_log(self, header: dict) -> None:
+        """Replay or continue the log with this header: its generator version (1 for headers without the key)."""
+        self.use_generator_version(header.get("generator_version", 1))
+
     def use_generator_version(self, version: int) -> None:
-        """Replay or continue a log of another generator version (its header's "generator_version"; 1 if absent).
-        Version 1 summed all slots left to right; that is version 2's sum for up to 4 slots, so such logs replay
+        """Version 1 summed all slots left to right; that is version 2's sum for up to 4 slots, so such logs replay
         exactly, and `apply` refuses a step of more slots rather than compute other bits."""
         if version not in (1, GENERATOR_VERSION):
             raise UserError(f"the log was written by generator version {version!r}; this release reads versions 1 "

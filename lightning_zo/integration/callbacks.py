@@ -161,7 +161,8 @@ class RunSummary(pl.Callback):
         model = getattr(pl_module, "model", pl_module)  # the module's own model, as ZOOptimizer.model is
         numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
         summary = {**self.results, "steps": trainer.global_step, "world_size": trainer.world_size,
-                   "rank": trainer.global_rank, "optimizer": ", ".join(type(getattr(o, "optimizer", o)).__name__ for o in trainer.optimizers),
+                   "rank": trainer.global_rank,
+                   "optimizer": ", ".join(type(getattr(o, "optimizer", o)).__name__ for o in trainer.optimizers),
                    "payload_bytes_per_step": 4 * numel * trainer.world_size if trainer.world_size > 1 else 0,
                    "gradient_bytes_per_rank_per_step": 4 * numel, "train_seconds": round(train_seconds, 3),
                    "weights_sha256": weights_digest(model)}
@@ -284,7 +285,7 @@ class TrajectoryLog(pl.Callback):
         if found is not None:
             changed = check_compatible(found.header, header, path, allow_changes=self.allow_changes)
             records = found.records
-            opt.use_generator_version(found.header.get("generator_version", 1))
+            opt.follow_log(found.header)
             if trainer.max_steps >= 0 and len(records) >= trainer.max_steps:
                 raise RunComplete(f"{path.parent} already holds a finished run of {len(records)} steps "
                                   f"(trainer.max_steps={trainer.max_steps}): nothing to train. Raise "
