@@ -151,3 +151,37 @@ def test_kernel_many_slots_and_zero_coefficients(distribution, m):
         want = add_noise_sum(torch.empty_like(src), None, seeds[:3], zeros, offset, distribution, backend="numpy")
         got = add_noise_sum(torch.empty_like(src), None, seeds[:3], zeros, offset, distribution, backend="kernel")
         assert torch.equal(got.view(torch.int32), want.view(torch.int32)), (m, offset)
+
+
+@pytest.mark.parametrize("openmp", [True, False])
+@pytest.mark.parametrize("distribution", ["rademacher", "gaussian"])
+@pytest.mark.parametrize("m", [1, 4, 9])
+def test_one_pass_over_many_pieces_in_shares(monkeypatch, openmp, distribution, m):
+    """fill_many and fill_rows cut one pass into shares (on torch's OpenMP threads, or Python threads where the
+    runtime is not shared) at any element: every piece, row and share boundary gives the reference's bits, with
+    and without src, and for runs of 16 whole Philox blocks and their remainders."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from lightning_zo.core.noise import fill_many, fill_rows
+
+    if openmp and not cpu_kernel.uses_openmp():
+        pytest.skip("this build does not share torch's OpenMP runtime")
+    monkeypatch.setattr(cpu_kernel.load(), "openmp", openmp)
+    seeds, coeffs = [derive_seed(3, 1, s) for s in range(m)], [(-1) ** s * 1e-3 / (s + 1) for s in range(m)]
+    sizes, offsets = [70_001, 5, 4096, 129, 66_000], [2**39 - 1000, 0, 77, 2**33 + 5, 128 * 3]
+    srcs = [torch.randn(n) for n in sizes]
+    with ThreadPoolExecutor(2) as executor:
+        dsts = [torch.empty(n) for n in sizes]
+        calls = fill_many([(d, s if i % 2 == 0 else None, o) for i, (d, s, o) in enumerate(zip(dsts, srcs, offsets))],
+                          seeds, coeffs, distribution, executor, workers=3)
+        assert calls == (1 if openmp else 3)
+        for i, (d, s, o) in enumerate(zip(dsts, srcs, offsets)):
+            want = add_noise_sum(torch.empty_like(s), s if i % 2 == 0 else None, seeds, coeffs, o, distribution,
+                                 backend="numpy")
+            assert torch.equal(d.view(torch.int32), want.view(torch.int32)), (i, o)
+        table, rows = torch.randn(300, 576), torch.tensor([0, 3, 4, 150, 299])
+        got = torch.empty(len(rows), 576)
+        fill_rows(got, table[rows], 1000 + rows * 576, seeds, coeffs, distribution, executor, workers=2)
+        for i, r in enumerate(rows.tolist()):
+            want = add_noise_sum(torch.empty(576), table[r], seeds, coeffs, 1000 + r * 576, distribution, "numpy")
+            assert torch.equal(got[i], want), r

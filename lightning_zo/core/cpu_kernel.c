@@ -6,6 +6,9 @@
  * are rounded separately exactly as in the numpy and torch paths. */
 #include <stdint.h>
 #include <stdlib.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #define M0 0xD2511F53u
 #define M1 0xCD9E8D57u
@@ -143,6 +146,112 @@ static void rademacher_run_avx512(float *dst, const float *src, uint64_t block, 
     }
 }
 
+/* Philox of J <= 4 interleaved 16-lane chains (so that the multiplies' latency overlaps) from its folded first
+ * round: a counter (lo, hi, 0, 0) gives c0 = hi ^ k0, c1 = 0, c2 = hi32(M0 lo) ^ k1 and c3 = lo32(M0 lo), so the
+ * caller passes hi and M0 lo's halves; keys[20 * j + 2r] and keys[20 * j + 2r + 1]: chain j's round keys k0 + r W0
+ * and k1 + r W1. The high and low halves of the 32x32 products are gathered by one two-source permute each. */
+static inline __attribute__((always_inline)) void philox_rounds(__m512i counter_hi, __m512i p_hi, __m512i p_lo,
+                                                                const __m512i *keys, int J, __m512i out[4][4]) {
+    const __m512i m0 = _mm512_set1_epi64(M0), m1 = _mm512_set1_epi64(M1);
+    const __m512i lo_idx = _mm512_setr_epi32(0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30);
+    const __m512i hi_idx = _mm512_setr_epi32(1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
+    __m512i c0[4], c1[4], c2[4], c3[4];
+    for (int j = 0; j < J; j++) {
+        c0[j] = _mm512_xor_si512(counter_hi, keys[20 * j]);
+        c1[j] = _mm512_setzero_si512();
+        c2[j] = _mm512_xor_si512(p_hi, keys[20 * j + 1]);
+        c3[j] = p_lo;
+    }
+    for (int r = 1; r < 10; r++) {
+        for (int j = 0; j < J; j++) {
+            __m512i e0 = _mm512_mul_epu32(c0[j], m0), o0 = _mm512_mul_epu32(_mm512_srli_epi64(c0[j], 32), m0);
+            __m512i e1 = _mm512_mul_epu32(c2[j], m1), o1 = _mm512_mul_epu32(_mm512_srli_epi64(c2[j], 32), m1);
+            __m512i hi0 = _mm512_permutex2var_epi32(e0, hi_idx, o0), lo0 = _mm512_permutex2var_epi32(e0, lo_idx, o0);
+            __m512i hi1 = _mm512_permutex2var_epi32(e1, hi_idx, o1), lo1 = _mm512_permutex2var_epi32(e1, lo_idx, o1);
+            c0[j] = _mm512_ternarylogic_epi32(hi1, c1[j], keys[20 * j + 2 * r], 0x96);  /* hi1 ^ c1 ^ k0 */
+            c2[j] = _mm512_ternarylogic_epi32(hi0, c3[j], keys[20 * j + 2 * r + 1], 0x96);
+            c1[j] = lo1;
+            c3[j] = lo0;
+        }
+    }
+    for (int j = 0; j < J; j++) { out[j][0] = c0[j]; out[j][1] = c1[j]; out[j][2] = c2[j]; out[j][3] = c3[j]; }
+}
+
+/* philox() of the 16 consecutive blocks first.. (lane i: block first + i) under J <= 4 keys (one slot each), the J
+ * chains interleaved so that the multiplies' latency overlaps: for few slots the calls vectorize across runs, not
+ * slots. The first round is folded (counter words 2 and 3 are 0, so it has one product). Same integer function. */
+static inline __attribute__((always_inline)) void philox_runs(uint64_t first, const uint64_t *seeds, int J,
+                                                              __m512i out[4][4]) {
+    const __m512i m0 = _mm512_set1_epi64(M0);
+    const __m512i lo_idx = _mm512_setr_epi32(0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30);
+    const __m512i hi_idx = _mm512_setr_epi32(1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
+    uint32_t lo[16], hi[16];
+    for (int i = 0; i < 16; i++) {
+        uint64_t block = first + (uint64_t)i;
+        lo[i] = (uint32_t)block; hi[i] = (uint32_t)(block >> 32);
+    }
+    __m512i counter_lo = _mm512_loadu_si512(lo), counter_hi = _mm512_loadu_si512(hi);
+    __m512i e = _mm512_mul_epu32(counter_lo, m0), o = _mm512_mul_epu32(_mm512_srli_epi64(counter_lo, 32), m0);
+    __m512i p_hi = _mm512_permutex2var_epi32(e, hi_idx, o), p_lo = _mm512_permutex2var_epi32(e, lo_idx, o);
+    __m512i keys[4 * 20];
+    for (int j = 0; j < J; j++) {
+        uint32_t k0 = (uint32_t)seeds[j], k1 = (uint32_t)(seeds[j] >> 32);
+        for (int r = 0; r < 10; r++) {
+            keys[20 * j + 2 * r] = _mm512_set1_epi32((int)(k0 + (uint32_t)r * W0));
+            keys[20 * j + 2 * r + 1] = _mm512_set1_epi32((int)(k1 + (uint32_t)r * W1));
+        }
+    }
+    philox_rounds(counter_hi, p_hi, p_lo, keys, J, out);
+}
+
+/* 16 whole aligned Rademacher runs (2048 elements from block `first`) over m <= 4 slots: their Philox calls
+ * first (philox_runs), then each run as rademacher_run_avx512 does it: a mask of 16 sign bits picks -c or +c per
+ * lane, one IEEE add per element and slot in slot order (slot_sum for m <= 4), so the same bits. */
+static void rademacher_runs16(float *dst, const float *src, uint64_t first, const uint64_t *seeds,
+                              const float *coeffs, int m, int accumulate, int stream) {
+    __m512i out[4][4];
+    uint32_t words[4][4][16] __attribute__((aligned(64)));  /* [slot][word][run] */
+    switch (m) {  /* constant J, so each case's loops unroll */
+        case 4: philox_runs(first, seeds, 4, out); break;
+        case 3: philox_runs(first, seeds, 3, out); break;
+        case 2: philox_runs(first, seeds, 2, out); break;
+        default: philox_runs(first, seeds, 1, out); break;
+    }
+    for (int j = 0; j < m; j++)
+        for (int q = 0; q < 4; q++) _mm512_store_si512(words[j][q], out[j][q]);
+    const __m512i sign = _mm512_set1_epi32((int)0x80000000u);
+    __m512 c[4], nc[4];
+    for (int j = 0; j < m; j++) {
+        c[j] = _mm512_set1_ps(coeffs[j]);
+        nc[j] = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(c[j]), sign));
+    }
+    for (int r = 0; r < 16; r++) {
+        float *d = dst + 128 * r;
+        const float *s = src + 128 * r;
+        for (int q = 0; q < 4; q++) {
+            uint32_t w = words[0][q][r];
+            __m512 lo = _mm512_mask_blend_ps((__mmask16)(w & 0xFFFFu), c[0], nc[0]);
+            __m512 hi = _mm512_mask_blend_ps((__mmask16)(w >> 16), c[0], nc[0]);
+            for (int j = 1; j < m; j++) {
+                w = words[j][q][r];
+                lo = _mm512_add_ps(lo, _mm512_mask_blend_ps((__mmask16)(w & 0xFFFFu), c[j], nc[j]));
+                hi = _mm512_add_ps(hi, _mm512_mask_blend_ps((__mmask16)(w >> 16), c[j], nc[j]));
+            }
+            if (accumulate) {
+                lo = _mm512_add_ps(_mm512_loadu_ps(s + 32 * q), lo);
+                hi = _mm512_add_ps(_mm512_loadu_ps(s + 32 * q + 16), hi);
+            }
+            if (stream) {
+                _mm512_stream_ps(d + 32 * q, lo);
+                _mm512_stream_ps(d + 32 * q + 16, hi);
+            } else {
+                _mm512_storeu_ps(d + 32 * q, lo);
+                _mm512_storeu_ps(d + 32 * q + 16, hi);
+            }
+        }
+    }
+}
+
 #ifdef HAVE_RUN_TABLES
 /* For vpermt2b over two Philox words of 16 slots (source bytes 0-63: the first word, 64-127: the second, 4 bytes
  * per slot): byte b of qword e is byte e of slot (8 * octet + 7 - b)'s two words, so that gf2p8affine (bit i of
@@ -184,32 +293,9 @@ static void round_keys16(const uint64_t *seeds, int n, __m512i keys[20]) {
  * each. Same integer function as philox(). */
 static inline __attribute__((always_inline)) void philox_chunks(uint64_t block, const __m512i *keys, int J,
                                                                 __m512i out[4][4]) {
-    const __m512i m0 = _mm512_set1_epi64(M0), m1 = _mm512_set1_epi64(M1);
-    const __m512i lo_idx = _mm512_setr_epi32(0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30);
-    const __m512i hi_idx = _mm512_setr_epi32(1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
     uint64_t p = (uint64_t)M0 * (uint32_t)block;
-    const __m512i counter_hi = _mm512_set1_epi32((int)(uint32_t)(block >> 32));
-    const __m512i p_hi = _mm512_set1_epi32((int)(uint32_t)(p >> 32)), p_lo = _mm512_set1_epi32((int)(uint32_t)p);
-    __m512i c0[4], c1[4], c2[4], c3[4];
-    for (int j = 0; j < J; j++) {
-        c0[j] = _mm512_xor_si512(counter_hi, keys[20 * j]);
-        c1[j] = _mm512_setzero_si512();
-        c2[j] = _mm512_xor_si512(p_hi, keys[20 * j + 1]);
-        c3[j] = p_lo;
-    }
-    for (int r = 1; r < 10; r++) {
-        for (int j = 0; j < J; j++) {
-            __m512i e0 = _mm512_mul_epu32(c0[j], m0), o0 = _mm512_mul_epu32(_mm512_srli_epi64(c0[j], 32), m0);
-            __m512i e1 = _mm512_mul_epu32(c2[j], m1), o1 = _mm512_mul_epu32(_mm512_srli_epi64(c2[j], 32), m1);
-            __m512i hi0 = _mm512_permutex2var_epi32(e0, hi_idx, o0), lo0 = _mm512_permutex2var_epi32(e0, lo_idx, o0);
-            __m512i hi1 = _mm512_permutex2var_epi32(e1, hi_idx, o1), lo1 = _mm512_permutex2var_epi32(e1, lo_idx, o1);
-            c0[j] = _mm512_ternarylogic_epi32(hi1, c1[j], keys[20 * j + 2 * r], 0x96);  /* hi1 ^ c1 ^ k0 */
-            c2[j] = _mm512_ternarylogic_epi32(hi0, c3[j], keys[20 * j + 2 * r + 1], 0x96);
-            c1[j] = lo1;
-            c3[j] = lo0;
-        }
-    }
-    for (int j = 0; j < J; j++) { out[j][0] = c0[j]; out[j][1] = c1[j]; out[j][2] = c2[j]; out[j][3] = c3[j]; }
+    philox_rounds(_mm512_set1_epi32((int)(uint32_t)(block >> 32)), _mm512_set1_epi32((int)(uint32_t)(p >> 32)),
+                  _mm512_set1_epi32((int)(uint32_t)p), keys, J, out);
 }
 
 /* One whole aligned Rademacher run over m > 4 slots by table lookup: `tables` holds, for each group of 4 slots,
@@ -336,6 +422,12 @@ void noise_sum(float *dst, const float *src, int64_t n, uint64_t offset, const u
         int64_t count = 128 - (int64_t)(g0 & 127);
         if (count > n - i) count = n - i;
 #ifdef HAVE_RUN_AVX512
+        if (!gaussian_dist && m >= 1 && m <= 4 && count == 128 && n - i >= 16 * 128) {
+            int stream = dst != src && ((uintptr_t)(dst + i) & 63) == 0;  /* as below */
+            rademacher_runs16(dst + i, src + i, g0 >> 7, seeds, coeffs, m, accumulate, stream);
+            i += 16 * 128;
+            continue;
+        }
         if (!gaussian_dist && count == 128 && (m <= 4
 #ifdef HAVE_RUN_TABLES
                                                || tables
@@ -424,5 +516,51 @@ void noise_sum(float *dst, const float *src, int64_t n, uint64_t offset, const u
 #endif
 #ifdef HAVE_RUN_AVX512
     _mm_sfence();  /* streaming stores visible before the caller reads dst */
+#endif
+}
+
+/* Share `share` of `shares` of one pass over many pieces: the pieces' elements, in order, cut into `shares`
+ * contiguous shares (whole 128-element runs), each piece k's part dst = src + sum (srcs[k] == NULL: dst = sum). */
+static void pieces_share(float *const *dsts, const float *const *srcs, const int64_t *counts,
+                         const uint64_t *offsets, int npieces, const uint64_t *seeds, const float *coeffs, int m,
+                         int gaussian_dist, const float *table, int shares, int share) {
+    int64_t total = 0;
+    for (int k = 0; k < npieces; k++) total += counts[k];
+    int64_t size = (total + shares - 1) / shares;
+    size += (128 - size % 128) % 128;
+    int64_t lo = size * share, hi = lo + size < total ? lo + size : total, at = 0;
+    for (int k = 0; k < npieces && at < hi; at += counts[k], k++) {
+        int64_t a = lo > at ? lo - at : 0, b = hi < at + counts[k] ? hi - at : counts[k];
+        if (a >= b) continue;
+        const float *src = srcs[k] ? srcs[k] + a : dsts[k] + a;
+        noise_sum(dsts[k] + a, src, b - a, offsets[k] + (uint64_t)a, seeds, coeffs, m, gaussian_dist, table,
+                  srcs[k] != NULL);
+    }
+}
+
+/* One pass of noise_sum over many pieces (a block's tensors, an embedding's rows): share `share` of `shares`, or
+ * (share < 0) all of them, in one OpenMP parallel region when built with OpenMP. The Python side uses that region
+ * only when this library shares torch's OpenMP runtime: its threads, still spinning after torch's last parallel
+ * region, take the shares at once (a thread of our own would compete with them for the cores). */
+void noise_pieces(float *const *dsts, const float *const *srcs, const int64_t *counts, const uint64_t *offsets,
+                  int npieces, const uint64_t *seeds, const float *coeffs, int m, int gaussian_dist,
+                  const float *table, int shares, int share) {
+    if (share >= 0) {
+        pieces_share(dsts, srcs, counts, offsets, npieces, seeds, coeffs, m, gaussian_dist, table, shares, share);
+        return;
+    }
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(shares) schedule(static, 1)
+#endif
+    for (int t = 0; t < shares; t++)
+        pieces_share(dsts, srcs, counts, offsets, npieces, seeds, coeffs, m, gaussian_dist, table, shares, t);
+}
+
+/* 1 when built with OpenMP (the Python side then checks that the runtime is torch's before using it). */
+int kernel_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
 #endif
 }

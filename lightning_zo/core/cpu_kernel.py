@@ -2,8 +2,14 @@
 
 Measured need: the numpy path writes several full temporaries per pass; this kernel does one read and one write
 (see docs/PERFORMANCE.md). Without a compiler, or with LIGHTNING_ZO_CPU_KERNEL=0, `load()` returns None and
-noise.py uses numpy. Work is split across threads (ctypes releases the GIL), not OpenMP, so no second OpenMP
-runtime is loaded next to torch's.
+noise.py uses numpy.
+
+Threads: one pass is cut into shares, run in an OpenMP parallel region when the library is built with OpenMP and
+shares torch's runtime (gcc links libgomp.so.1, the soname torch's own copy already has, so the process keeps one
+runtime). Torch's OpenMP threads spin for a while after each of its parallel regions; our pass inside a forward
+comes right after one, and a thread of our own then competes with a spinning one for the cores (measured: a
+perturbed block 25-30 % slower). Otherwise (another compiler or runtime, no /proc) the shares run on Python
+threads (ctypes releases the GIL).
 """
 
 from __future__ import annotations
@@ -60,7 +66,9 @@ def _build(cc: str, lib_path: Path) -> str | None:
     fd, tmp = tempfile.mkstemp(suffix=".so.tmp", dir=lib_path.parent)
     os.close(fd)
     try:
-        result = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True)
+        result = subprocess.run([cc, *FLAGS, "-fopenmp", "-o", tmp, str(SOURCE)], capture_output=True, text=True)
+        if result.returncode != 0:  # no OpenMP here (e.g. Apple's clang): Python threads run the shares
+            result = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True)
         if result.returncode != 0:
             return f"{cc} failed: {result.stderr.strip()[-500:]}"
         digest = _sha256(Path(tmp))
@@ -116,11 +124,32 @@ def load():
     except OSError as e:
         _fallback(f"cannot load {lib_path}: {e}")
         return None
-    f32p, i64, u64 = ctypes.POINTER(ctypes.c_float), ctypes.c_int64, ctypes.c_uint64
-    # noise_sum(dst, src, n, offset, seeds, coeffs, m, gaussian, table, accumulate)
-    lib.noise_sum.argtypes = [f32p, f32p, i64, u64, ctypes.POINTER(ctypes.c_uint64), f32p, ctypes.c_int,
-                              ctypes.c_int, f32p, ctypes.c_int]
+    f32p, i64, u64, c_int = ctypes.POINTER(ctypes.c_float), ctypes.c_int64, ctypes.c_uint64, ctypes.c_int
+    ptrs = ctypes.c_void_p
+    # noise_pieces(dsts, srcs, counts, offsets, npieces, seeds, coeffs, m, gaussian, table, shares, share)
+    lib.noise_pieces.argtypes = [ptrs, ptrs, ptrs, ptrs, c_int, ptrs, ptrs, c_int, c_int, f32p, c_int, c_int]
+    lib.noise_pieces.restype = None
+    lib.openmp = bool(lib.kernel_openmp()) and _one_openmp_runtime()
     return lib
+
+
+def uses_openmp() -> bool:
+    """Whether the kernel runs its threads on torch's OpenMP runtime (`fill_pieces` then needs no executor)."""
+    lib = load()
+    return lib is not None and lib.openmp
+
+
+def _one_openmp_runtime() -> bool:
+    """Whether this process maps exactly one OpenMP runtime (so the kernel's parallel regions run on torch's
+    threads). False where it cannot be told (no /proc)."""
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {line.split()[-1] for line in f if "/" in line}
+    except OSError:
+        return False
+    names = ("libgomp", "libiomp", "libomp")
+    runtimes = {os.path.realpath(p) for p in paths if os.path.basename(p).startswith(names)}
+    return len(runtimes) == 1
 
 
 @functools.cache
@@ -128,39 +157,43 @@ def _pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads()))
 
 
-def _ptr(t: torch.Tensor, index: int):
-    return ctypes.cast(t.data_ptr() + 4 * index, ctypes.POINTER(ctypes.c_float))
+def fill_pieces(dsts: np.ndarray, srcs: np.ndarray, counts: np.ndarray, offsets: np.ndarray, seeds: list[int],
+                coeffs: list[float], distribution: str, table: np.ndarray, workers: int,
+                executor: ThreadPoolExecutor | None) -> int:
+    """One pass over pieces given as arrays (data pointers of float32 dst and src (0: dst = the sum alone), their
+    element counts and flat offsets): dst = src + slot_sum(c_s z_s), cut into `workers` shares, on torch's OpenMP
+    threads if the library shares them, else on `executor`'s (`workers` - 1 of them; the caller's thread takes
+    one share). Returns the number of calls into the library."""
+    lib = load()
+    m = len(seeds)
+    arrays = [np.ascontiguousarray(a, dtype=t) for a, t in
+              ((dsts, np.uint64), (srcs, np.uint64), (counts, np.int64), (offsets, np.uint64),
+               (seeds, np.uint64), ([np.float32(c) for c in coeffs], np.float32))]
+    total = int(arrays[2].sum())
+    workers = max(1, workers if total >= MIN_PARALLEL and (lib.openmp or executor is not None) else 1)
+    table_ptr = table.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+    gaussian = 1 if distribution == "gaussian" else 0
 
+    def share(t: int) -> None:
+        lib.noise_pieces(*(a.ctypes.data for a in arrays[:4]), len(arrays[2]), arrays[4].ctypes.data,
+                         arrays[5].ctypes.data, m, gaussian, table_ptr, workers, t)
 
-def _split(n: int) -> list[tuple[int, int]]:
-    """(start, length) per worker thread, in whole 128-element Philox blocks."""
-    workers = _pool()._max_workers if n >= MIN_PARALLEL else 1
-    step = -(-n // workers)
-    step += (-step) % 128
-    return [(lo, min(step, n - lo)) for lo in range(0, n, step)]
-
-
-def _run(jobs, fn) -> None:
-    if len(jobs) == 1:
-        fn(*jobs[0])
-    else:
-        list(_pool().map(lambda job: fn(*job), jobs))
+    if workers == 1 or lib.openmp:
+        share(-1)  # every share: in one OpenMP region, or the single one
+        return 1
+    futures = [executor.submit(share, t) for t in range(1, workers)]
+    share(0)
+    for f in futures:
+        f.result()
+    return workers
 
 
 def fill_sum(dst: torch.Tensor, src: torch.Tensor | None, seeds: list[int], coeffs: list[np.float32],
              offset: int, distribution: str, table: np.ndarray) -> None:
-    """dst = (src if given) + sum_s coeffs[s] * z(seeds[s]), summed in slot order, in one pass."""
-    lib = load()
-    m = len(seeds)
-    seed_arr = (ctypes.c_uint64 * m)(*seeds)
-    coeff_arr = np.asarray(coeffs, dtype=np.float32)
-    coeff_ptr = coeff_arr.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
-    table_ptr = table.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
-    accumulate = 1 if src is not None else 0
-    src = dst if src is None else src
-    gaussian = 1 if distribution == "gaussian" else 0
-    _run(_split(dst.numel()), lambda lo, count: lib.noise_sum(
-        _ptr(dst, lo), _ptr(src, lo), count, offset + lo, seed_arr, coeff_ptr, m, gaussian, table_ptr, accumulate))
+    """dst = (src if given) + sum_s coeffs[s] * z(seeds[s]), summed in slot_sum's order, in one pass."""
+    fill_pieces(np.array([dst.data_ptr()]), np.array([0 if src is None else src.data_ptr()]),
+                np.array([dst.numel()]), np.array([offset]), seeds, coeffs, distribution, table,
+                torch.get_num_threads(), _pool())
 
 
 def fill(dst: torch.Tensor, src: torch.Tensor | None, seed: int, offset: int, coeff: np.float32, distribution: str,

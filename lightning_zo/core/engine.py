@@ -27,9 +27,9 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from . import triton_kernel
+from . import cpu_kernel, triton_kernel
 from .layout import ParamLayout, ParamSlot
-from .noise import add_noise, add_noise_sum, fill_many, round_to_bfloat16
+from .noise import add_noise, add_noise_sum, fill_many, fill_rows, round_to_bfloat16
 
 FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -75,7 +75,7 @@ class Engine:
         self.pool = BufferPool()
         self.launcher = triton_kernel.Launcher()
         self.threads = threads or max(1, torch.get_num_threads())
-        self.cpu_calls = 0  # C-kernel calls (one per piece per worker share)
+        self.cpu_calls = 0  # C-kernel calls (one per pass on OpenMP, else one per thread's share)
         self.other_calls = 0  # per-tensor fallbacks (torch ops, numpy, non-fp32 CPU tensors)
         self._executor: ThreadPoolExecutor | None = None
 
@@ -91,7 +91,7 @@ class Engine:
         return self.launcher.launches
 
     def _pool_executor(self) -> ThreadPoolExecutor | None:
-        if self.threads > 1 and self._executor is None:
+        if self.threads > 1 and self._executor is None and not cpu_kernel.uses_openmp():
             self._executor = ThreadPoolExecutor(max_workers=self.threads - 1)
         return self._executor
 
@@ -105,6 +105,11 @@ class Engine:
         if pieces:
             self.cpu_calls += fill_many(pieces, list(seeds), coeffs, distribution, self._pool_executor(),
                                         self.threads)
+
+    def fill_cpu_rows(self, dst, src, offsets, seeds, coeffs, distribution) -> None:
+        """fp32 CPU rows (2-d dst and src, a flat offset per row) in one threaded pass of the C kernel."""
+        self.cpu_calls += fill_rows(dst, src, offsets, list(seeds), coeffs, distribution, self._pool_executor(),
+                                    self.threads)
 
     @torch.no_grad()
     def update(self, layout: ParamLayout, seeds: Sequence[int], coeffs: Sequence[float], distribution: str,
@@ -439,8 +444,8 @@ class PerturbedForward:
                 theta = p.data.index_select(0, rows)
                 perturbed = torch.empty_like(theta)
                 seed, coeff = self._active
-                self.engine.fill_cpu([(perturbed[i], theta[i], slot.offset + r * dim)
-                                      for i, r in enumerate(rows.tolist())], [seed], [coeff], self.distribution)
+                self.engine.fill_cpu_rows(perturbed, theta, slot.offset + rows * dim, [seed], [coeff],
+                                          self.distribution)
                 return perturbed[torch.searchsorted(rows, flat_ids)].view(*ids.shape, dim)
             saved, buffers = self._materialize(module, [slot])  # moved off the C kernel's path: the whole table
             try:

@@ -13,7 +13,6 @@ Reference semantics (every backend must reproduce these bits; tests/test_noise.p
 
 from __future__ import annotations
 
-import ctypes
 import functools
 
 import numpy as np
@@ -180,54 +179,39 @@ def add_noise_sum(dst: torch.Tensor, src: torch.Tensor | None, seeds: list[int],
 
 def fill_many(pieces: list[tuple[torch.Tensor, torch.Tensor | None, int]], seeds: list[int], coeffs: list[float],
               distribution: str, executor=None, workers: int = 1) -> int:
-    """For each (dst, src or None, offset): dst = src + sum_s coeffs[s] * z_s (add_noise_sum's bits), flat contiguous
+    """For each (dst, src or None, offset): dst = src + slot_sum(c_s z_s) (add_noise_sum's bits), flat contiguous
     float32 CPU tensors, as one pass of the C kernel over the whole list: the elements of all pieces are cut into
-    `workers` contiguous shares (whole 128-element runs), one per thread of `executor`, so many small tensors cost
-    no more than one large one. Returns the number of kernel calls made (the numpy fallback: one per piece)."""
+    `workers` contiguous shares (whole 128-element runs), so many small tensors cost no more than one large one
+    (see `cpu_kernel.fill_pieces` for the threads). Returns the number of kernel calls made (numpy: one per
+    piece)."""
     _check_distribution(distribution)
     if not seeds:
         raise ValueError("fill_many needs at least one seed")
-    lib = cpu_kernel.load()
-    if lib is None:
+    if cpu_kernel.load() is None:
         for dst, src, offset in pieces:
             add_noise_sum(dst, src, seeds, coeffs, offset, distribution, "numpy")
         return len(pieces)
-    m = len(seeds)
-    seed_arr = (ctypes.c_uint64 * m)(*seeds)
-    coeff_arr = np.asarray([np.float32(c) for c in coeffs], dtype=np.float32)
-    coeff_ptr = coeff_arr.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
-    table_ptr = gaussian_table().ctypes.data_as(ctypes.POINTER(ctypes.c_float))
-    gaussian = 1 if distribution == "gaussian" else 0
-    f32p = ctypes.POINTER(ctypes.c_float)
-    total = sum(dst.numel() for dst, _, _ in pieces)
-    workers = max(1, workers if executor is not None and total >= cpu_kernel.MIN_PARALLEL else 1)
-    share = -(-total // workers)
-    share += (-share) % 128
-    jobs: list[list[tuple]] = [[] for _ in range(workers)]
-    job, room = 0, share
-    for dst, src, offset in pieces:
-        src_at = (src if src is not None else dst).data_ptr()
-        lo, n = 0, dst.numel()
-        while lo < n:
-            count = min(room, n - lo)
-            jobs[job].append((ctypes.cast(dst.data_ptr() + 4 * lo, f32p), ctypes.cast(src_at + 4 * lo, f32p), count,
-                              offset + lo, 0 if src is None else 1))
-            lo += count
-            room -= count
-            if room == 0 and job + 1 < workers:
-                job, room = job + 1, share
+    if not pieces:
+        return 0
+    columns = zip(*((dst.data_ptr(), 0 if src is None else src.data_ptr(), dst.numel(), offset)
+                    for dst, src, offset in pieces))
+    dsts, srcs, counts, offsets = (np.array(c, dtype=np.uint64) for c in columns)
+    return cpu_kernel.fill_pieces(dsts, srcs, counts, offsets, seeds, coeffs, distribution, gaussian_table(),
+                                  workers, executor)
 
-    def run(calls):
-        for dst_p, src_p, count, offset, accumulate in calls:
-            lib.noise_sum(dst_p, src_p, count, offset, seed_arr, coeff_ptr, m, gaussian, table_ptr, accumulate)
 
-    jobs = [j for j in jobs if j]
-    futures = [executor.submit(run, j) for j in jobs[1:]]
-    if jobs:
-        run(jobs[0])
-    for f in futures:
-        f.result()
-    return sum(len(j) for j in jobs)
+def fill_rows(dst: torch.Tensor, src: torch.Tensor, offsets: torch.Tensor, seeds: list[int], coeffs: list[float],
+              distribution: str, executor=None, workers: int = 1) -> int:
+    """Row i of dst = row i of src + slot_sum(c_s z_s) over the flat elements offsets[i].. (2-d contiguous float32
+    CPU tensors, one row per offset): an embedding's looked-up rows, in one pass (`fill_many`'s bits)."""
+    rows, dim = dst.shape
+    if cpu_kernel.load() is None:
+        return fill_many([(dst[i], src[i], int(o)) for i, o in enumerate(offsets.tolist())], seeds, coeffs,
+                         distribution)
+    step = np.arange(rows, dtype=np.uint64) * np.uint64(4 * dim)
+    return cpu_kernel.fill_pieces(np.uint64(dst.data_ptr()) + step, np.uint64(src.data_ptr()) + step,
+                                  np.full(rows, dim, dtype=np.int64), offsets.numpy().astype(np.uint64), seeds,
+                                  coeffs, distribution, gaussian_table(), workers, executor)
 
 
 def scaled_noise(seed: int, offset: int, numel: int, coeff: float, distribution: str,
