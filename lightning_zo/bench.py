@@ -103,21 +103,32 @@ def timed(fn, device: torch.device, repeat: int, warmup: bool = True) -> Timing:
 
     On the CPU the median process CPU time (all threads) comes with it (`.cpu`): on a machine shared with other
     jobs it moves far less than wall time (it still includes the OpenMP threads' spin-waits)."""
+    return timed_alternating([fn], device, repeat, warmup)[0]
+
+
+def timed_alternating(fns, device: torch.device, repeat: int, warmup: bool = True) -> list[Timing]:
+    """`timed` for several functions called in turn, `repeat` rounds: a ratio of their medians then compares calls
+    made under the same conditions (on our shared machines a forward's time drifts by 10 % within a minute)."""
     if warmup:
-        fn()
-    times, cpu = [], []
+        for fn in fns:
+            fn()
+    times, cpu = [[] for _ in fns], [[] for _ in fns]
     for _ in range(repeat):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0, c0 = time.perf_counter(), time.process_time()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1e3)
-        cpu.append((time.process_time() - c0) * 1e3)
-    out = Timing(sorted(times)[len(times) // 2])
-    if device.type == "cpu":
-        out.cpu = sorted(cpu)[len(cpu) // 2]
+        for i, fn in enumerate(fns):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0, c0 = time.perf_counter(), time.process_time()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times[i].append((time.perf_counter() - t0) * 1e3)
+            cpu[i].append((time.process_time() - c0) * 1e3)
+    out = []
+    for wall, process in zip(times, cpu):
+        t = Timing(sorted(wall)[len(wall) // 2])
+        if device.type == "cpu":
+            t.cpu = sorted(process)[len(process) // 2]
+        out.append(t)
     return out
 
 
@@ -194,10 +205,9 @@ def run(name: str, device: torch.device, dtype: torch.dtype, repeat: int, machin
     forward()  # warm-up: allocator caches, lazy inits
     with PeakMemory(device) as inference:
         forward()
-    fwd_ms = timed(forward, device, repeat)
     with PeakMemory(device) as step_mem:
         zo_step()
-    step_ms = timed(zo_step, device, repeat)
+    fwd_ms, step_ms = timed_alternating([forward, zo_step], device, repeat)
     before = (hooks.materialized, engine.launches, engine.cpu_calls, engine.other_calls)
     with hooks.perturb(1, 1e-3):
         forward()

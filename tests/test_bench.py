@@ -1,0 +1,24 @@
+"""The benchmark runs end to end on the tiny model (its figures are per-call overheads there; only the keys, counts
+and the profile's ranges are checked, never times)."""
+
+import json
+
+from lightning_zo import bench
+
+
+def test_bench_prints_every_figure_and_a_profile_of_one_step(capsys):
+    bench.main(["--model", "tiny", "--repeat", "1", "--machines", "1,5", "--gaussian-machines", "1", "--profile"])
+    out = capsys.readouterr().out
+    line = next(line for line in out.splitlines() if line.startswith("{"))
+    figures = json.loads(line)
+    for distribution, ns in (("rademacher", (1, 5)), ("gaussian", (1,))):
+        for n in ns:
+            assert figures[f"update_ms_{distribution}_n{n}"] > 0
+            assert figures[f"update_over_floor_{distribution}_n{n}"] > 0
+    assert figures["step_over_2fwd"] > 0 and figures["mezo_update_ms_n5"] > 0
+    # The tiny Llama: 2 blocks and the embedding's rows, each one pass of the C kernel per perturbed forward.
+    assert (figures["blocks"], figures["materialized_per_forward"]) == (2, 3)
+    assert figures["launches_per_forward"] == figures["other_calls_per_forward"] == 0
+    assert figures["payload_bytes_per_step"] == 1
+    assert "# torch.profiler, one step of tiny" in out
+    assert "lightning_zo.update" in out and "lightning_zo.perturb_block" in out  # our passes, as named ranges
