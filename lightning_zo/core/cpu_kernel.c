@@ -2,8 +2,9 @@
  * slot_sum is noise.py's association (generator version 2): groups of 4 slots summed left to right, pairs of
  * groups added, the pairs summed left to right; for m <= 4 slots the plain left-to-right sum.
  * Same bits as noise.py's reference semantics (Rademacher: bit g % 128 of Philox block g / 128, LSB first, set =
- * -1; Gaussian: uint16 lane g % 8 of block g / 8 through the inverse-CDF table). Built with -ffp-contract=off: no FMA, so the product and the sum
- * are rounded separately exactly as in the numpy and torch paths. */
+ * -1; Gaussian: uint16 lane g % 8 of block g / 8 through the inverse-CDF table). Built with -ffp-contract=off: no
+ * FMA, so the product and the sum are rounded separately exactly as in the numpy and torch paths; with -fopenmp
+ * where the compiler has it (noise_pieces' threads). */
 #include <stdint.h>
 #include <stdlib.h>
 #ifdef _OPENMP
@@ -422,27 +423,27 @@ void noise_sum(float *dst, const float *src, int64_t n, uint64_t offset, const u
         int64_t count = 128 - (int64_t)(g0 & 127);
         if (count > n - i) count = n - i;
 #ifdef HAVE_RUN_AVX512
-        if (!gaussian_dist && m >= 1 && m <= 4 && count == 128 && n - i >= 16 * 128) {
-            int stream = dst != src && ((uintptr_t)(dst + i) & 63) == 0;  /* as below */
-            rademacher_runs16(dst + i, src + i, g0 >> 7, seeds, coeffs, m, accumulate, stream);
-            i += 16 * 128;
-            continue;
-        }
-        if (!gaussian_dist && count == 128 && (m <= 4
-#ifdef HAVE_RUN_TABLES
-                                               || tables
-#endif
-                                               )) {
+        if (!gaussian_dist && count == 128 && m >= 1) {
             /* A separate destination (a perturbed copy) is written with streaming stores when aligned: no read
              * of lines that are about to be overwritten. For m <= 4, slot_sum is the left-to-right sum. */
             int stream = dst != src && ((uintptr_t)(dst + i) & 63) == 0;
+            if (m <= 4 && n - i >= 16 * 128) {
+                rademacher_runs16(dst + i, src + i, g0 >> 7, seeds, coeffs, m, accumulate, stream);
+                i += 16 * 128;
+                continue;
+            }
+            if (m <= 4) {
+                rademacher_run_avx512(dst + i, src + i, g0 >> 7, seeds, coeffs, m, accumulate, stream);
+                i += 128;
+                continue;
+            }
 #ifdef HAVE_RUN_TABLES
-            if (tables) rademacher_run_tables(dst + i, src + i, g0 >> 7, keys, tables, m, accumulate, stream);
-            else
+            if (tables) {
+                rademacher_run_tables(dst + i, src + i, g0 >> 7, keys, tables, m, accumulate, stream);
+                i += 128;
+                continue;
+            }
 #endif
-            rademacher_run_avx512(dst + i, src + i, g0 >> 7, seeds, coeffs, m, accumulate, stream);
-            i += 128;
-            continue;
         }
 #endif
         /* by_lane's layout for a whole Gaussian run, natural otherwise: the same for all three partial sums. */

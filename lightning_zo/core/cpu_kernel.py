@@ -193,7 +193,7 @@ def fill_sum(dst: torch.Tensor, src: torch.Tensor | None, seeds: list[int], coef
     """dst = (src if given) + sum_s coeffs[s] * z(seeds[s]), summed in slot_sum's order, in one pass."""
     fill_pieces(np.array([dst.data_ptr()]), np.array([0 if src is None else src.data_ptr()]),
                 np.array([dst.numel()]), np.array([offset]), seeds, coeffs, distribution, table,
-                torch.get_num_threads(), _pool())
+                torch.get_num_threads(), None if uses_openmp() else _pool())
 
 
 def fill(dst: torch.Tensor, src: torch.Tensor | None, seed: int, offset: int, coeff: np.float32, distribution: str,
