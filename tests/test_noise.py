@@ -1,3 +1,7 @@
+import functools
+import os
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -156,7 +160,7 @@ def test_kernel_many_slots_and_zero_coefficients(distribution, m):
 @pytest.mark.parametrize("openmp", [True, False])
 @pytest.mark.parametrize("distribution", ["rademacher", "gaussian"])
 @pytest.mark.parametrize("m", [1, 4, 9])
-def test_one_pass_over_many_pieces_in_shares(monkeypatch, openmp, distribution, m):
+def test_one_pass_over_many_pieces_in_shares(monkeypatch, request, openmp, distribution, m):
     """fill_many and fill_rows cut one pass into shares (on torch's OpenMP threads, or Python threads where the
     runtime is not shared) at any element: every piece, row and share boundary gives the reference's bits, with
     and without src, and for runs of 16 whole Philox blocks and their remainders."""
@@ -170,6 +174,8 @@ def test_one_pass_over_many_pieces_in_shares(monkeypatch, openmp, distribution, 
     seeds, coeffs = [derive_seed(3, 1, s) for s in range(m)], [(-1) ** s * 1e-3 / (s + 1) for s in range(m)]
     sizes, offsets = [70_001, 5, 4096, 129, 66_000], [2**39 - 1000, 0, 77, 2**33 + 5, 128 * 3]
     srcs = [torch.randn(n) for n in sizes]
+    request.addfinalizer(functools.partial(torch.set_num_threads, torch.get_num_threads()))
+    torch.set_num_threads(3)  # fill_pieces never uses more threads than torch does
     with ThreadPoolExecutor(2) as executor:
         dsts = [torch.empty(n) for n in sizes]
         calls = fill_many([(d, s if i % 2 == 0 else None, o) for i, (d, s, o) in enumerate(zip(dsts, srcs, offsets))],
@@ -185,3 +191,31 @@ def test_one_pass_over_many_pieces_in_shares(monkeypatch, openmp, distribution, 
         for i, r in enumerate(rows.tolist()):
             want = add_noise_sum(torch.empty(576), table[r], seeds, coeffs, 1000 + r * 576, distribution, "numpy")
             assert torch.equal(got[i], want), r
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_with_one_thread_runs_the_kernel():
+    """A data-loader-like forked child sets torch to one thread: the engine's passes then open no OpenMP region,
+    which would wait forever for the parent's threads."""
+    from lightning_zo.core.engine import Engine
+
+    engine = Engine(threads=2)
+    dst, src = torch.empty(1 << 20), torch.randn(1 << 20)
+    engine.fill_cpu([(dst, src, 0)], [1], [1e-3], "rademacher")  # the parent's threads exist now
+    want = dst.clone()
+    pid = os.fork()
+    if pid == 0:  # the child: exit code 0 only if the pass finishes with the same bits
+        torch.set_num_threads(1)
+        out = torch.empty_like(src)
+        engine.fill_cpu([(out, src, 0)], [1], [1e-3], "rademacher")
+        os._exit(0 if torch.equal(out, want) else 1)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        time.sleep(0.05)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    pytest.fail("the forked child's kernel pass hung")

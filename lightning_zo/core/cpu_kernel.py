@@ -170,6 +170,9 @@ def fill_pieces(dsts: np.ndarray, srcs: np.ndarray, counts: np.ndarray, offsets:
               ((dsts, np.uint64), (srcs, np.uint64), (counts, np.int64), (offsets, np.uint64),
                (seeds, np.uint64), ([np.float32(c) for c in coeffs], np.float32))]
     total = int(arrays[2].sum())
+    # Never more threads than torch uses now: a forked child (a data-loader worker) sets 1, and an OpenMP region
+    # there would wait forever for the parent's threads (GNU OpenMP is not fork-safe; torch's own ops hang too).
+    workers = min(workers, torch.get_num_threads())
     workers = max(1, workers if total >= MIN_PARALLEL and (lib.openmp or executor is not None) else 1)
     table_ptr = table.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
     gaussian = 1 if distribution == "gaussian" else 0
