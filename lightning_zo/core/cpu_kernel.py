@@ -5,8 +5,9 @@ Measured need: the numpy path writes several full temporaries per pass; this ker
 noise.py uses numpy.
 
 Threads: one pass is cut into shares, run in an OpenMP parallel region when the library is built with OpenMP and
-shares torch's runtime (gcc links libgomp.so.1, the soname torch's own copy already has, so the process keeps one
-runtime). Torch's OpenMP threads spin for a while after each of its parallel regions; our pass inside a forward
+shares torch's runtime (gcc links libgomp.so.1; where torch's own copy has that soname, as in the CPU wheels
+here, the loader reuses it and the process keeps one runtime; a renamed copy means two, and Python threads).
+Torch's OpenMP threads spin for a while after each of its parallel regions; our pass inside a forward
 comes right after one, and a thread of our own then competes with a spinning one for the cores (measured: a
 perturbed block 25-30 % slower). Otherwise (another compiler or runtime, no /proc) the shares run on Python
 threads (ctypes releases the GIL).
@@ -168,7 +169,8 @@ def fill_pieces(dsts: np.ndarray, srcs: np.ndarray, counts: np.ndarray, offsets:
     m = len(seeds)
     arrays = [np.ascontiguousarray(a, dtype=t) for a, t in
               ((dsts, np.uint64), (srcs, np.uint64), (counts, np.int64), (offsets, np.uint64),
-               (seeds, np.uint64), ([np.float32(c) for c in coeffs], np.float32))]
+               ([seed & 0xFFFFFFFFFFFFFFFF for seed in seeds], np.uint64),
+               ([np.float32(c) for c in coeffs], np.float32))]
     total = int(arrays[2].sum())
     # Never more threads than torch uses now: a forked child (a data-loader worker) sets 1, and an OpenMP region
     # there would wait forever for the parent's threads (GNU OpenMP is not fork-safe; torch's own ops hang too).
@@ -181,8 +183,11 @@ def fill_pieces(dsts: np.ndarray, srcs: np.ndarray, counts: np.ndarray, offsets:
         lib.noise_pieces(*(a.ctypes.data for a in arrays[:4]), len(arrays[2]), arrays[4].ctypes.data,
                          arrays[5].ctypes.data, m, gaussian, table_ptr, workers, t)
 
-    if workers == 1 or lib.openmp:
-        share(-1)  # every share: in one OpenMP region, or the single one
+    if workers == 1:
+        share(0)  # the single share, outside any OpenMP region
+        return 1
+    if lib.openmp:
+        share(-1)  # every share, in one OpenMP region on torch's threads
         return 1
     futures = [executor.submit(share, t) for t in range(1, workers)]
     share(0)

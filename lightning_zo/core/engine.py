@@ -444,7 +444,7 @@ class PerturbedForward:
                 theta = p.data.index_select(0, rows)
                 perturbed = torch.empty_like(theta)
                 seed, coeff = self._active
-                self.engine.fill_cpu_rows(perturbed, theta, slot.offset + rows * dim, [seed], [coeff],
+                self.engine.fill_cpu_rows(perturbed, theta, slot.offset + rows.long() * dim, [seed], [coeff],
                                           self.distribution)
                 return perturbed[torch.searchsorted(rows, flat_ids)].view(*ids.shape, dim)
             saved, buffers = self._materialize(module, [slot])  # moved off the C kernel's path: the whole table

@@ -204,6 +204,12 @@ def fill_rows(dst: torch.Tensor, src: torch.Tensor, offsets: torch.Tensor, seeds
               distribution: str, executor=None, workers: int = 1) -> int:
     """Row i of dst = row i of src + slot_sum(c_s z_s) over the flat elements offsets[i].. (2-d contiguous float32
     CPU tensors, one row per offset): an embedding's looked-up rows, in one pass (`fill_many`'s bits)."""
+    _check_distribution(distribution)
+    if not seeds:
+        raise ValueError("fill_rows needs at least one seed")
+    contiguous = dst.is_contiguous() and src.is_contiguous()
+    if dst.shape != src.shape or not contiguous or {dst.dtype, src.dtype} != {torch.float32}:
+        raise ValueError("fill_rows needs contiguous float32 dst and src of one shape")
     rows, dim = dst.shape
     if cpu_kernel.load() is None:
         return fill_many([(dst[i], src[i], int(o)) for i, o in enumerate(offsets.tolist())], seeds, coeffs,
