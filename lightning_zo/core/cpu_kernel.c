@@ -46,107 +46,12 @@ static inline void philox16(uint64_t first_block, uint64_t seed, uint32_t out[4]
     for (int i = 0; i < 16; i++) { out[0][i] = c0[i]; out[1][i] = c1[i]; out[2][i] = c2[i]; out[3][i] = c3[i]; }
 }
 
-/* Philox for one block under 16 keys at once (lane i: seeds[i], lanes >= n unused): the slots of a multi-slot
- * update share the counter, so their calls vectorize across slots. */
-static inline void philox_keys16(uint64_t block, const uint64_t *seeds, int n, uint32_t out[4][16]) {
-    uint32_t c0[16], c1[16], c2[16], c3[16], k0[16], k1[16];
-    for (int i = 0; i < 16; i++) {
-        uint64_t seed = i < n ? seeds[i] : 0;
-        c0[i] = (uint32_t)block; c1[i] = (uint32_t)(block >> 32); c2[i] = 0; c3[i] = 0;
-        k0[i] = (uint32_t)seed; k1[i] = (uint32_t)(seed >> 32);
-    }
-    for (int r = 0; r < 10; r++) {
-        for (int i = 0; i < 16; i++) {
-            uint64_t p0 = (uint64_t)M0 * c0[i], p1 = (uint64_t)M1 * c2[i];
-            uint32_t n0 = (uint32_t)(p1 >> 32) ^ c1[i] ^ k0[i], n2 = (uint32_t)(p0 >> 32) ^ c3[i] ^ k1[i];
-            c1[i] = (uint32_t)p1; c3[i] = (uint32_t)p0; c0[i] = n0; c2[i] = n2;
-            k0[i] += W0; k1[i] += W1;
-        }
-    }
-    for (int i = 0; i < 16; i++) { out[0][i] = c0[i]; out[1][i] = c1[i]; out[2][i] = c2[i]; out[3][i] = c3[i]; }
-}
-
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #define HAVE_RUN_AVX512 1
 #if defined(__AVX512VBMI__) && defined(__GFNI__)
 #define HAVE_RUN_TABLES 1  /* byte permutes and the GF(2) affine bit transpose */
 #endif
-/* philox_keys16 with AVX-512 intrinsics: 32x32->64 products by vpmuludq on the even and the odd lanes (the
- * compiler's own vectorization of the loop above uses the much slower 64-bit vpmullq). Same integer function. */
-static inline void philox_keys16_avx512(uint64_t block, const uint64_t *seeds, int n, uint32_t out[4][16]) {
-    uint32_t k0s[16], k1s[16];
-    for (int i = 0; i < 16; i++) {
-        uint64_t seed = i < n ? seeds[i] : 0;
-        k0s[i] = (uint32_t)seed; k1s[i] = (uint32_t)(seed >> 32);
-    }
-    __m512i k0 = _mm512_loadu_si512(k0s), k1 = _mm512_loadu_si512(k1s);
-    __m512i c0 = _mm512_set1_epi32((int)(uint32_t)block), c1 = _mm512_set1_epi32((int)(uint32_t)(block >> 32));
-    __m512i c2 = _mm512_setzero_si512(), c3 = _mm512_setzero_si512();
-    const __m512i m0 = _mm512_set1_epi64(M0), m1 = _mm512_set1_epi64(M1);
-    const __m512i w0 = _mm512_set1_epi32((int)W0), w1 = _mm512_set1_epi32((int)W1);
-    const __mmask16 odd = 0xAAAA;
-    for (int r = 0; r < 10; r++) {
-        __m512i e0 = _mm512_mul_epu32(c0, m0), o0 = _mm512_mul_epu32(_mm512_srli_epi64(c0, 32), m0);
-        __m512i e1 = _mm512_mul_epu32(c2, m1), o1 = _mm512_mul_epu32(_mm512_srli_epi64(c2, 32), m1);
-        __m512i lo0 = _mm512_mask_blend_epi32(odd, e0, _mm512_slli_epi64(o0, 32));
-        __m512i hi0 = _mm512_mask_blend_epi32(odd, _mm512_srli_epi64(e0, 32), o0);
-        __m512i lo1 = _mm512_mask_blend_epi32(odd, e1, _mm512_slli_epi64(o1, 32));
-        __m512i hi1 = _mm512_mask_blend_epi32(odd, _mm512_srli_epi64(e1, 32), o1);
-        c0 = _mm512_ternarylogic_epi32(hi1, c1, k0, 0x96);  /* hi1 ^ c1 ^ k0 */
-        c2 = _mm512_ternarylogic_epi32(hi0, c3, k1, 0x96);
-        c1 = lo1;
-        c3 = lo0;
-        k0 = _mm512_add_epi32(k0, w0);
-        k1 = _mm512_add_epi32(k1, w1);
-    }
-    _mm512_storeu_si512(out[0], c0); _mm512_storeu_si512(out[1], c1);
-    _mm512_storeu_si512(out[2], c2); _mm512_storeu_si512(out[3], c3);
-}
-
-/* One whole aligned Rademacher run (128 elements, Philox block `block`) over all m slots with AVX-512: the 128
- * partial sums stay in 8 registers; each 16 sign bits of a word are a mask that picks -c or +c per lane (exactly
- * signed_coeff's bits), then one IEEE add per element and slot, in slot order: the same operations, in the same
- * order, as the portable loops, so the same bits. */
-static void rademacher_run_avx512(float *dst, const float *src, uint64_t block, const uint64_t *seeds,
-                                  const float *coeffs, int m, int accumulate, int stream) {
-    __m512 acc[8];
-    uint32_t words[4][16];
-    const __m512i sign = _mm512_set1_epi32((int)0x80000000u);
-    for (int s0 = 0; s0 < m; s0 += 16) {
-        int n = m - s0 < 16 ? m - s0 : 16;
-        if (n < 4) {
-            for (int i = 0; i < n; i++) {
-                uint32_t w[4];
-                philox(block, seeds[s0 + i], w);
-                for (int q = 0; q < 4; q++) words[q][i] = w[q];
-            }
-        } else {
-            philox_keys16_avx512(block, seeds + s0, n, words);
-        }
-        for (int i = 0; i < n; i++) {
-            __m512 c = _mm512_set1_ps(coeffs[s0 + i]);
-            __m512 nc = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(c), sign));
-            for (int q = 0; q < 4; q++) {
-                uint32_t w = words[q][i];
-                __m512 lo = _mm512_mask_blend_ps((__mmask16)(w & 0xFFFFu), c, nc);
-                __m512 hi = _mm512_mask_blend_ps((__mmask16)(w >> 16), c, nc);
-                if (s0 + i) {
-                    acc[2 * q] = _mm512_add_ps(acc[2 * q], lo);
-                    acc[2 * q + 1] = _mm512_add_ps(acc[2 * q + 1], hi);
-                } else {
-                    acc[2 * q] = lo;
-                    acc[2 * q + 1] = hi;
-                }
-            }
-        }
-    }
-    for (int v = 0; v < 8; v++) {
-        __m512 x = accumulate ? _mm512_add_ps(_mm512_loadu_ps(src + 16 * v), acc[v]) : acc[v];
-        if (stream) _mm512_stream_ps(dst + 16 * v, x); else _mm512_storeu_ps(dst + 16 * v, x);
-    }
-}
-
 /* Philox of J <= 4 interleaved 16-lane chains (so that the multiplies' latency overlaps) from its folded first
  * round: a counter (lo, hi, 0, 0) gives c0 = hi ^ k0, c1 = 0, c2 = hi32(M0 lo) ^ k1 and c3 = lo32(M0 lo), so the
  * caller passes hi and M0 lo's halves; keys[20 * j + 2r] and keys[20 * j + 2r + 1]: chain j's round keys k0 + r W0
@@ -205,11 +110,12 @@ static inline __attribute__((always_inline)) void philox_runs(uint64_t first, co
     philox_rounds(counter_hi, p_hi, p_lo, keys, J, out);
 }
 
-/* 16 whole aligned Rademacher runs (2048 elements from block `first`) over m <= 4 slots: their Philox calls
- * first (philox_runs), then each run as rademacher_run_avx512 does it: a mask of 16 sign bits picks -c or +c per
- * lane, one IEEE add per element and slot in slot order (slot_sum for m <= 4), so the same bits. */
-static void rademacher_runs16(float *dst, const float *src, uint64_t first, const uint64_t *seeds,
-                              const float *coeffs, int m, int accumulate, int stream) {
+/* 1 to 16 whole aligned Rademacher runs (128 elements each, from Philox block `first`) over m <= 4 slots, with
+ * AVX-512: their Philox calls first (philox_runs; lanes past `runs` are computed and unused), then per run each 16
+ * sign bits of a word are a mask that picks -c or +c per lane (exactly signed_coeff's bits), and one IEEE add per
+ * element and slot in slot order (slot_sum for m <= 4): the portable loops' operations, so the same bits. */
+static void rademacher_runs(float *dst, const float *src, uint64_t first, const uint64_t *seeds,
+                            const float *coeffs, int m, int runs, int accumulate, int stream) {
     __m512i out[4][4];
     uint32_t words[4][4][16] __attribute__((aligned(64)));  /* [slot][word][run] */
     switch (m) {  /* constant J, so each case's loops unroll */
@@ -226,7 +132,7 @@ static void rademacher_runs16(float *dst, const float *src, uint64_t first, cons
         c[j] = _mm512_set1_ps(coeffs[j]);
         nc[j] = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(c[j]), sign));
     }
-    for (int r = 0; r < 16; r++) {
+    for (int r = 0; r < runs; r++) {
         float *d = dst + 128 * r;
         const float *s = src + 128 * r;
         for (int q = 0; q < 4; q++) {
@@ -427,14 +333,10 @@ void noise_sum(float *dst, const float *src, int64_t n, uint64_t offset, const u
             /* A separate destination (a perturbed copy) is written with streaming stores when aligned: no read
              * of lines that are about to be overwritten. For m <= 4, slot_sum is the left-to-right sum. */
             int stream = dst != src && ((uintptr_t)(dst + i) & 63) == 0;
-            if (m <= 4 && n - i >= 16 * 128) {
-                rademacher_runs16(dst + i, src + i, g0 >> 7, seeds, coeffs, m, accumulate, stream);
-                i += 16 * 128;
-                continue;
-            }
             if (m <= 4) {
-                rademacher_run_avx512(dst + i, src + i, g0 >> 7, seeds, coeffs, m, accumulate, stream);
-                i += 128;
+                int runs = n - i >= 16 * 128 ? 16 : (int)((n - i) / 128);
+                rademacher_runs(dst + i, src + i, g0 >> 7, seeds, coeffs, m, runs, accumulate, stream);
+                i += 128 * (int64_t)runs;
                 continue;
             }
 #ifdef HAVE_RUN_TABLES
