@@ -157,6 +157,34 @@ def test_kernel_many_slots_and_zero_coefficients(distribution, m):
         assert torch.equal(got.view(torch.int32), want.view(torch.int32)), (m, offset)
 
 
+@pytest.mark.parametrize("cap", ["1", "avx2", "portable"])
+def test_every_instruction_set_path_gives_the_reference_bits(monkeypatch, request, cap):
+    """The kernel built for this CPU, capped at AVX2, and without either vector extension (LIGHTNING_ZO_CPU_KERNEL):
+    each of its paths (AVX-512, AVX2, the portable loops, whichever the cap leaves) equals numpy bit for bit, for
+    few and many slots, partial groups, whole and partial runs, with and without src."""
+    request.addfinalizer(cpu_kernel.load.cache_clear)
+    monkeypatch.setenv("LIGHTNING_ZO_CPU_KERNEL", cap)
+    cpu_kernel.load.cache_clear()
+    assert cpu_kernel.load() is not None
+    src = torch.randn(9_000)
+    for distribution, ms in (("rademacher", (1, 2, 4, 5, 8, 13, 64, 70)), ("gaussian", (1, 5))):
+        for m in ms:
+            seeds = [derive_seed(4, 7, s) for s in range(m)]
+            coeffs = [0.0 if s == 3 else (-1) ** s * 1e-3 / (s + 1) for s in range(m)]
+            for offset, base in ((0, src), (5, src), (2**36 + 128 * 3, None)):
+                want = add_noise_sum(torch.empty_like(src), base, seeds, coeffs, offset, distribution, "numpy")
+                got = add_noise_sum(torch.empty_like(src), base, seeds, coeffs, offset, distribution, "kernel")
+                assert torch.equal(got.view(torch.int32), want.view(torch.int32)), (cap, distribution, m, offset)
+
+
+def test_an_unknown_kernel_choice_is_refused(monkeypatch, request):
+    request.addfinalizer(cpu_kernel.load.cache_clear)
+    monkeypatch.setenv("LIGHTNING_ZO_CPU_KERNEL", "avx9")
+    cpu_kernel.load.cache_clear()
+    with pytest.raises(ValueError, match="LIGHTNING_ZO_CPU_KERNEL='avx9'"):
+        cpu_kernel.load()
+
+
 @pytest.mark.parametrize("openmp", [True, False])
 @pytest.mark.parametrize("distribution", ["rademacher", "gaussian"])
 @pytest.mark.parametrize("m", [1, 4, 9])

@@ -255,6 +255,140 @@ static void rademacher_run_tables(float *dst, const float *src, uint64_t block, 
 #endif /* HAVE_RUN_TABLES */
 #endif
 
+#if !defined(__AVX512F__) && defined(__AVX2__)
+#include <immintrin.h>
+#define HAVE_RUN_AVX2 1
+/* AVX2 (no AVX-512: e.g. AMD Zen 2/3): Philox in 8 lanes, J <= 4 chains interleaved so that the multiplies' latency
+ * overlaps; lane i of chain j has counter (lo[j], hi[j], 0, 0) and key (k0[j], k1[j]). Same integer function as
+ * philox(): the 32x32 products' halves are gathered from the even and odd lanes' 64-bit products by blends. */
+static inline __attribute__((always_inline)) void philox8(const __m256i *lo, const __m256i *hi, const __m256i *k0,
+                                                          const __m256i *k1, int J, __m256i out[4][4]) {
+    const __m256i m0 = _mm256_set1_epi64x(M0), m1 = _mm256_set1_epi64x(M1);
+    const __m256i w0 = _mm256_set1_epi32((int)W0), w1 = _mm256_set1_epi32((int)W1);
+    __m256i c0[4], c1[4], c2[4], c3[4], a[4], b[4];
+    for (int j = 0; j < J; j++) {
+        c0[j] = lo[j]; c1[j] = hi[j]; c2[j] = c3[j] = _mm256_setzero_si256(); a[j] = k0[j]; b[j] = k1[j];
+    }
+    for (int r = 0; r < 10; r++) {
+        for (int j = 0; j < J; j++) {
+            __m256i e0 = _mm256_mul_epu32(c0[j], m0), o0 = _mm256_mul_epu32(_mm256_srli_epi64(c0[j], 32), m0);
+            __m256i e1 = _mm256_mul_epu32(c2[j], m1), o1 = _mm256_mul_epu32(_mm256_srli_epi64(c2[j], 32), m1);
+            __m256i lo0 = _mm256_blend_epi32(e0, _mm256_slli_epi64(o0, 32), 0xAA);
+            __m256i hi0 = _mm256_blend_epi32(_mm256_srli_epi64(e0, 32), o0, 0xAA);
+            __m256i lo1 = _mm256_blend_epi32(e1, _mm256_slli_epi64(o1, 32), 0xAA);
+            __m256i hi1 = _mm256_blend_epi32(_mm256_srli_epi64(e1, 32), o1, 0xAA);
+            c0[j] = _mm256_xor_si256(_mm256_xor_si256(hi1, c1[j]), a[j]);
+            c2[j] = _mm256_xor_si256(_mm256_xor_si256(hi0, c3[j]), b[j]);
+            c1[j] = lo1;
+            c3[j] = lo0;
+            a[j] = _mm256_add_epi32(a[j], w0);
+            b[j] = _mm256_add_epi32(b[j], w1);
+        }
+    }
+    for (int j = 0; j < J; j++) { out[j][0] = c0[j]; out[j][1] = c1[j]; out[j][2] = c2[j]; out[j][3] = c3[j]; }
+}
+
+/* The Philox words of one run's m slots, words[q * stride + s] (8 slots per chain, 4 chains at a time; lanes past m
+ * use seed 0 and are ignored). */
+static void slot_words8(uint64_t block, const uint64_t *seeds, int m, uint32_t *words, int stride) {
+    const __m256i lo = _mm256_set1_epi32((int)(uint32_t)block), hi = _mm256_set1_epi32((int)(uint32_t)(block >> 32));
+    for (int s0 = 0; s0 < m; s0 += 32) {
+        __m256i los[4] = {lo, lo, lo, lo}, his[4] = {hi, hi, hi, hi}, k0[4], k1[4], out[4][4];
+        int J = (m - s0 + 7) / 8 < 4 ? (m - s0 + 7) / 8 : 4;
+        for (int j = 0; j < J; j++) {
+            uint32_t a[8], b[8];
+            for (int i = 0; i < 8; i++) {
+                int s = s0 + 8 * j + i;
+                uint64_t seed = s < m ? seeds[s] : 0;
+                a[i] = (uint32_t)seed; b[i] = (uint32_t)(seed >> 32);
+            }
+            k0[j] = _mm256_loadu_si256((const __m256i *)a);
+            k1[j] = _mm256_loadu_si256((const __m256i *)b);
+        }
+        switch (J) {  /* constant J, so each case's loops unroll */
+            case 4: philox8(los, his, k0, k1, 4, out); break;
+            case 3: philox8(los, his, k0, k1, 3, out); break;
+            case 2: philox8(los, his, k0, k1, 2, out); break;
+            default: philox8(los, his, k0, k1, 1, out); break;
+        }
+        for (int j = 0; j < J; j++)
+            for (int q = 0; q < 4; q++) _mm256_storeu_si256((__m256i *)(words + q * stride + s0 + 8 * j), out[j][q]);
+    }
+}
+
+/* The Philox words of up to 8 consecutive runs (lane r: block first + r) of m <= 4 slots, one chain per slot:
+ * words[(r * 4 + q) * 4 + s]. */
+static void run_words8(uint64_t first, const uint64_t *seeds, int m, uint32_t *words) {
+    __m256i lo[4], hi[4], k0[4], k1[4], out[4][4];
+    uint32_t l[8], h[8];
+    for (int i = 0; i < 8; i++) { l[i] = (uint32_t)(first + (uint64_t)i); h[i] = (uint32_t)((first + (uint64_t)i) >> 32); }
+    for (int j = 0; j < m; j++) {
+        lo[j] = _mm256_loadu_si256((const __m256i *)l);
+        hi[j] = _mm256_loadu_si256((const __m256i *)h);
+        k0[j] = _mm256_set1_epi32((int)(uint32_t)seeds[j]);
+        k1[j] = _mm256_set1_epi32((int)(uint32_t)(seeds[j] >> 32));
+    }
+    switch (m) {
+        case 4: philox8(lo, hi, k0, k1, 4, out); break;
+        case 3: philox8(lo, hi, k0, k1, 3, out); break;
+        case 2: philox8(lo, hi, k0, k1, 2, out); break;
+        default: philox8(lo, hi, k0, k1, 1, out); break;
+    }
+    uint32_t tmp[8] __attribute__((aligned(32)));
+    for (int j = 0; j < m; j++)
+        for (int q = 0; q < 4; q++) {
+            _mm256_store_si256((__m256i *)tmp, out[j][q]);
+            for (int r = 0; r < 8; r++) words[(r * 4 + q) * 4 + j] = tmp[r];
+        }
+}
+
+/* One whole aligned Rademacher run, 16 elements at a time: slot s's word q shifted left by 31 - bit puts each
+ * element's sign bit where blendv reads it, which picks -c or +c (exactly signed_coeff's bits); the terms are
+ * summed in slot_sum's order (groups of 4 left to right, pairs of groups, pairs left to right: close_slot's
+ * operations), so the portable loops' bits. words[q * qstride + s * sstride]; signed[2s], signed[2s + 1]: +c, -c. */
+static void rademacher_run_avx2(float *dst, const float *src, const uint32_t *words, int qstride, int sstride,
+                                const float *signed_c, int m, int accumulate, int stream) {
+    const __m256i cnt0 = _mm256_setr_epi32(31, 30, 29, 28, 27, 26, 25, 24), eight = _mm256_set1_epi32(8);
+    const __m256i cnt[4] = {cnt0, _mm256_sub_epi32(cnt0, eight), _mm256_sub_epi32(cnt0, _mm256_add_epi32(eight, eight)),
+                            _mm256_sub_epi32(cnt0, _mm256_set1_epi32(24))};
+#define AVX2_TERMS(s, out)                                                                                          \
+    do {                                                                                                            \
+        __m256i w_ = _mm256_set1_epi32((int)wq[(s) * sstride]);                                                     \
+        __m256 c_ = _mm256_broadcast_ss(signed_c + 2 * (s)), nc_ = _mm256_broadcast_ss(signed_c + 2 * (s) + 1);      \
+        for (int v_ = 0; v_ < 4; v_++)                                                                              \
+            out[v_] = _mm256_blendv_ps(c_, nc_, _mm256_castsi256_ps(_mm256_sllv_epi32(w_, cnt[v_])));               \
+    } while (0)
+    for (int q = 0; q < 4; q++) {
+        const uint32_t *wq = words + q * qstride;
+        __m256 p[4], t[4], g[4], x[4];
+        for (int v = 0; v < 4; v++) p[v] = t[v] = _mm256_setzero_ps();  /* (always set before use) */
+        for (int gi = 0; 4 * gi < m; gi++) {  /* one group of up to 4 slots, summed left to right */
+            int s0 = 4 * gi, r = m - s0 < 4 ? m - s0 : 4;
+            AVX2_TERMS(s0, g);
+            for (int i = 1; i < r; i++) {
+                AVX2_TERMS(s0 + i, x);
+                for (int v = 0; v < 4; v++) g[v] = _mm256_add_ps(g[v], x[v]);
+            }
+            /* close_slot: the first group of a pair waits, the second is added to it; a last group without a
+             * partner is the pair; pairs are summed left to right */
+            if (gi & 1) {
+                for (int v = 0; v < 4; v++) g[v] = _mm256_add_ps(p[v], g[v]);
+            } else if (s0 + r < m) {
+                for (int v = 0; v < 4; v++) p[v] = g[v];
+                continue;
+            }
+            for (int v = 0; v < 4; v++) t[v] = gi < 2 ? g[v] : _mm256_add_ps(t[v], g[v]);
+        }
+        for (int v = 0; v < 4; v++) {
+            float *d = dst + 32 * q + 8 * v;
+            __m256 y = accumulate ? _mm256_add_ps(_mm256_loadu_ps(src + 32 * q + 8 * v), t[v]) : t[v];
+            if (stream) _mm256_stream_ps(d, y); else _mm256_storeu_ps(d, y);
+        }
+    }
+#undef AVX2_TERMS
+}
+#endif /* AVX2 */
+
 /* -c when bit is 1, c when 0: a sign-bit XOR, branch-free (random bits defeat branch prediction). */
 static inline float signed_coeff(uint32_t coeff_bits, uint32_t bit) {
     union { uint32_t u; float f; } v;
@@ -324,10 +458,50 @@ void noise_sum(float *dst, const float *src, int64_t n, uint64_t offset, const u
         }
     }
 #endif
+#ifdef HAVE_RUN_AVX2
+    /* +c and -c per slot (a sign-bit flip, as signed_coeff), and the Philox words of a run's slots or of 8 runs. */
+    int mpad = (m + 31) / 32 * 32;
+    float *signed_c = NULL;
+    uint32_t *words = NULL;
+    if (!gaussian_dist && m >= 1) {
+        signed_c = (float *)malloc(sizeof(float) * 2 * (size_t)m);
+        words = (uint32_t *)malloc(sizeof(uint32_t) * 4 * (size_t)(mpad > 32 ? mpad : 32));
+        if (signed_c && words) {
+            for (int s = 0; s < m; s++) {
+                union { float f; uint32_t u; } c = {coeffs[s]};
+                signed_c[2 * s] = signed_coeff(c.u, 0);
+                signed_c[2 * s + 1] = signed_coeff(c.u, 1);
+            }
+        } else {
+            free(signed_c);
+            free(words);
+            signed_c = NULL;
+            words = NULL;
+        }
+    }
+#endif
     while (i < n) {
         uint64_t g0 = offset + (uint64_t)i;
         int64_t count = 128 - (int64_t)(g0 & 127);
         if (count > n - i) count = n - i;
+#ifdef HAVE_RUN_AVX2
+        if (words && count == 128) {
+            int stream = dst != src && ((uintptr_t)(dst + i) & 31) == 0;
+            if (m <= 4) {  /* few slots: Philox vectorized across 8 runs */
+                int runs = n - i >= 8 * 128 ? 8 : (int)((n - i) / 128);
+                run_words8(g0 >> 7, seeds, m, words);
+                for (int r = 0; r < runs; r++)
+                    rademacher_run_avx2(dst + i + 128 * r, src + i + 128 * r, words + 16 * r, 4, 1, signed_c, m,
+                                        accumulate, stream);
+                i += 128 * (int64_t)runs;
+            } else {  /* across slots */
+                slot_words8(g0 >> 7, seeds, m, words, mpad);
+                rademacher_run_avx2(dst + i, src + i, words, mpad, 1, signed_c, m, accumulate, stream);
+                i += 128;
+            }
+            continue;
+        }
+#endif
 #ifdef HAVE_RUN_AVX512
         if (!gaussian_dist && count == 128 && m >= 1) {
             /* A separate destination (a perturbed copy) is written with streaming stores when aligned: no read
@@ -417,7 +591,11 @@ void noise_sum(float *dst, const float *src, int64_t n, uint64_t offset, const u
     free(tables);
     free(keys);
 #endif
-#ifdef HAVE_RUN_AVX512
+#ifdef HAVE_RUN_AVX2
+    free(signed_c);
+    free(words);
+#endif
+#if defined(HAVE_RUN_AVX512) || defined(HAVE_RUN_AVX2)
     _mm_sfence();  /* streaming stores visible before the caller reads dst */
 #endif
 }

@@ -33,6 +33,9 @@ import torch
 SOURCE = Path(__file__).with_name("cpu_kernel.c")
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-fast-math", "-fPIC", "-shared"]
 MIN_PARALLEL = 1 << 16
+# LIGHTNING_ZO_CPU_KERNEL: 1 (default: every vector path this CPU has), 0 (numpy), or a cap on the instruction set,
+# for comparing the paths' bits and speed on one machine (they give the same bits).
+ISA_CAPS = {"1": [], "avx2": ["-mno-avx512f"], "portable": ["-mno-avx512f", "-mno-avx2"]}
 
 
 def _cpu_flags() -> bytes:
@@ -60,16 +63,16 @@ def _verified(lib_path: Path) -> bool:
         return False
 
 
-def _build(cc: str, lib_path: Path) -> str | None:
+def _build(cc: str, lib_path: Path, flags: list[str]) -> str | None:
     """Compile into a temporary file beside the target, record its hash, then rename both into place (a reader
     never sees a partial library). Returns the reason on failure."""
     lib_path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so.tmp", dir=lib_path.parent)
     os.close(fd)
     try:
-        result = subprocess.run([cc, *FLAGS, "-fopenmp", "-o", tmp, str(SOURCE)], capture_output=True, text=True)
+        result = subprocess.run([cc, *flags, "-fopenmp", "-o", tmp, str(SOURCE)], capture_output=True, text=True)
         if result.returncode != 0:  # no OpenMP here (e.g. Apple's clang): Python threads run the shares
-            result = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True)
+            result = subprocess.run([cc, *flags, "-o", tmp, str(SOURCE)], capture_output=True, text=True)
         if result.returncode != 0:
             return f"{cc} failed: {result.stderr.strip()[-500:]}"
         digest = _sha256(Path(tmp))
@@ -97,8 +100,13 @@ def load():
     failed build (with a warning that says why). The cache lives in $LIGHTNING_ZO_CACHE/kernels (default
     ~/.cache/lightning_zo/kernels); a library whose bytes no longer match its recorded hash (truncated, damaged) is
     rebuilt with a warning instead of being mapped (a truncated .so would crash the process with SIGBUS)."""
-    if os.environ.get("LIGHTNING_ZO_CPU_KERNEL", "1") == "0":
+    choice = os.environ.get("LIGHTNING_ZO_CPU_KERNEL", "1")
+    if choice == "0":
         return None
+    if choice not in ISA_CAPS:
+        raise ValueError(f"LIGHTNING_ZO_CPU_KERNEL={choice!r}: choose 1, 0 or one of "
+                         f"{', '.join(k for k in ISA_CAPS if k != '1')}")
+    flags = FLAGS + ISA_CAPS[choice]
     if not SOURCE.is_file():
         _fallback(f"its source {SOURCE} is missing from the installation")
         return None
@@ -107,14 +115,14 @@ def load():
         _fallback(f"no C compiler found (tried {cc!r}; set CC, or install gcc/clang)")
         return None
     # -march=native: key the build by the CPU's feature flags too (a shared home may span several CPU models).
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + _cpu_flags()).hexdigest()[:16]
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode() + _cpu_flags()).hexdigest()[:16]
     lib_path = _cache_dir() / f"cpu_kernel-{digest}.so"
     if not _verified(lib_path):
         if lib_path.exists() and lib_path.with_suffix(".sha256").exists():
             warnings.warn(f"{lib_path}: the cached CPU kernel is damaged (its bytes do not match the recorded "
                           "sha256); rebuilding it", stacklevel=2)
         try:
-            reason = _build(cc, lib_path)
+            reason = _build(cc, lib_path, flags)
         except OSError as e:
             reason = f"cannot write the kernel cache {lib_path.parent}: {e} (set LIGHTNING_ZO_CACHE)"
         if reason is not None:
