@@ -7,6 +7,7 @@
  * where the compiler has it (noise_pieces' threads). */
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -258,126 +259,89 @@ static void rademacher_run_tables(float *dst, const float *src, uint64_t block, 
 #if !defined(__AVX512F__) && defined(__AVX2__)
 #include <immintrin.h>
 #define HAVE_RUN_AVX2 1
-/* AVX2 (no AVX-512: e.g. AMD Zen 2/3): Philox in 8 lanes, J <= 4 chains interleaved so that the multiplies' latency
- * overlaps; lane i of chain j has counter (lo[j], hi[j], 0, 0) and key (k0[j], k1[j]). Same integer function as
- * philox(): the 32x32 products' halves are gathered from the even and odd lanes' 64-bit products by blends. */
-static inline __attribute__((always_inline)) void philox8(const __m256i *lo, const __m256i *hi, const __m256i *k0,
-                                                          const __m256i *k1, int J, __m256i out[4][4]) {
+/* AVX2 (no AVX-512: e.g. AMD Zen 2/3). Philox's round keys for J <= 4 chains of 8 lanes: keys[20 j + 2 r] and
+ * keys[20 j + 2 r + 1] are lane i's k0 + r W0 and k1 + r W1 in chain j (lanes past n: seed 0). They depend on the
+ * seeds only, so one call of noise_sum computes them once. `spread`: 0 gives each chain 8 seeds, 1 one seed. */
+static void round_keys8(const uint64_t *seeds, int n, int spread, __m256i *keys) {
+    int chains = spread ? n : (n + 7) / 8;
+    for (int j = 0; j < chains; j++) {
+        uint32_t a[8], b[8];
+        for (int i = 0; i < 8; i++) {
+            int s = spread ? j : 8 * j + i;
+            uint64_t seed = s < n ? seeds[s] : 0;
+            a[i] = (uint32_t)seed; b[i] = (uint32_t)(seed >> 32);
+        }
+        for (int r = 0; r < 10; r++) {
+            keys[20 * j + 2 * r] = _mm256_loadu_si256((const __m256i *)a);
+            keys[20 * j + 2 * r + 1] = _mm256_loadu_si256((const __m256i *)b);
+            for (int i = 0; i < 8; i++) { a[i] += W0; b[i] += W1; }
+        }
+    }
+}
+
+/* Philox rounds first..9 of J <= 4 interleaved 8-lane chains (so that the multiplies' latency overlaps), in place:
+ * c[j][0..3] holds chain j's state, and at the end its words 0..3. The 32x32 products' high halves are gathered from the even and odd lanes' 64-bit
+ * products by a blend, the low halves are one vpmulld. Same integer function as philox(). */
+static inline __attribute__((always_inline)) void philox8(__m256i c[4][4], const __m256i *keys, int J, int first) {
     const __m256i m0 = _mm256_set1_epi64x(M0), m1 = _mm256_set1_epi64x(M1);
-    const __m256i w0 = _mm256_set1_epi32((int)W0), w1 = _mm256_set1_epi32((int)W1);
-    __m256i c0[4], c1[4], c2[4], c3[4], a[4], b[4];
-    for (int j = 0; j < J; j++) {
-        c0[j] = lo[j]; c1[j] = hi[j]; c2[j] = c3[j] = _mm256_setzero_si256(); a[j] = k0[j]; b[j] = k1[j];
-    }
-    for (int r = 0; r < 10; r++) {
+    const __m256i m0_lo = _mm256_set1_epi32((int)M0), m1_lo = _mm256_set1_epi32((int)M1);
+    for (int r = first; r < 10; r++) {
         for (int j = 0; j < J; j++) {
-            __m256i e0 = _mm256_mul_epu32(c0[j], m0), o0 = _mm256_mul_epu32(_mm256_srli_epi64(c0[j], 32), m0);
-            __m256i e1 = _mm256_mul_epu32(c2[j], m1), o1 = _mm256_mul_epu32(_mm256_srli_epi64(c2[j], 32), m1);
-            __m256i lo0 = _mm256_blend_epi32(e0, _mm256_slli_epi64(o0, 32), 0xAA);
+            __m256i e0 = _mm256_mul_epu32(c[j][0], m0), o0 = _mm256_mul_epu32(_mm256_srli_epi64(c[j][0], 32), m0);
+            __m256i e1 = _mm256_mul_epu32(c[j][2], m1), o1 = _mm256_mul_epu32(_mm256_srli_epi64(c[j][2], 32), m1);
+            __m256i lo0 = _mm256_mullo_epi32(c[j][0], m0_lo), lo1 = _mm256_mullo_epi32(c[j][2], m1_lo);
             __m256i hi0 = _mm256_blend_epi32(_mm256_srli_epi64(e0, 32), o0, 0xAA);
-            __m256i lo1 = _mm256_blend_epi32(e1, _mm256_slli_epi64(o1, 32), 0xAA);
             __m256i hi1 = _mm256_blend_epi32(_mm256_srli_epi64(e1, 32), o1, 0xAA);
-            c0[j] = _mm256_xor_si256(_mm256_xor_si256(hi1, c1[j]), a[j]);
-            c2[j] = _mm256_xor_si256(_mm256_xor_si256(hi0, c3[j]), b[j]);
-            c1[j] = lo1;
-            c3[j] = lo0;
-            a[j] = _mm256_add_epi32(a[j], w0);
-            b[j] = _mm256_add_epi32(b[j], w1);
+            c[j][0] = _mm256_xor_si256(_mm256_xor_si256(hi1, c[j][1]), keys[20 * j + 2 * r]);
+            c[j][2] = _mm256_xor_si256(_mm256_xor_si256(hi0, c[j][3]), keys[20 * j + 2 * r + 1]);
+            c[j][1] = lo1;
+            c[j][3] = lo0;
         }
-    }
-    for (int j = 0; j < J; j++) { out[j][0] = c0[j]; out[j][1] = c1[j]; out[j][2] = c2[j]; out[j][3] = c3[j]; }
-}
-
-/* The Philox words of one run's m slots, words[q * stride + s] (8 slots per chain, 4 chains at a time; lanes past m
- * use seed 0 and are ignored). */
-static void slot_words8(uint64_t block, const uint64_t *seeds, int m, uint32_t *words, int stride) {
-    const __m256i lo = _mm256_set1_epi32((int)(uint32_t)block), hi = _mm256_set1_epi32((int)(uint32_t)(block >> 32));
-    for (int s0 = 0; s0 < m; s0 += 32) {
-        __m256i los[4] = {lo, lo, lo, lo}, his[4] = {hi, hi, hi, hi}, k0[4], k1[4], out[4][4];
-        int J = (m - s0 + 7) / 8 < 4 ? (m - s0 + 7) / 8 : 4;
-        for (int j = 0; j < J; j++) {
-            uint32_t a[8], b[8];
-            for (int i = 0; i < 8; i++) {
-                int s = s0 + 8 * j + i;
-                uint64_t seed = s < m ? seeds[s] : 0;
-                a[i] = (uint32_t)seed; b[i] = (uint32_t)(seed >> 32);
-            }
-            k0[j] = _mm256_loadu_si256((const __m256i *)a);
-            k1[j] = _mm256_loadu_si256((const __m256i *)b);
-        }
-        switch (J) {  /* constant J, so each case's loops unroll */
-            case 4: philox8(los, his, k0, k1, 4, out); break;
-            case 3: philox8(los, his, k0, k1, 3, out); break;
-            case 2: philox8(los, his, k0, k1, 2, out); break;
-            default: philox8(los, his, k0, k1, 1, out); break;
-        }
-        for (int j = 0; j < J; j++)
-            for (int q = 0; q < 4; q++) _mm256_storeu_si256((__m256i *)(words + q * stride + s0 + 8 * j), out[j][q]);
     }
 }
 
-/* The Philox words of up to 8 consecutive runs (lane r: block first + r) of m <= 4 slots, one chain per slot:
- * words[(r * 4 + q) * 4 + s]. */
-static void run_words8(uint64_t first, const uint64_t *seeds, int m, uint32_t *words) {
-    __m256i lo[4], hi[4], k0[4], k1[4], out[4][4];
+/* The Philox words of up to 8 consecutive runs (lane r: block first + r) of m <= 4 slots, one chain per slot
+ * (`keys`: round_keys8 with spread): words[(r * 4 + q) * 4 + s]. */
+static void run_words8(uint64_t first, const __m256i *keys, int m, uint32_t *words) {
+    __m256i c[4][4];
     uint32_t l[8], h[8];
     for (int i = 0; i < 8; i++) { l[i] = (uint32_t)(first + (uint64_t)i); h[i] = (uint32_t)((first + (uint64_t)i) >> 32); }
     for (int j = 0; j < m; j++) {
-        lo[j] = _mm256_loadu_si256((const __m256i *)l);
-        hi[j] = _mm256_loadu_si256((const __m256i *)h);
-        k0[j] = _mm256_set1_epi32((int)(uint32_t)seeds[j]);
-        k1[j] = _mm256_set1_epi32((int)(uint32_t)(seeds[j] >> 32));
+        c[j][0] = _mm256_loadu_si256((const __m256i *)l);
+        c[j][1] = _mm256_loadu_si256((const __m256i *)h);
+        c[j][2] = c[j][3] = _mm256_setzero_si256();
     }
-    switch (m) {
-        case 4: philox8(lo, hi, k0, k1, 4, out); break;
-        case 3: philox8(lo, hi, k0, k1, 3, out); break;
-        case 2: philox8(lo, hi, k0, k1, 2, out); break;
-        default: philox8(lo, hi, k0, k1, 1, out); break;
+    switch (m) {  /* constant J, so each case's loops unroll */
+        case 4: philox8(c, keys, 4, 0); break;
+        case 3: philox8(c, keys, 3, 0); break;
+        case 2: philox8(c, keys, 2, 0); break;
+        default: philox8(c, keys, 1, 0); break;
     }
     uint32_t tmp[8] __attribute__((aligned(32)));
     for (int j = 0; j < m; j++)
         for (int q = 0; q < 4; q++) {
-            _mm256_store_si256((__m256i *)tmp, out[j][q]);
+            _mm256_store_si256((__m256i *)tmp, c[j][q]);
             for (int r = 0; r < 8; r++) words[(r * 4 + q) * 4 + j] = tmp[r];
         }
 }
 
-/* One whole aligned Rademacher run, 16 elements at a time: slot s's word q shifted left by 31 - bit puts each
- * element's sign bit where blendv reads it, which picks -c or +c (exactly signed_coeff's bits); the terms are
- * summed in slot_sum's order (groups of 4 left to right, pairs of groups, pairs left to right: close_slot's
- * operations), so the portable loops' bits. words[q * qstride + s * sstride]; signed[2s], signed[2s + 1]: +c, -c. */
-static void rademacher_run_avx2(float *dst, const float *src, const uint32_t *words, int qstride, int sstride,
-                                const float *signed_c, int m, int accumulate, int stream) {
-    const __m256i cnt0 = _mm256_setr_epi32(31, 30, 29, 28, 27, 26, 25, 24), eight = _mm256_set1_epi32(8);
-    const __m256i cnt[4] = {cnt0, _mm256_sub_epi32(cnt0, eight), _mm256_sub_epi32(cnt0, _mm256_add_epi32(eight, eight)),
-                            _mm256_sub_epi32(cnt0, _mm256_set1_epi32(24))};
-#define AVX2_TERMS(s, out)                                                                                          \
-    do {                                                                                                            \
-        __m256i w_ = _mm256_set1_epi32((int)wq[(s) * sstride]);                                                     \
-        __m256 c_ = _mm256_broadcast_ss(signed_c + 2 * (s)), nc_ = _mm256_broadcast_ss(signed_c + 2 * (s) + 1);      \
-        for (int v_ = 0; v_ < 4; v_++)                                                                              \
-            out[v_] = _mm256_blendv_ps(c_, nc_, _mm256_castsi256_ps(_mm256_sllv_epi32(w_, cnt[v_])));               \
-    } while (0)
+/* One whole aligned Rademacher run of m <= 4 slots, 32 elements (one word) at a time: slot s's word q shifted left
+ * by 31 - bit puts each element's sign bit where blendv reads it, which picks -c or +c (exactly signed_coeff's
+ * bits), summed left to right (slot_sum for m <= 4). words[4 q + s]; signed[2s], signed[2s + 1]: +c, -c. */
+static void rademacher_run_avx2(float *dst, const float *src, const uint32_t *words, const float *signed_c, int m,
+                                int accumulate, int stream) {
+    __m256i cnt[4];
+    for (int v = 0; v < 4; v++) cnt[v] = _mm256_setr_epi32(31 - 8 * v, 30 - 8 * v, 29 - 8 * v, 28 - 8 * v,
+                                                            27 - 8 * v, 26 - 8 * v, 25 - 8 * v, 24 - 8 * v);
     for (int q = 0; q < 4; q++) {
-        const uint32_t *wq = words + q * qstride;
-        __m256 p[4], t[4], g[4], x[4];
-        for (int v = 0; v < 4; v++) p[v] = t[v] = _mm256_setzero_ps();  /* (always set before use) */
-        for (int gi = 0; 4 * gi < m; gi++) {  /* one group of up to 4 slots, summed left to right */
-            int s0 = 4 * gi, r = m - s0 < 4 ? m - s0 : 4;
-            AVX2_TERMS(s0, g);
-            for (int i = 1; i < r; i++) {
-                AVX2_TERMS(s0 + i, x);
-                for (int v = 0; v < 4; v++) g[v] = _mm256_add_ps(g[v], x[v]);
+        __m256 t[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+        for (int s = 0; s < m; s++) {
+            __m256i w = _mm256_set1_epi32((int)words[4 * q + s]);
+            __m256 c = _mm256_broadcast_ss(signed_c + 2 * s), nc = _mm256_broadcast_ss(signed_c + 2 * s + 1);
+            for (int v = 0; v < 4; v++) {
+                __m256 x = _mm256_blendv_ps(c, nc, _mm256_castsi256_ps(_mm256_sllv_epi32(w, cnt[v])));
+                t[v] = s ? _mm256_add_ps(t[v], x) : x;
             }
-            /* close_slot: the first group of a pair waits, the second is added to it; a last group without a
-             * partner is the pair; pairs are summed left to right */
-            if (gi & 1) {
-                for (int v = 0; v < 4; v++) g[v] = _mm256_add_ps(p[v], g[v]);
-            } else if (s0 + r < m) {
-                for (int v = 0; v < 4; v++) p[v] = g[v];
-                continue;
-            }
-            for (int v = 0; v < 4; v++) t[v] = gi < 2 ? g[v] : _mm256_add_ps(t[v], g[v]);
         }
         for (int v = 0; v < 4; v++) {
             float *d = dst + 32 * q + 8 * v;
@@ -385,7 +349,87 @@ static void rademacher_run_avx2(float *dst, const float *src, const uint32_t *wo
             if (stream) _mm256_stream_ps(d, y); else _mm256_storeu_ps(d, y);
         }
     }
-#undef AVX2_TERMS
+}
+
+/* 8 slots' Philox words (lane s: slot s's word) as one byte per element: byte e, bit s = bit e of slot s. Bytes are
+ * grouped by element octet (one in-lane shuffle and one dword permute: qword k = byte k of the 8 slots), then each
+ * qword's 8x8 bit matrix is transposed by three delta swaps. */
+static inline __m256i slot_bytes8(__m256i words) {
+    const __m256i by_octet = _mm256_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15,
+                                              0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    __m256i x = _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(words, by_octet), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    static const long long masks[3] = {0x00AA00AA00AA00AALL, 0x0000CCCC0000CCCCLL, 0x00000000F0F0F0F0LL};
+    static const int shifts[3] = {7, 14, 28};
+    for (int k = 0; k < 3; k++) {
+        __m256i t = _mm256_and_si256(_mm256_xor_si256(x, _mm256_srli_epi64(x, shifts[k])), _mm256_set1_epi64x(masks[k]));
+        x = _mm256_xor_si256(x, _mm256_xor_si256(t, _mm256_slli_epi64(t, shifts[k])));
+    }
+    return x;
+}
+
+/* One whole aligned Rademacher run over m > 4 slots by table lookup, as rademacher_run_tables: `tables` holds each
+ * group of 4 slots' 16 possible sums (group_tables, slot_sum's order), `keys` round_keys8 of every 8 slots, `bytes`
+ * room for (m + 7) / 8 * 128 bytes. Philox runs across 8 slots per chain, its first round folded (the counter is
+ * the same in every lane, words 2 and 3 are 0); each octet of slots becomes one byte per element (slot_bytes8).
+ * Then per 8 elements: each nibble looks up its group's sum (two vpermps of 8 entries, blendv on the nibble's top
+ * bit), the two groups of a pair are added, and the pairs are accumulated in order: slot_sum's bits. */
+static void rademacher_run_octets(float *dst, const float *src, uint64_t block, const __m256i *keys,
+                                  const float *tables, uint8_t *bytes, int m, int accumulate, int stream) {
+    uint64_t p = (uint64_t)M0 * (uint32_t)block;
+    const __m256i hi = _mm256_set1_epi32((int)(uint32_t)(block >> 32)), p_hi = _mm256_set1_epi32((int)(uint32_t)(p >> 32));
+    const __m256i p_lo = _mm256_set1_epi32((int)(uint32_t)p);
+    int octets = (m + 7) / 8;
+    for (int o0 = 0; o0 < octets; o0 += 4) {
+        int J = octets - o0 < 4 ? octets - o0 : 4;
+        const __m256i *k = keys + 20 * o0;
+        __m256i c[4][4];
+        for (int j = 0; j < J; j++) {  /* round 0 of counter (lo, hi, 0, 0) */
+            c[j][0] = _mm256_xor_si256(hi, k[20 * j]);
+            c[j][1] = _mm256_setzero_si256();
+            c[j][2] = _mm256_xor_si256(p_hi, k[20 * j + 1]);
+            c[j][3] = p_lo;
+        }
+        switch (J) {  /* constant J, so each case's loops unroll */
+            case 4: philox8(c, k, 4, 1); break;
+            case 3: philox8(c, k, 3, 1); break;
+            case 2: philox8(c, k, 2, 1); break;
+            default: philox8(c, k, 1, 1); break;
+        }
+        for (int j = 0; j < J; j++)
+            for (int q = 0; q < 4; q++)
+                _mm256_storeu_si256((__m256i *)(bytes + 128 * (o0 + j) + 32 * q), slot_bytes8(c[j][q]));
+    }
+    /* lane i of a dword vector: element byte i in its lowest and highest byte, so bits 2:0 index the first group
+     * and bit 31 is the second group's top bit */
+    const __m256i spread = _mm256_setr_epi8(0, -1, -1, 0, 1, -1, -1, 1, 2, -1, -1, 2, 3, -1, -1, 3,
+                                            4, -1, -1, 4, 5, -1, -1, 5, 6, -1, -1, 6, 7, -1, -1, 7);
+    for (int q = 0; q < 4; q++) {
+        __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+        for (int o = 0; o < octets; o++) {
+            const float *t = tables + 32 * o;
+            int pair = m - 8 * o > 4;  /* else a last group without a partner is the pair */
+            for (int v = 0; v < 4; v++) {
+                int64_t eight;  /* the bytes of elements 8v..8v+7 */
+                memcpy(&eight, bytes + 128 * o + 32 * q + 8 * v, 8);
+                __m256i idx = _mm256_shuffle_epi8(_mm256_set1_epi64x(eight), spread);
+                __m256 sum = _mm256_blendv_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(t), idx),
+                                              _mm256_permutevar8x32_ps(_mm256_loadu_ps(t + 8), idx),
+                                              _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+                if (pair) {
+                    __m256i hi_idx = _mm256_srli_epi32(idx, 4);
+                    sum = _mm256_add_ps(sum, _mm256_blendv_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(t + 16), hi_idx),
+                                                              _mm256_permutevar8x32_ps(_mm256_loadu_ps(t + 24), hi_idx),
+                                                              _mm256_castsi256_ps(idx)));
+                }
+                acc[v] = o ? _mm256_add_ps(acc[v], sum) : sum;
+            }
+        }
+        for (int v = 0; v < 4; v++) {
+            float *d = dst + 32 * q + 8 * v;
+            __m256 y = accumulate ? _mm256_add_ps(_mm256_loadu_ps(src + 32 * q + 8 * v), acc[v]) : acc[v];
+            if (stream) _mm256_stream_ps(d, y); else _mm256_storeu_ps(d, y);
+        }
+    }
 }
 #endif /* AVX2 */
 
@@ -417,6 +461,7 @@ static void close_slot(float *group, float *pair, float *total, int s, int m, in
     }
 }
 
+#if defined(HAVE_RUN_TABLES) || defined(HAVE_RUN_AVX2)
 /* The 16 sums of each group of 4 slots for every sign pattern b (bit i set: slot 4j+i's z is -1), in slot_sum's
  * order; bits of slots past the last are ignored (their entries repeat). */
 static void group_tables(const float *coeffs, int m, float *tables) {
@@ -433,6 +478,7 @@ static void group_tables(const float *coeffs, int m, float *tables) {
         }
     }
 }
+#endif
 
 /* All m slots in one pass: acc = slot_sum(c0 z0, c1 z1, ...), then dst = src + acc (accumulate) or dst = acc.
  * Works through aligned runs of at most 128 elements, so the partial sums stay in registers / L1. */
@@ -459,24 +505,37 @@ void noise_sum(float *dst, const float *src, int64_t n, uint64_t offset, const u
     }
 #endif
 #ifdef HAVE_RUN_AVX2
-    /* +c and -c per slot (a sign-bit flip, as signed_coeff), and the Philox words of a run's slots or of 8 runs. */
-    int mpad = (m + 31) / 32 * 32;
-    float *signed_c = NULL;
+    /* m <= 4: +c and -c per slot (a sign-bit flip, as signed_coeff) and the Philox words of 8 runs; m > 4: the
+     * groups' tables and room for the slots' bytes of a run. Philox's round keys either way. */
+    int few = m <= 4, octets = (m + 7) / 8;
+    float *signed_c = NULL, *tables8 = NULL;
     uint32_t *words = NULL;
+    uint8_t *bytes = NULL;
+    __m256i *keys8 = NULL;
+    int avx2 = 0;
     if (!gaussian_dist && m >= 1) {
-        signed_c = (float *)malloc(sizeof(float) * 2 * (size_t)m);
-        words = (uint32_t *)malloc(sizeof(uint32_t) * 4 * (size_t)(mpad > 32 ? mpad : 32));
-        if (signed_c && words) {
-            for (int s = 0; s < m; s++) {
-                union { float f; uint32_t u; } c = {coeffs[s]};
-                signed_c[2 * s] = signed_coeff(c.u, 0);
-                signed_c[2 * s + 1] = signed_coeff(c.u, 1);
-            }
+        int chains = few ? m : octets;
+        if (posix_memalign((void **)&keys8, 32, sizeof(__m256i) * 20 * (size_t)chains)) keys8 = NULL;
+        if (few) {
+            signed_c = (float *)malloc(sizeof(float) * 2 * (size_t)m);
+            words = (uint32_t *)malloc(sizeof(uint32_t) * 128);
+            avx2 = signed_c && words && keys8;
         } else {
-            free(signed_c);
-            free(words);
-            signed_c = NULL;
-            words = NULL;
+            tables8 = (float *)malloc(sizeof(float) * 32 * (size_t)octets);
+            bytes = (uint8_t *)malloc(128 * (size_t)octets);
+            avx2 = tables8 && bytes && keys8;
+        }
+        if (avx2) {
+            round_keys8(seeds, m, few, keys8);
+            if (few) {
+                for (int s = 0; s < m; s++) {
+                    union { float f; uint32_t u; } c = {coeffs[s]};
+                    signed_c[2 * s] = signed_coeff(c.u, 0);
+                    signed_c[2 * s + 1] = signed_coeff(c.u, 1);
+                }
+            } else {
+                group_tables(coeffs, m, tables8);
+            }
         }
     }
 #endif
@@ -485,18 +544,17 @@ void noise_sum(float *dst, const float *src, int64_t n, uint64_t offset, const u
         int64_t count = 128 - (int64_t)(g0 & 127);
         if (count > n - i) count = n - i;
 #ifdef HAVE_RUN_AVX2
-        if (words && count == 128) {
+        if (avx2 && count == 128) {
             int stream = dst != src && ((uintptr_t)(dst + i) & 31) == 0;
-            if (m <= 4) {  /* few slots: Philox vectorized across 8 runs */
+            if (few) {  /* Philox vectorized across 8 runs */
                 int runs = n - i >= 8 * 128 ? 8 : (int)((n - i) / 128);
-                run_words8(g0 >> 7, seeds, m, words);
+                run_words8(g0 >> 7, keys8, m, words);
                 for (int r = 0; r < runs; r++)
-                    rademacher_run_avx2(dst + i + 128 * r, src + i + 128 * r, words + 16 * r, 4, 1, signed_c, m,
-                                        accumulate, stream);
+                    rademacher_run_avx2(dst + i + 128 * r, src + i + 128 * r, words + 16 * r, signed_c, m, accumulate,
+                                        stream);
                 i += 128 * (int64_t)runs;
             } else {  /* across slots */
-                slot_words8(g0 >> 7, seeds, m, words, mpad);
-                rademacher_run_avx2(dst + i, src + i, words, mpad, 1, signed_c, m, accumulate, stream);
+                rademacher_run_octets(dst + i, src + i, g0 >> 7, keys8, tables8, bytes, m, accumulate, stream);
                 i += 128;
             }
             continue;
@@ -594,6 +652,9 @@ void noise_sum(float *dst, const float *src, int64_t n, uint64_t offset, const u
 #ifdef HAVE_RUN_AVX2
     free(signed_c);
     free(words);
+    free(tables8);
+    free(bytes);
+    free(keys8);
 #endif
 #if defined(HAVE_RUN_AVX512) || defined(HAVE_RUN_AVX2)
     _mm_sfence();  /* streaming stores visible before the caller reads dst */

@@ -133,7 +133,7 @@ def load():
     except OSError as e:
         _fallback(f"cannot load {lib_path}: {e}")
         return None
-    f32p, i64, u64, c_int = ctypes.POINTER(ctypes.c_float), ctypes.c_int64, ctypes.c_uint64, ctypes.c_int
+    f32p, c_int = ctypes.POINTER(ctypes.c_float), ctypes.c_int
     ptrs = ctypes.c_void_p
     # noise_pieces(dsts, srcs, counts, offsets, npieces, seeds, coeffs, m, gaussian, table, shares, share)
     lib.noise_pieces.argtypes = [ptrs, ptrs, ptrs, ptrs, c_int, ptrs, ptrs, c_int, c_int, f32p, c_int, c_int]
