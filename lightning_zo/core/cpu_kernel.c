@@ -259,9 +259,10 @@ static void rademacher_run_tables(float *dst, const float *src, uint64_t block, 
 #if !defined(__AVX512F__) && defined(__AVX2__)
 #include <immintrin.h>
 #define HAVE_RUN_AVX2 1
-/* AVX2 (no AVX-512: e.g. AMD Zen 2/3). Philox's round keys for J <= 4 chains of 8 lanes: keys[20 j + 2 r] and
- * keys[20 j + 2 r + 1] are lane i's k0 + r W0 and k1 + r W1 in chain j (lanes past n: seed 0). They depend on the
- * seeds only, so one call of noise_sum computes them once. `spread`: 0 gives each chain 8 seeds, 1 one seed. */
+/* AVX2 (no AVX-512: e.g. AMD Zen 2/3). Philox's round keys of 8-lane chains: keys[20 j + 2 r] and
+ * keys[20 j + 2 r + 1] are lane i's k0 + r W0 and k1 + r W1 in chain j. `spread` 0: (n + 7) / 8 chains of 8 seeds
+ * each (lanes past n: seed 0); 1: n chains, chain j all seeds[j]. They depend on the seeds only, so one call of
+ * noise_sum computes them once (each philox8 call then takes up to 4 chains of them). */
 static void round_keys8(const uint64_t *seeds, int n, int spread, __m256i *keys) {
     int chains = spread ? n : (n + 7) / 8;
     for (int j = 0; j < chains; j++) {
@@ -280,8 +281,9 @@ static void round_keys8(const uint64_t *seeds, int n, int spread, __m256i *keys)
 }
 
 /* Philox rounds first..9 of J <= 4 interleaved 8-lane chains (so that the multiplies' latency overlaps), in place:
- * c[j][0..3] holds chain j's state, and at the end its words 0..3. The 32x32 products' high halves are gathered from the even and odd lanes' 64-bit
- * products by a blend, the low halves are one vpmulld. Same integer function as philox(). */
+ * c[j][0..3] holds chain j's state, and at the end its words 0..3. The 32x32 products' high halves are gathered
+ * from the even and odd lanes' 64-bit products by a blend, the low halves are one vpmulld. Same integer function as
+ * philox(). */
 static inline __attribute__((always_inline)) void philox8(__m256i c[4][4], const __m256i *keys, int J, int first) {
     const __m256i m0 = _mm256_set1_epi64x(M0), m1 = _mm256_set1_epi64x(M1);
     const __m256i m0_lo = _mm256_set1_epi32((int)M0), m1_lo = _mm256_set1_epi32((int)M1);
@@ -305,7 +307,10 @@ static inline __attribute__((always_inline)) void philox8(__m256i c[4][4], const
 static void run_words8(uint64_t first, const __m256i *keys, int m, uint32_t *words) {
     __m256i c[4][4];
     uint32_t l[8], h[8];
-    for (int i = 0; i < 8; i++) { l[i] = (uint32_t)(first + (uint64_t)i); h[i] = (uint32_t)((first + (uint64_t)i) >> 32); }
+    for (int i = 0; i < 8; i++) {
+        l[i] = (uint32_t)(first + (uint64_t)i);
+        h[i] = (uint32_t)((first + (uint64_t)i) >> 32);
+    }
     for (int j = 0; j < m; j++) {
         c[j][0] = _mm256_loadu_si256((const __m256i *)l);
         c[j][1] = _mm256_loadu_si256((const __m256i *)h);
@@ -327,7 +332,7 @@ static void run_words8(uint64_t first, const __m256i *keys, int m, uint32_t *wor
 
 /* One whole aligned Rademacher run of m <= 4 slots, 32 elements (one word) at a time: slot s's word q shifted left
  * by 31 - bit puts each element's sign bit where blendv reads it, which picks -c or +c (exactly signed_coeff's
- * bits), summed left to right (slot_sum for m <= 4). words[4 q + s]; signed[2s], signed[2s + 1]: +c, -c. */
+ * bits), summed left to right (slot_sum for m <= 4). words[4 q + s]; signed_c[2s], signed_c[2s + 1]: +c, -c. */
 static void rademacher_run_avx2(float *dst, const float *src, const uint32_t *words, const float *signed_c, int m,
                                 int accumulate, int stream) {
     __m256i cnt[4];
@@ -357,11 +362,13 @@ static void rademacher_run_avx2(float *dst, const float *src, const uint32_t *wo
 static inline __m256i slot_bytes8(__m256i words) {
     const __m256i by_octet = _mm256_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15,
                                               0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
-    __m256i x = _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(words, by_octet), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    const __m256i octet_major = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    __m256i x = _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(words, by_octet), octet_major);
     static const long long masks[3] = {0x00AA00AA00AA00AALL, 0x0000CCCC0000CCCCLL, 0x00000000F0F0F0F0LL};
     static const int shifts[3] = {7, 14, 28};
     for (int k = 0; k < 3; k++) {
-        __m256i t = _mm256_and_si256(_mm256_xor_si256(x, _mm256_srli_epi64(x, shifts[k])), _mm256_set1_epi64x(masks[k]));
+        __m256i t = _mm256_xor_si256(x, _mm256_srli_epi64(x, shifts[k]));
+        t = _mm256_and_si256(t, _mm256_set1_epi64x(masks[k]));
         x = _mm256_xor_si256(x, _mm256_xor_si256(t, _mm256_slli_epi64(t, shifts[k])));
     }
     return x;
@@ -376,8 +383,8 @@ static inline __m256i slot_bytes8(__m256i words) {
 static void rademacher_run_octets(float *dst, const float *src, uint64_t block, const __m256i *keys,
                                   const float *tables, uint8_t *bytes, int m, int accumulate, int stream) {
     uint64_t p = (uint64_t)M0 * (uint32_t)block;
-    const __m256i hi = _mm256_set1_epi32((int)(uint32_t)(block >> 32)), p_hi = _mm256_set1_epi32((int)(uint32_t)(p >> 32));
-    const __m256i p_lo = _mm256_set1_epi32((int)(uint32_t)p);
+    const __m256i hi = _mm256_set1_epi32((int)(uint32_t)(block >> 32));
+    const __m256i p_hi = _mm256_set1_epi32((int)(uint32_t)(p >> 32)), p_lo = _mm256_set1_epi32((int)(uint32_t)p);
     int octets = (m + 7) / 8;
     for (int o0 = 0; o0 < octets; o0 += 4) {
         int J = octets - o0 < 4 ? octets - o0 : 4;
