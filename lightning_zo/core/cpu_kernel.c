@@ -438,6 +438,7 @@ static void rademacher_run_octets(float *dst, const float *src, uint64_t block, 
         }
     }
 }
+
 /* One slot's terms coeff * z over a whole aligned Gaussian run (16 blocks), lane-major as the portable loop's
  * by_lane (terms[16 * lane + block] is element 8 * block + lane), stored (fresh) or added: Philox for the 16 blocks
  * as 2 chains of 8 (`keys`: 2 chains of the slot's round keys), and 8 table entries per vgatherdps. */
