@@ -281,10 +281,11 @@ static void round_keys8(const uint64_t *seeds, int n, int spread, __m256i *keys)
 }
 
 /* Philox rounds first..9 of J <= 4 interleaved 8-lane chains (so that the multiplies' latency overlaps), in place:
- * c[j][0..3] holds chain j's state, and at the end its words 0..3. The 32x32 products' high halves are gathered
- * from the even and odd lanes' 64-bit products by a blend, the low halves are one vpmulld. Same integer function as
- * philox(). */
-static inline __attribute__((always_inline)) void philox8(__m256i c[4][4], const __m256i *keys, int J, int first) {
+ * c[j][0..3] holds chain j's state, and at the end its words 0..3; chain j's round keys start at keys[stride * j]
+ * (stride 0: one key for all chains). The 32x32 products' high halves are gathered from the even and odd lanes'
+ * 64-bit products by a blend, the low halves are one vpmulld. Same integer function as philox(). */
+static inline __attribute__((always_inline)) void philox8(__m256i c[4][4], const __m256i *keys, int stride, int J,
+                                                          int first) {
     const __m256i m0 = _mm256_set1_epi64x(M0), m1 = _mm256_set1_epi64x(M1);
     const __m256i m0_lo = _mm256_set1_epi32((int)M0), m1_lo = _mm256_set1_epi32((int)M1);
     for (int r = first; r < 10; r++) {
@@ -294,33 +295,38 @@ static inline __attribute__((always_inline)) void philox8(__m256i c[4][4], const
             __m256i lo0 = _mm256_mullo_epi32(c[j][0], m0_lo), lo1 = _mm256_mullo_epi32(c[j][2], m1_lo);
             __m256i hi0 = _mm256_blend_epi32(_mm256_srli_epi64(e0, 32), o0, 0xAA);
             __m256i hi1 = _mm256_blend_epi32(_mm256_srli_epi64(e1, 32), o1, 0xAA);
-            c[j][0] = _mm256_xor_si256(_mm256_xor_si256(hi1, c[j][1]), keys[20 * j + 2 * r]);
-            c[j][2] = _mm256_xor_si256(_mm256_xor_si256(hi0, c[j][3]), keys[20 * j + 2 * r + 1]);
+            c[j][0] = _mm256_xor_si256(_mm256_xor_si256(hi1, c[j][1]), keys[stride * j + 2 * r]);
+            c[j][2] = _mm256_xor_si256(_mm256_xor_si256(hi0, c[j][3]), keys[stride * j + 2 * r + 1]);
             c[j][1] = lo1;
             c[j][3] = lo0;
         }
     }
 }
 
+/* A chain's state before round 0 for the 8 consecutive blocks first..first + 7: lane r's counter is first + r. */
+static inline void counters8(uint64_t first, __m256i c[4]) {
+    uint32_t l[8], h[8];
+    for (int r = 0; r < 8; r++) {
+        uint64_t b = first + (uint64_t)r;
+        l[r] = (uint32_t)b; h[r] = (uint32_t)(b >> 32);
+    }
+    c[0] = _mm256_loadu_si256((const __m256i *)l);
+    c[1] = _mm256_loadu_si256((const __m256i *)h);
+    c[2] = c[3] = _mm256_setzero_si256();
+}
+
 /* The Philox words of up to 8 consecutive runs (lane r: block first + r) of m <= 4 slots, one chain per slot
  * (`keys`: round_keys8 with spread): words[(r * 4 + q) * 4 + s]. */
 static void run_words8(uint64_t first, const __m256i *keys, int m, uint32_t *words) {
     __m256i c[4][4];
-    uint32_t l[8], h[8];
-    for (int i = 0; i < 8; i++) {
-        l[i] = (uint32_t)(first + (uint64_t)i);
-        h[i] = (uint32_t)((first + (uint64_t)i) >> 32);
-    }
-    for (int j = 0; j < m; j++) {
-        c[j][0] = _mm256_loadu_si256((const __m256i *)l);
-        c[j][1] = _mm256_loadu_si256((const __m256i *)h);
-        c[j][2] = c[j][3] = _mm256_setzero_si256();
-    }
+    counters8(first, c[0]);
+    for (int j = 1; j < m; j++)
+        for (int q = 0; q < 4; q++) c[j][q] = c[0][q];
     switch (m) {  /* constant J, so each case's loops unroll */
-        case 4: philox8(c, keys, 4, 0); break;
-        case 3: philox8(c, keys, 3, 0); break;
-        case 2: philox8(c, keys, 2, 0); break;
-        default: philox8(c, keys, 1, 0); break;
+        case 4: philox8(c, keys, 20, 4, 0); break;
+        case 3: philox8(c, keys, 20, 3, 0); break;
+        case 2: philox8(c, keys, 20, 2, 0); break;
+        default: philox8(c, keys, 20, 1, 0); break;
     }
     uint32_t tmp[8] __attribute__((aligned(32)));
     for (int j = 0; j < m; j++)
@@ -397,10 +403,10 @@ static void rademacher_run_octets(float *dst, const float *src, uint64_t block, 
             c[j][3] = p_lo;
         }
         switch (J) {  /* constant J, so each case's loops unroll */
-            case 4: philox8(c, k, 4, 1); break;
-            case 3: philox8(c, k, 3, 1); break;
-            case 2: philox8(c, k, 2, 1); break;
-            default: philox8(c, k, 1, 1); break;
+            case 4: philox8(c, k, 20, 4, 1); break;
+            case 3: philox8(c, k, 20, 3, 1); break;
+            case 2: philox8(c, k, 20, 2, 1); break;
+            default: philox8(c, k, 20, 1, 1); break;
         }
         for (int j = 0; j < J; j++)
             for (int q = 0; q < 4; q++)
@@ -441,21 +447,14 @@ static void rademacher_run_octets(float *dst, const float *src, uint64_t block, 
 
 /* One slot's terms coeff * z over a whole aligned Gaussian run (16 blocks), lane-major as the portable loop's
  * by_lane (terms[16 * lane + block] is element 8 * block + lane), stored (fresh) or added: Philox for the 16 blocks
- * as 2 chains of 8 (`keys`: 2 chains of the slot's round keys), and 8 table entries per vgatherdps. */
+ * as 2 chains of 8 under the slot's round keys (`keys`, round_keys8 with spread), and 8 table entries per
+ * vgatherdps. */
 static void gaussian_terms_avx2(uint64_t first, const __m256i *keys, float coeff, const float *table, float *terms,
                                 int fresh) {
     __m256i c[4][4];
-    for (int j = 0; j < 2; j++) {
-        uint32_t l[8], h[8];
-        for (int r = 0; r < 8; r++) {
-            uint64_t b = first + (uint64_t)(8 * j + r);
-            l[r] = (uint32_t)b; h[r] = (uint32_t)(b >> 32);
-        }
-        c[j][0] = _mm256_loadu_si256((const __m256i *)l);
-        c[j][1] = _mm256_loadu_si256((const __m256i *)h);
-        c[j][2] = c[j][3] = _mm256_setzero_si256();
-    }
-    philox8(c, keys, 2, 0);
+    counters8(first, c[0]);
+    counters8(first + 8, c[1]);
+    philox8(c, keys, 0, 2, 0);
     const __m256 cv = _mm256_set1_ps(coeff);
     const __m256i low16 = _mm256_set1_epi32(0xFFFF);
     for (int j = 0; j < 2; j++)
@@ -574,14 +573,11 @@ void noise_sum(float *dst, const float *src, int64_t n, uint64_t offset, const u
             }
         }
     }
-    /* Gaussian: each slot's round keys twice (its 16 blocks of a run are 2 chains). */
+    /* Gaussian: each slot's round keys. */
     __m256i *gauss_keys = NULL;
-    uint64_t *twice = NULL;
-    if (gaussian_dist && m >= 1 && (twice = (uint64_t *)malloc(sizeof(uint64_t) * 2 * (size_t)m)) != NULL) {
-        if (posix_memalign((void **)&gauss_keys, 32, sizeof(__m256i) * 40 * (size_t)m)) gauss_keys = NULL;
-        for (int s = 0; s < 2 * m; s++) twice[s] = seeds[s / 2];
-        if (gauss_keys) round_keys8(twice, 2 * m, 1, gauss_keys);
-        free(twice);
+    if (gaussian_dist && m >= 1) {
+        if (posix_memalign((void **)&gauss_keys, 32, sizeof(__m256i) * 20 * (size_t)m)) gauss_keys = NULL;
+        if (gauss_keys) round_keys8(seeds, m, 1, gauss_keys);
     }
 #endif
     while (i < n) {
@@ -653,7 +649,7 @@ void noise_sum(float *dst, const float *src, int64_t n, uint64_t offset, const u
                 }
 #ifdef HAVE_RUN_AVX2
             } else if (count == 128 && gauss_keys) {
-                gaussian_terms_avx2(g0 >> 3, gauss_keys + 40 * s, coeffs[s], table, terms, fresh);
+                gaussian_terms_avx2(g0 >> 3, gauss_keys + 20 * s, coeffs[s], table, terms, fresh);
 #endif
             } else if (count == 128) {
                 /* A whole aligned run: its 16 Gaussian blocks generated together, and summed lane-major
