@@ -221,6 +221,42 @@ def test_one_pass_over_many_pieces_in_shares(monkeypatch, request, openmp, distr
             assert torch.equal(got[i], want), r
 
 
+@pytest.mark.parametrize("backend", ["openmp", "threads", "numpy"])
+@pytest.mark.parametrize("distribution", ["rademacher", "gaussian"])
+def test_an_update_fused_into_a_pass_gives_the_two_passes_bits(monkeypatch, request, backend, distribution):
+    """fill_many(update=...) updates each src in place and writes dst from the updated values in one pass (chunk by
+    chunk in the C kernel): the bits of the update pass followed by the perturbation pass, at offsets and lengths
+    that cross the kernel's chunks, shares and pieces; numpy (no kernel) runs the two passes."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from lightning_zo.core.noise import fill_many
+
+    if backend == "numpy":
+        monkeypatch.setattr(cpu_kernel, "load", lambda: None)
+    elif backend == "openmp" and not cpu_kernel.uses_openmp():
+        pytest.skip("this build does not share torch's OpenMP runtime")
+    else:
+        monkeypatch.setattr(cpu_kernel.load(), "openmp", backend == "openmp")
+    useeds, ucoeffs = [derive_seed(5, 2, s) for s in range(6)], [(-1) ** s * 1e-4 / (s + 1) for s in range(6)]
+    seeds, coeffs = [derive_seed(5, 3, 0)], [1e-3]
+    sizes, offsets = [70_001, 5, 40_000, 129], [16_384 * 3 - 100, 0, 2**33 + 5, 128 * 3]
+    thetas = [torch.randn(n) for n in sizes]
+    want_theta = [add_noise_sum(t.clone(), t, useeds, ucoeffs, o, distribution, "numpy") for t, o in zip(thetas, offsets)]
+    want = [add_noise_sum(torch.empty_like(t), t, seeds, coeffs, o, distribution, "numpy")
+            for t, o in zip(want_theta, offsets)]
+    request.addfinalizer(functools.partial(torch.set_num_threads, torch.get_num_threads()))
+    torch.set_num_threads(3)
+    dsts = [torch.empty(n) for n in sizes]
+    with ThreadPoolExecutor(2) as executor:
+        fill_many(list(zip(dsts, thetas, offsets)), seeds, coeffs, distribution, executor, workers=3,
+                  update=(useeds, ucoeffs))
+    for i in range(len(sizes)):
+        assert torch.equal(thetas[i].view(torch.int32), want_theta[i].view(torch.int32)), i
+        assert torch.equal(dsts[i].view(torch.int32), want[i].view(torch.int32)), i
+    with pytest.raises(ValueError, match="needs every piece's src"):
+        fill_many([(dsts[0], None, 0)], seeds, coeffs, distribution, update=(useeds, ucoeffs))
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_a_forked_child_with_one_thread_runs_the_kernel():
     """A data-loader-like forked child sets torch to one thread: the engine's passes then open no OpenMP region,

@@ -707,11 +707,17 @@ void noise_sum(float *dst, const float *src, int64_t n, uint64_t offset, const u
 #endif
 }
 
+/* The fused pass's unit: theta's update and the perturbed copy computed from it, one cache-sized chunk at a time, so
+ * the perturbation reads the updated theta from cache, not memory. A multiple of 128: chunks are whole runs. */
+#define FUSED_CHUNK 16384
+
 /* Share `share` of `shares` of one pass over many pieces: the pieces' elements, in order, cut into `shares`
- * contiguous shares (whole 128-element runs), each piece k's part dst = src + sum (srcs[k] == NULL: dst = sum). */
-static void pieces_share(float *const *dsts, const float *const *srcs, const int64_t *counts,
-                         const uint64_t *offsets, int npieces, const uint64_t *seeds, const float *coeffs, int m,
-                         int gaussian_dist, const float *table, int shares, int share) {
+ * contiguous shares (whole 128-element runs), each piece k's part dst = src + sum (srcs[k] == NULL: dst = sum).
+ * With an update (mu > 0, every piece with a src): first src += update_sum in place, then dst = src + sum, chunk by
+ * chunk: the same bits as an update pass followed by a perturbation pass, with one read of src instead of two. */
+static void pieces_share(float *const *dsts, float *const *srcs, const int64_t *counts, const uint64_t *offsets,
+                         int npieces, const uint64_t *seeds, const float *coeffs, int m, const uint64_t *useeds,
+                         const float *ucoeffs, int mu, int gaussian_dist, const float *table, int shares, int share) {
     int64_t total = 0;
     for (int k = 0; k < npieces; k++) total += counts[k];
     int64_t size = (total + shares - 1) / shares;
@@ -720,28 +726,42 @@ static void pieces_share(float *const *dsts, const float *const *srcs, const int
     for (int k = 0; k < npieces && at < hi; at += counts[k], k++) {
         int64_t a = lo > at ? lo - at : 0, b = hi < at + counts[k] ? hi - at : counts[k];
         if (a >= b) continue;
-        const float *src = srcs[k] ? srcs[k] + a : dsts[k] + a;
-        noise_sum(dsts[k] + a, src, b - a, offsets[k] + (uint64_t)a, seeds, coeffs, m, gaussian_dist, table,
-                  srcs[k] != NULL);
+        float *src = srcs[k] ? srcs[k] : dsts[k];
+        if (mu == 0 || !srcs[k]) {
+            noise_sum(dsts[k] + a, src + a, b - a, offsets[k] + (uint64_t)a, seeds, coeffs, m, gaussian_dist, table,
+                      srcs[k] != NULL);
+            continue;
+        }
+        for (int64_t x = a; x < b;) {
+            uint64_t g = offsets[k] + (uint64_t)x;
+            int64_t len = FUSED_CHUNK - (int64_t)(g % FUSED_CHUNK);
+            if (len > b - x) len = b - x;
+            noise_sum(src + x, src + x, len, g, useeds, ucoeffs, mu, gaussian_dist, table, 1);
+            noise_sum(dsts[k] + x, src + x, len, g, seeds, coeffs, m, gaussian_dist, table, 1);
+            x += len;
+        }
     }
 }
 
-/* One pass of noise_sum over many pieces (a block's tensors, an embedding's rows): share `share` of `shares`, or
- * (share < 0) all of them, in one OpenMP parallel region when built with OpenMP. The Python side uses that region
- * only when this library shares torch's OpenMP runtime: its threads, still spinning after torch's last parallel
- * region, take the shares at once (a thread of our own would compete with them for the cores). */
-void noise_pieces(float *const *dsts, const float *const *srcs, const int64_t *counts, const uint64_t *offsets,
-                  int npieces, const uint64_t *seeds, const float *coeffs, int m, int gaussian_dist,
-                  const float *table, int shares, int share) {
+/* One pass of noise_sum over many pieces (a block's tensors, an embedding's rows), optionally fused with an update
+ * of the srcs (mu slots; mu = 0: none): share `share` of `shares`, or (share < 0) all of them, in one OpenMP
+ * parallel region when built with OpenMP. The Python side uses that region only when this library shares torch's
+ * OpenMP runtime: its threads, still spinning after torch's last parallel region, take the shares at once (a thread
+ * of our own would compete with them for the cores). */
+void noise_pieces(float *const *dsts, float *const *srcs, const int64_t *counts, const uint64_t *offsets,
+                  int npieces, const uint64_t *seeds, const float *coeffs, int m, const uint64_t *useeds,
+                  const float *ucoeffs, int mu, int gaussian_dist, const float *table, int shares, int share) {
     if (share >= 0) {
-        pieces_share(dsts, srcs, counts, offsets, npieces, seeds, coeffs, m, gaussian_dist, table, shares, share);
+        pieces_share(dsts, srcs, counts, offsets, npieces, seeds, coeffs, m, useeds, ucoeffs, mu, gaussian_dist,
+                     table, shares, share);
         return;
     }
 #ifdef _OPENMP
 #pragma omp parallel for num_threads(shares) schedule(static, 1)
 #endif
     for (int t = 0; t < shares; t++)
-        pieces_share(dsts, srcs, counts, offsets, npieces, seeds, coeffs, m, gaussian_dist, table, shares, t);
+        pieces_share(dsts, srcs, counts, offsets, npieces, seeds, coeffs, m, useeds, ucoeffs, mu, gaussian_dist,
+                     table, shares, t);
 }
 
 /* 1 when built with OpenMP (the Python side then checks that the runtime is torch's before using it). */

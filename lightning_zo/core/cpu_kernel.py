@@ -135,8 +135,10 @@ def load():
         return None
     f32p, c_int = ctypes.POINTER(ctypes.c_float), ctypes.c_int
     ptrs = ctypes.c_void_p
-    # noise_pieces(dsts, srcs, counts, offsets, npieces, seeds, coeffs, m, gaussian, table, shares, share)
-    lib.noise_pieces.argtypes = [ptrs, ptrs, ptrs, ptrs, c_int, ptrs, ptrs, c_int, c_int, f32p, c_int, c_int]
+    # noise_pieces(dsts, srcs, counts, offsets, npieces, seeds, coeffs, m, useeds, ucoeffs, mu, gaussian, table,
+    #              shares, share)
+    lib.noise_pieces.argtypes = [ptrs, ptrs, ptrs, ptrs, c_int, ptrs, ptrs, c_int, ptrs, ptrs, c_int, c_int, f32p,
+                                 c_int, c_int]
     lib.noise_pieces.restype = None
     lib.openmp = bool(lib.kernel_openmp()) and _one_openmp_runtime()
     return lib
@@ -168,17 +170,23 @@ def _pool() -> ThreadPoolExecutor:
 
 def fill_pieces(dsts: np.ndarray, srcs: np.ndarray, counts: np.ndarray, offsets: np.ndarray, seeds: list[int],
                 coeffs: list[float], distribution: str, table: np.ndarray, workers: int,
-                executor: ThreadPoolExecutor | None) -> int:
+                executor: ThreadPoolExecutor | None, update: tuple[list[int], list[float]] | None = None) -> int:
     """One pass over pieces given as arrays (data pointers of float32 dst and src (0: dst = the sum alone), their
     element counts and flat offsets): dst = src + slot_sum(c_s z_s), cut into `workers` shares, on torch's OpenMP
     threads if the library shares them, else on `executor`'s (`workers` - 1 of them; the caller's thread takes
-    one share). Returns the number of calls into the library."""
+    one share). `update` = (seeds, coeffs): first src += slot_sum of those, in place, in the same pass (every piece
+    needs a src; the bits of an update pass followed by this one). Returns the number of calls into the library."""
     lib = load()
     m = len(seeds)
+    useeds, ucoeffs = update or ([], [])
     arrays = [np.ascontiguousarray(a, dtype=t) for a, t in
               ((dsts, np.uint64), (srcs, np.uint64), (counts, np.int64), (offsets, np.uint64),
                ([seed & 0xFFFFFFFFFFFFFFFF for seed in seeds], np.uint64),
-               ([np.float32(c) for c in coeffs], np.float32))]
+               ([np.float32(c) for c in coeffs], np.float32),
+               ([seed & 0xFFFFFFFFFFFFFFFF for seed in useeds] or [0], np.uint64),
+               ([np.float32(c) for c in ucoeffs] or [0.0], np.float32))]
+    if useeds and not arrays[1].all():
+        raise ValueError("an update fused into a pass needs every piece's src")
     total = int(arrays[2].sum())
     # Never more threads than torch uses now: a forked child (a data-loader worker) sets 1, and an OpenMP region
     # there would wait forever for the parent's threads (GNU OpenMP is not fork-safe; torch's own ops hang too).
@@ -189,7 +197,8 @@ def fill_pieces(dsts: np.ndarray, srcs: np.ndarray, counts: np.ndarray, offsets:
 
     def share(t: int) -> None:
         lib.noise_pieces(*(a.ctypes.data for a in arrays[:4]), len(arrays[2]), arrays[4].ctypes.data,
-                         arrays[5].ctypes.data, m, gaussian, table_ptr, workers, t)
+                         arrays[5].ctypes.data, m, arrays[6].ctypes.data, arrays[7].ctypes.data, len(useeds),
+                         gaussian, table_ptr, workers, t)
 
     if workers == 1:
         share(0)  # the single share, outside any OpenMP region

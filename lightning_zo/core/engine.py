@@ -14,6 +14,11 @@ each, from the master weights, so it is always exactly theta + eps*z.
 
 State: an `Engine` per optimizer holds the scratch buffers, the kernels' descriptor tables and the worker threads;
 nothing mutable lives at module level.
+
+Deferred updates (`Engine.defer`, the optimizer's `fuse_update`): on the C kernel's path an update can wait for the
+next perturbation, whose pass over each block then updates theta in place and writes its perturbed copy from the
+updated values: one read of theta instead of two, the same bits. Until then the update is pending; any forward of
+the model outside a perturbation, its state_dict and load_state_dict, and `Engine.flush` apply it first.
 """
 
 from __future__ import annotations
@@ -67,11 +72,23 @@ def _cpu_fast(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() and not _fused(t)
 
 
+@dataclass(eq=False)
+class PendingUpdate:
+    """An update not yet applied: its slots' seeds and float32 coefficients, and the parameters still waiting."""
+
+    seeds: list[int]
+    coeffs: list[float]
+    distribution: str
+    slots: dict[int, ParamSlot]  # id(param) -> slot
+
+
 class Engine:
     """What one optimizer owns to apply noise: scratch buffers, the Triton launcher (descriptor tables per block),
-    the CPU worker threads, and counts of kernel calls (tests count them; nothing reads them to decide)."""
+    the CPU worker threads, a pending (deferred) update, and counts of kernel calls (tests count them; nothing reads
+    them to decide)."""
 
     def __init__(self, threads: int | None = None):
+        self.pending: PendingUpdate | None = None
         self.pool = BufferPool()
         self.launcher = triton_kernel.Launcher()
         self.threads = threads or max(1, torch.get_num_threads())
@@ -80,11 +97,12 @@ class Engine:
         self._executor: ThreadPoolExecutor | None = None
 
     def __deepcopy__(self, memo) -> "Engine":
-        # Copying a model copies its hooks and so this engine: give the copy fresh state (threads cannot be copied).
+        # Copying a model copies its hooks and so this engine: give the copy fresh state (threads cannot be copied;
+        # a pending update belongs to the original's parameters: flush before copying a model).
         return Engine(self.threads)
 
     def __getstate__(self) -> dict:  # pickling a model pickles its hooks: leave the threads behind
-        return {**self.__dict__, "_executor": None}
+        return {**self.__dict__, "_executor": None, "pending": None}
 
     @property
     def launches(self) -> int:
@@ -100,11 +118,12 @@ class Engine:
             self._executor.shutdown()
             self._executor = None
 
-    def fill_cpu(self, pieces, seeds, coeffs, distribution) -> None:
-        """fp32 CPU pieces (dst, src or None, offset) in one threaded pass of the C kernel."""
+    def fill_cpu(self, pieces, seeds, coeffs, distribution, update=None) -> None:
+        """fp32 CPU pieces (dst, src or None, offset) in one threaded pass of the C kernel; `update` = (seeds,
+        coeffs): first src += their sum in place, in the same pass."""
         if pieces:
             self.cpu_calls += fill_many(pieces, list(seeds), coeffs, distribution, self._pool_executor(),
-                                        self.threads)
+                                        self.threads, update)
 
     def fill_cpu_rows(self, dst, src, offsets, seeds, coeffs, distribution) -> None:
         """fp32 CPU rows (2-d dst and src, a flat offset per row) in one threaded pass of the C kernel."""
@@ -115,15 +134,58 @@ class Engine:
     def update(self, layout: ParamLayout, seeds: Sequence[int], coeffs: Sequence[float], distribution: str,
                decay: dict[int, float] | None = None, rounding_seed: int | None = None) -> None:
         """See `apply_update`."""
+        self.flush()  # a pending update comes first
         with torch.profiler.record_function("lightning_zo.update"):  # a range in profiles (the C kernel is opaque)
-            self._update(layout, seeds, coeffs, distribution, decay, rounding_seed)
+            self._update(list(layout), seeds, coeffs, distribution, decay, rounding_seed)
 
-    def _update(self, layout, seeds, coeffs, distribution, decay, rounding_seed) -> None:
+    @torch.no_grad()
+    def defer(self, layout: ParamLayout, seeds: Sequence[int], coeffs: Sequence[float], distribution: str,
+              decay: dict[int, float] | None = None, rounding_seed: int | None = None) -> None:
+        """`update`, with the part on the C kernel's path (fp32 CPU tensors, no decay) left pending for the next
+        perturbation to fuse into its pass (`PerturbedForward`); the rest is applied now. Same bits."""
+        self.flush()
+        decay = decay or {}
+        waiting = {id(s.param): s for s in layout if seeds and _cpu_fast(s.param.data)
+                   and decay.get(id(s.param), 1.0) == 1.0}
+        with torch.profiler.record_function("lightning_zo.update"):
+            self._update([s for s in layout if id(s.param) not in waiting], seeds, coeffs, distribution, decay,
+                         rounding_seed)
+        if waiting:
+            self.pending = PendingUpdate(list(seeds), [float(np.float32(c)) for c in coeffs], distribution, waiting)
+
+    def waiting(self, param: torch.nn.Parameter) -> bool:
+        """Whether `param` still waits for the pending update."""
+        return self.pending is not None and id(param) in self.pending.slots
+
+    def take_pending(self, slots: Sequence[ParamSlot]) -> PendingUpdate | None:
+        """The pending update, with `slots` marked applied (the caller applies it to them now)."""
+        pending = self.pending
+        if pending is None:
+            return None
+        for s in slots:
+            pending.slots.pop(id(s.param), None)
+        if not pending.slots:
+            self.pending = None
+        return pending
+
+    @torch.no_grad()
+    def flush(self, slots: Sequence[ParamSlot] | None = None) -> None:
+        """Apply the pending update now, to `slots` (those of them still waiting) or to every parameter waiting."""
+        if self.pending is None:
+            return
+        chosen = list(self.pending.slots.values()) if slots is None else [s for s in slots if self.waiting(s.param)]
+        if not chosen:
+            return
+        pending = self.take_pending(chosen)
+        with torch.profiler.record_function("lightning_zo.update"):
+            self._update(chosen, pending.seeds, pending.coeffs, pending.distribution, {}, None)
+
+    def _update(self, slots, seeds, coeffs, distribution, decay, rounding_seed) -> None:
         decay = decay or {}
         coeffs = [float(np.float32(c)) for c in coeffs]
         fused: dict[tuple, list] = {}  # (device, dtype) -> [(flat theta, offset, factor)]: one launch each
         cpu: list[tuple] = []
-        for slot in layout:
+        for slot in slots:
             p = slot.param
             factor = decay.get(id(p), 1.0)
             if not seeds and factor == 1.0:
@@ -313,14 +375,22 @@ class PerturbedForward:
                 self._handles.append(member.register_forward_pre_hook(functools.partial(self._enter, block)))
                 self._handles.append(member.register_forward_hook(functools.partial(self._leave, block, last)))
         for embedding in self.rows:
+            self._handles.append(embedding.register_forward_pre_hook(self._rows_in))
             self._handles.append(embedding.register_forward_hook(self._rows_out))
         for wrapper in self.wrappers:
             self._handles.append(wrapper.module.register_forward_pre_hook(functools.partial(self._wrap_in, wrapper)))
             self._handles.append(wrapper.module.register_forward_hook(functools.partial(self._wrap_out, wrapper)))
+        # What reads or replaces the weights outside a forward applies a pending update first.
+        self._handles.append(model.register_state_dict_pre_hook(self._flush))
+        self._handles.append(model.register_load_state_dict_pre_hook(self._flush))
 
     @property
     def hooks(self) -> int:
-        return len(self._handles)
+        """Forward hooks on the model's modules (the state_dict hooks are not counted)."""
+        return len(self._handles) - 2
+
+    def _flush(self, *args, **kwargs) -> None:
+        self.engine.flush()
 
     # -- materialising
 
@@ -347,6 +417,11 @@ class PerturbedForward:
                 cpu.append(s)
             else:
                 other.append(s)
+        # A pending update is fused into the C kernel's pass below (same distribution); elsewhere it comes first.
+        pending = engine.pending
+        if pending is not None:
+            fusable = {id(s.param) for s in cpu} if pending.distribution == self.distribution else set()
+            engine.flush([s for s in slots if id(s.param) not in fusable])
         # theta + eps*z in fp32 (product and sum rounded separately: no FMA), one rounding to the storage dtype.
         for (device, dtype), group in fused.items():  # one flat buffer and one launch per dtype
             flat = engine.pool.take(sum(s.param.numel() for s in group), device, dtype)
@@ -364,12 +439,17 @@ class PerturbedForward:
         if cpu:
             flat = engine.pool.take(sum(s.param.numel() for s in cpu), torch.device("cpu"))
             buffers.append(flat)
-            pieces, at = [], 0
+            pieces, waiting, at = [], [], 0
             for s in cpu:
                 view = flat[at:at + s.param.numel()]
                 at += s.param.numel()
-                pieces.append((view, s.param.data.view(-1), s.offset))
+                (waiting if engine.waiting(s.param) else pieces).append((view, s.param.data.view(-1), s.offset, s))
                 perturbed[id(s.param)] = view
+            pieces = [piece[:3] for piece in pieces]
+            if waiting:  # theta += the pending update, in place, and its perturbed copy: one pass
+                update = engine.take_pending([piece[3] for piece in waiting])
+                engine.fill_cpu([piece[:3] for piece in waiting], [seed], [coeff], self.distribution,
+                                (update.seeds, update.coeffs))
             engine.fill_cpu(pieces, [seed], [coeff], self.distribution)
         for s in other:
             engine.other_calls += 1
@@ -408,7 +488,8 @@ class PerturbedForward:
     # -- hooks
 
     def _enter(self, block: Block, module, args) -> None:
-        if self._active is None:
+        if self._active is None:  # a plain forward (validation, inference) sees the pending update applied
+            self.engine.flush()
             return
         if block not in self._live:
             for other in [b for b in self._live if b.depth == 0]:  # one block at a time (DESIGN I3)
@@ -423,6 +504,10 @@ class PerturbedForward:
         block.depth = max(0, block.depth - 1)
         if last and block.depth == 0:
             self._release(block)
+
+    def _rows_in(self, module: torch.nn.Embedding, args) -> None:
+        if self._active is None:
+            self.engine.flush()
 
     def _rows_out(self, module: torch.nn.Embedding, args, output):
         """The embedding's output recomputed from theta + eps*z at the looked-up rows only: the same bits as a lookup
@@ -444,6 +529,13 @@ class PerturbedForward:
                 theta = p.data.index_select(0, rows)
                 perturbed = torch.empty_like(theta)
                 seed, coeff = self._active
+                pending = self.engine.pending
+                if self.engine.waiting(p) and pending.distribution == self.distribution:
+                    # The rows of the updated table (its block, or the end of this perturbation, updates it whole).
+                    self.engine.fill_cpu_rows(theta, theta, slot.offset + rows.long() * dim, pending.seeds,
+                                              pending.coeffs, pending.distribution)
+                else:
+                    self.engine.flush([slot])
                 self.engine.fill_cpu_rows(perturbed, theta, slot.offset + rows.long() * dim, [seed], [coeff],
                                           self.distribution)
                 return perturbed[torch.searchsorted(rows, flat_ids)].view(*ids.shape, dim)
@@ -454,7 +546,9 @@ class PerturbedForward:
                 self._restore(saved, buffers)
 
     def _wrap_in(self, wrapper: Wrapper, module, args) -> None:
-        if self._active is not None:
+        if self._active is None:
+            self.engine.flush()
+        else:
             wrapper.stack.append(self._materialize(wrapper, wrapper.params))
 
     def _wrap_out(self, wrapper: Wrapper, module, args, output) -> None:
@@ -482,8 +576,10 @@ class PerturbedForward:
             self._active = None
             self._states = {}
             self._swapped.clear()
+            self.engine.flush()  # what this forward did not reach (or all of it, after an error)
 
     def remove(self) -> None:
+        self.engine.flush()
         for h in self._handles:
             h.remove()
         self._handles.clear()

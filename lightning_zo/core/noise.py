@@ -178,17 +178,23 @@ def add_noise_sum(dst: torch.Tensor, src: torch.Tensor | None, seeds: list[int],
 
 
 def fill_many(pieces: list[tuple[torch.Tensor, torch.Tensor | None, int]], seeds: list[int], coeffs: list[float],
-              distribution: str, executor=None, workers: int = 1) -> int:
+              distribution: str, executor=None, workers: int = 1,
+              update: tuple[list[int], list[float]] | None = None) -> int:
     """For each (dst, src or None, offset): dst = src + slot_sum(c_s z_s) (add_noise_sum's bits), flat contiguous
     float32 CPU tensors, as one pass of the C kernel over the whole list: the elements of all pieces are cut into
     `workers` contiguous shares (whole 128-element runs), so many small tensors cost no more than one large one
-    (see `cpu_kernel.fill_pieces` for the threads). Returns the number of kernel calls made (numpy: one per
-    piece)."""
+    (see `cpu_kernel.fill_pieces` for the threads). `update` = (seeds, coeffs): first src += slot_sum of those, in
+    place, in the same pass (the bits of an update pass, then this one; every piece needs a src). Returns the number
+    of kernel calls made (numpy: one per piece)."""
     _check_distribution(distribution)
     if not seeds:
         raise ValueError("fill_many needs at least one seed")
+    if update is not None and any(src is None for _, src, _ in pieces):
+        raise ValueError("an update fused into a pass needs every piece's src")
     if cpu_kernel.load() is None:
         for dst, src, offset in pieces:
+            if update is not None:
+                add_noise_sum(src, src, list(update[0]), list(update[1]), offset, distribution, "numpy")
             add_noise_sum(dst, src, seeds, coeffs, offset, distribution, "numpy")
         return len(pieces)
     if not pieces:
@@ -197,7 +203,7 @@ def fill_many(pieces: list[tuple[torch.Tensor, torch.Tensor | None, int]], seeds
                     for dst, src, offset in pieces))
     dsts, srcs, counts, offsets = (np.array(c, dtype=np.uint64) for c in columns)
     return cpu_kernel.fill_pieces(dsts, srcs, counts, offsets, seeds, coeffs, distribution, gaussian_table(),
-                                  workers, executor)
+                                  workers, executor, update)
 
 
 def fill_rows(dst: torch.Tensor, src: torch.Tensor, offsets: torch.Tensor, seeds: list[int], coeffs: list[float],

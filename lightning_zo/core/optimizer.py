@@ -84,12 +84,17 @@ class ZOOptimizer(torch.optim.Optimizer):
     `loss_fn(j)` (or the closure); one code per perturbation through `codec`; after the exchange every rank applies
     every rank's update, so replicas stay bit-identical. The perturbed forwards run with the model in eval mode
     (both must compute one function: no dropout); its modules' modes are restored afterwards.
+
+    `fuse_update=True`: the update of fp32 CPU weights waits for the next step's first perturbation, which applies
+    it in the same pass over theta (one read of theta less per step, the same bits). Until then it is pending: a
+    forward of the model outside a step, `model.state_dict()`, `model.load_state_dict()`, this optimizer's
+    `state_dict()` and `flush()` apply it first; code that reads the parameters directly calls `flush()`.
     """
 
     def __init__(self, model: torch.nn.Module, lr: float = 1e-5, eps: float = 1e-3, weight_decay: float = 0.0,
                  k: int = 1, distribution: str = "rademacher", norm: str = "mean", seed: int = 0,
                  codec: Optional[Codec] = None, aggregation: str = "mean", trim: float = 0.25, rule: str = "sgd",
-                 beta: float = 0.9, history: int = 8, beta2: float = 0.99):
+                 beta: float = 0.9, history: int = 8, beta2: float = 0.99, fuse_update: bool = False):
         validate_hparams(lr, eps, k, distribution, norm, weight_decay, aggregation, trim, rule, beta, history, beta2)
         layout = ParamLayout(model)
         if layout.numel == 0:
@@ -109,6 +114,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.aggregation = Aggregation(aggregation, trim)  # how a step's N*k estimates combine (core/aggregation.py)
         self.rule = UpdateRule(rule, beta, history, beta2)  # how they move the weights, given history (core/rules.py)
         self.forward_hooks = PerturbedForward(model, layout, distribution)
+        self.fuse_update = bool(fuse_update)
         self.rank, self.world_size = 0, 1
         self.exchange: Callable[[torch.Tensor], torch.Tensor] = lambda payload: payload
         self.step_count = 0
@@ -241,12 +247,20 @@ class ZOOptimizer(torch.optim.Optimizer):
             if group["weight_decay"] > 0 and record.lr > 0:
                 factor = 1.0 - record.lr * group["weight_decay"]
                 decay.update({id(p): factor for p in group["params"]})
-        apply_update(self.layout, seeds, coeffs, self.distribution, decay,
-                     rounding_seed=derive_seed(self.seed, record.step, 0, ROUNDING_STREAM),
-                     engine=self.forward_hooks.engine)
+        rounding_seed = derive_seed(self.seed, record.step, 0, ROUNDING_STREAM)
+        engine = self.forward_hooks.engine
+        if self.fuse_update:  # applied by the next perturbation's pass, or by flush()
+            engine.defer(self.layout, seeds, coeffs, self.distribution, decay, rounding_seed)
+        else:
+            apply_update(self.layout, seeds, coeffs, self.distribution, decay, rounding_seed, engine)
         self.step_count = record.step + 1
 
+    def flush(self) -> None:
+        """Apply a pending update (`fuse_update`) now: the parameters then hold every applied step."""
+        self.forward_hooks.engine.flush()
+
     def state_dict(self) -> dict:
+        self.flush()  # a checkpoint holds the weights after every step it counts
         state = super().state_dict()
         state["zo"] = {"step_count": self.step_count, "codec": self.codec.state_dict(), "seed": self.seed,
                        "rule": self.rule.config(), "rule_state": self.rule.state_dict()}

@@ -184,6 +184,8 @@ class ZOStrategy(DDPStrategy):
 
     @override
     def teardown(self) -> None:
+        if self.optimizers and isinstance(self.optimizers[0], ZOOptimizer):
+            self.zo_optimizer.flush()  # the model leaves fit with every step applied (fuse_update)
         while self._restore:
             self._restore.pop()()
         super().teardown()

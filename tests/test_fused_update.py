@@ -1,0 +1,90 @@
+"""ZOOptimizer(fuse_update=True): each update waits for the next step's first perturbation, whose pass over a block
+updates theta in place and writes the perturbed copy from the updated values. Same bits as applying it at once;
+applied before anything reads or replaces the weights (a forward outside a step, state_dict, load_state_dict)."""
+
+import copy
+
+import pytest
+import torch
+
+from lightning_zo import ZOOptimizer
+from lightning_zo.core.engine import Engine, PerturbedForward
+from test_engine import _ids, _roberta, _tiny_llama
+
+
+def _steps(model, ids, fuse, steps=4, budget=None, **kwargs):
+    opt = ZOOptimizer(model, lr=1e-1, eps=1e-2, k=2, fuse_update=fuse, **kwargs)
+    if budget is not None:  # other blocks than the default
+        opt.forward_hooks.remove()
+        opt.forward_hooks = PerturbedForward(model, opt.layout, opt.distribution, block_bytes=budget)
+    losses = [float(opt.step(lambda: model(input_ids=ids, labels=ids).loss)) for _ in range(steps)]
+    return opt, losses
+
+
+def _same_weights(a, b):
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(p.view(torch.int32), q.view(torch.int32)), name
+
+
+@pytest.mark.parametrize("budget", [0, None])
+@pytest.mark.parametrize("build", [_roberta, _tiny_llama])
+@pytest.mark.parametrize("distribution", ["rademacher", "gaussian"])
+def test_fused_steps_give_the_bits_of_steps_applied_at_once(build, budget, distribution):
+    """Every loss (the perturbed forwards see the updated weights) and every weight equal, with tied and nested
+    parameters, embeddings perturbed by rows, blocks of every leaf or the default, and weight decay (decayed
+    tensors are updated at once, the rest waits)."""
+    base = build()
+    ids = _ids(base)
+    for decay in (0.0, 0.1):
+        plain, fused = copy.deepcopy(base), copy.deepcopy(base)
+        _, want = _steps(plain, ids, False, budget=budget, distribution=distribution, weight_decay=decay)
+        opt, got = _steps(fused, ids, True, budget=budget, distribution=distribution, weight_decay=decay)
+        assert opt.forward_hooks.engine.pending is not None
+        opt.forward_hooks.remove()  # applies the last update
+        assert got == want, decay
+        assert opt.step_count == 4
+        _same_weights(fused, plain)
+
+
+def test_the_whole_update_rides_on_the_perturbation_pass(monkeypatch):
+    """Tiny Llama (tied embeddings: the input rows come from the pending update, the lm_head block updates the table):
+    after the first step no update pass of its own runs; the pending one is consumed by the next perturbation."""
+    model = _tiny_llama()
+    ids = _ids(model)
+    applied = []
+    real = Engine._update
+    monkeypatch.setattr(Engine, "_update", lambda self, slots, *a: (applied.append(len(slots)), real(self, slots, *a)))
+    opt, _ = _steps(model, ids, True, steps=3)
+    assert opt.forward_hooks.engine.pending is not None
+    assert applied == [0, 0, 0]  # defer() applies only what cannot wait (nothing here)
+    opt.flush()
+    assert opt.forward_hooks.engine.pending is None and applied[-1] == len(list(opt.layout))
+
+
+@pytest.mark.parametrize("read", ["forward", "state_dict", "optimizer_state_dict", "load_state_dict", "remove"])
+def test_a_pending_update_is_applied_before_the_weights_are_read(read):
+    base = _tiny_llama()
+    ids = _ids(base)
+    plain, fused = copy.deepcopy(base), copy.deepcopy(base)
+    _steps(plain, ids, False, steps=2)
+    opt, _ = _steps(fused, ids, True, steps=2)
+    engine = opt.forward_hooks.engine
+    assert engine.pending is not None
+    if read == "forward":
+        with torch.no_grad():
+            assert torch.equal(fused(input_ids=ids).logits, plain(input_ids=ids).logits)
+    elif read == "state_dict":
+        got, want = fused.state_dict(), plain.state_dict()
+        assert all(torch.equal(got[k], want[k]) for k in want)
+    elif read == "optimizer_state_dict":
+        opt.state_dict()
+    elif read == "load_state_dict":
+        loaded = copy.deepcopy(base).state_dict()
+        fused.load_state_dict(loaded)  # the update is applied first, then overwritten: nothing waits to be re-applied
+        assert engine.pending is None
+        _same_weights(fused, base)
+        return
+    else:
+        opt.forward_hooks.remove()
+    assert engine.pending is None
+    _same_weights(fused, plain)
