@@ -49,3 +49,15 @@ def test_one_slot_gaussian_compiles_ahead_of_time():
     assert {"m", "n_tensors"} <= set(triton_kernel._noise_sum_kernel.do_not_specialize)
     assert triton_kernel._launch_spec("m", 1) == ("i32", None)
     assert "fma.rn.f32" not in triton_kernel.ptx("gaussian", slots=1, tensors=1)
+
+
+@pytest.mark.parametrize("distribution", ["rademacher", "gaussian"])
+def test_the_update_fused_into_a_perturbation_compiles_ahead_of_time(distribution):
+    """The launch that updates theta (one slot or several, bf16 stochastic rounding) and writes its perturbed copy
+    compiles for sm_90 as the launcher would call it, without FMA; one update slot stays a runtime int (mu)."""
+    from lightning_zo.core import triton_kernel
+
+    assert "mu" in triton_kernel._noise_sum_kernel.do_not_specialize
+    for update in (1, 5):
+        code = triton_kernel.ptx(distribution, torch.bfloat16, stochastic=True, slots=1, tensors=1, update=update)
+        assert "fma.rn.f32" not in code and code.count("st.global") >= 2  # theta and its perturbed copy

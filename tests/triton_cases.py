@@ -172,6 +172,42 @@ def case_blocks_with_shared_parameters(device: str) -> None:
                 assert same_bits(out["ref"], out["dev"]), (dtype, distribution, budget)
 
 
+def case_fused_update(device: str) -> None:
+    """ZOOptimizer(fuse_update=True): each update rides on the next step's perturbation launches (decay and bf16
+    stochastic rounding included). Losses and weights equal immediate updates on the reference backend, and a
+    steady-state step launches only its perturbations (one per materialised block, no update launch)."""
+    from lightning_zo import ZOOptimizer
+
+    ids = torch.arange(10) % 7
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for distribution in ("rademacher", "gaussian"):
+            losses, models = {}, {}
+            for name in ("ref", "dev"):
+                model = _model(dtype)
+                model = model.to(device) if name == "dev" else model
+                x = ids.to(next(model.parameters()).device)
+                with contextlib.ExitStack() as stack:
+                    if name == "ref":
+                        stack.enter_context(reference_backend())
+                    opt = ZOOptimizer(model, lr=1e-2, eps=1e-2, k=2, distribution=distribution, weight_decay=0.1,
+                                      fuse_update=name == "dev")
+                    closure = lambda: model(x).float().square().mean()  # noqa: E731
+                    losses[name] = [float(opt.step(closure)) for _ in range(2)]
+                    if name == "dev":
+                        engine, hooks = opt.forward_hooks.engine, opt.forward_hooks
+                        assert engine.pending is not None
+                        launches, materialized = engine.launches, hooks.materialized
+                        losses[name].append(float(opt.step(closure)))
+                        assert engine.launches - launches == hooks.materialized - materialized > 0
+                        opt.flush()
+                    else:
+                        losses[name].append(float(opt.step(closure)))
+                models[name] = model
+            assert losses["ref"] == losses["dev"], (dtype, distribution, losses)
+            for (pname, a), b in zip(models["ref"].named_parameters(), models["dev"].parameters()):
+                assert same_bits(a, b), (dtype, distribution, pname)
+
+
 CASES = [name for name in dir(sys.modules[__name__]) if name.startswith("case_")]
 
 if __name__ == "__main__":  # the interpreter run: every case on the CPU

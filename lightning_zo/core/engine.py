@@ -15,9 +15,9 @@ each, from the master weights, so it is always exactly theta + eps*z.
 State: an `Engine` per optimizer holds the scratch buffers, the kernels' descriptor tables and the worker threads;
 nothing mutable lives at module level.
 
-Deferred updates (`Engine.defer`, the optimizer's `fuse_update`): on the C kernel's path an update can wait for the
-next perturbation, whose pass over each block then updates theta in place and writes its perturbed copy from the
-updated values: one read of theta instead of two, the same bits. Until then the update is pending; any forward of
+Deferred updates (`Engine.defer`, the optimizer's `fuse_update`): on the kernels' paths (Triton; the C kernel for
+fp32 without decay) an update can wait for the next perturbation, whose pass over each block then updates theta in
+place and writes its perturbed copy from the updated values: one read of theta instead of two, the same bits. Until then the update is pending; any forward of
 the model outside a perturbation, its state_dict and load_state_dict, and `Engine.flush` apply it first.
 """
 
@@ -74,12 +74,23 @@ def _cpu_fast(t: torch.Tensor) -> bool:
 
 @dataclass(eq=False)
 class PendingUpdate:
-    """An update not yet applied: its slots' seeds and float32 coefficients, and the parameters still waiting."""
+    """An update not yet applied: its slots' seeds and float32 coefficients, its decay factors and rounding seed,
+    and the parameters still waiting."""
 
     seeds: list[int]
     coeffs: list[float]
     distribution: str
     slots: dict[int, ParamSlot]  # id(param) -> slot
+    decay: dict[int, float] = field(default_factory=dict)
+    rounding_seed: int | None = None
+    states: dict = field(default_factory=dict)  # (device, rounding seed) -> its seeds and coefficients there
+
+    def state(self, device: torch.device, rounding_seed: int | None):
+        """The update's seeds and coefficients on `device` for the Triton kernel (uploaded once per device)."""
+        if (device, rounding_seed) not in self.states:
+            self.states[device, rounding_seed] = triton_kernel.step_state(self.seeds, self.coeffs, rounding_seed,
+                                                                          device)
+        return self.states[device, rounding_seed]
 
 
 class Engine:
@@ -141,17 +152,19 @@ class Engine:
     @torch.no_grad()
     def defer(self, layout: ParamLayout, seeds: Sequence[int], coeffs: Sequence[float], distribution: str,
               decay: dict[int, float] | None = None, rounding_seed: int | None = None) -> None:
-        """`update`, with the part on the C kernel's path (fp32 CPU tensors, no decay) left pending for the next
-        perturbation to fuse into its pass (`PerturbedForward`); the rest is applied now. Same bits."""
+        """`update`, with the part that a perturbation can fuse into its pass (`PerturbedForward`) left pending for
+        the next one: the Triton kernel's tensors, and the C kernel's (fp32 CPU, no decay); the rest is applied now.
+        Same bits."""
         self.flush()
         decay = decay or {}
-        waiting = {id(s.param): s for s in layout if seeds and _cpu_fast(s.param.data)
-                   and decay.get(id(s.param), 1.0) == 1.0}
+        waiting = {id(s.param): s for s in layout if seeds and (_fused(s.param.data) or (
+            _cpu_fast(s.param.data) and decay.get(id(s.param), 1.0) == 1.0))}
         with torch.profiler.record_function("lightning_zo.update"):
             self._update([s for s in layout if id(s.param) not in waiting], seeds, coeffs, distribution, decay,
                          rounding_seed)
         if waiting:
-            self.pending = PendingUpdate(list(seeds), [float(np.float32(c)) for c in coeffs], distribution, waiting)
+            self.pending = PendingUpdate(list(seeds), [float(np.float32(c)) for c in coeffs], distribution, waiting,
+                                         {i: f for i, f in decay.items() if i in waiting}, rounding_seed)
 
     def waiting(self, param: torch.nn.Parameter) -> bool:
         """Whether `param` still waits for the pending update."""
@@ -178,7 +191,8 @@ class Engine:
             return
         pending = self.take_pending(chosen)
         with torch.profiler.record_function("lightning_zo.update"):
-            self._update(chosen, pending.seeds, pending.coeffs, pending.distribution, {}, None)
+            self._update(chosen, pending.seeds, pending.coeffs, pending.distribution, pending.decay,
+                         pending.rounding_seed)
 
     def _update(self, slots, seeds, coeffs, distribution, decay, rounding_seed) -> None:
         decay = decay or {}
@@ -417,25 +431,39 @@ class PerturbedForward:
                 cpu.append(s)
             else:
                 other.append(s)
-        # A pending update is fused into the C kernel's pass below (same distribution); elsewhere it comes first.
+        # A pending update rides on the kernels' passes below (same distribution); elsewhere it comes first.
         pending = engine.pending
         if pending is not None:
-            fusable = {id(s.param) for s in cpu} if pending.distribution == self.distribution else set()
+            fusable = set()
+            if pending.distribution == self.distribution:
+                fusable = {id(s.param) for s in cpu} | {id(s.param) for group in fused.values() for s in group}
             engine.flush([s for s in slots if id(s.param) not in fusable])
         # theta + eps*z in fp32 (product and sum rounded separately: no FMA), one rounding to the storage dtype.
         for (device, dtype), group in fused.items():  # one flat buffer and one launch per dtype
             flat = engine.pool.take(sum(s.param.numel() for s in group), device, dtype)
             buffers.append(flat)
-            views, at = [], 0
+            views, at = {}, 0
             for s in group:
-                views.append(flat[at:at + s.param.numel()])
+                views[id(s.param)] = flat[at:at + s.param.numel()]
                 at += s.param.numel()
             if device not in self._states:
                 self._states[device] = triton_kernel.step_state([seed], [coeff], None, device)
-            engine.launcher.noise_sum(views, [s.param.data.view(-1) for s in group], [s.offset for s in group],
-                                      [seed], [coeff], self.distribution, key=(id(owner), dtype),
-                                      state=self._states[device])
-            perturbed.update({id(s.param): v for s, v in zip(group, views)})
+            waiting = [s for s in group if engine.waiting(s.param)]
+            rest = [s for s in group if not engine.waiting(s.param)]
+            for part, fuse in ((waiting, True), (rest, False)):
+                if not part:
+                    continue
+                update, factors, rounding = None, None, None
+                if fuse:  # theta += its pending update (decay, bf16 rounding) in the same launch
+                    pending = engine.take_pending(part)
+                    rounding = pending.rounding_seed if dtype == torch.bfloat16 else None
+                    factors = [pending.decay.get(id(s.param), 1.0) for s in part]
+                    update = (pending.seeds, pending.coeffs, pending.state(device, rounding))
+                engine.launcher.noise_sum([views[id(s.param)] for s in part], [s.param.data.view(-1) for s in part],
+                                          [s.offset for s in part], [seed], [coeff], self.distribution, factors,
+                                          rounding, key=(id(owner), dtype, fuse), state=self._states[device],
+                                          update=update)
+            perturbed.update(views)
         if cpu:
             flat = engine.pool.take(sum(s.param.numel() for s in cpu), torch.device("cpu"))
             buffers.append(flat)

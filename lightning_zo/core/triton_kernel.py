@@ -103,14 +103,58 @@ if triton is not None:
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
         return tl.where(x == x, bits.to(tl.float32, bitcast=True), x)
 
-    # m and n_tensors stay runtime ints when they are 1: Triton would make them constants, the slot loop
+    @triton.jit
+    def _slot_sum(seeds, coeffs, m, gauss, b0, b1, w, h, shape, GAUSSIAN: tl.constexpr):
+        """noise.slot_sum(c_0 z_0, ..., c_{m-1} z_{m-1}) over the tile, slot by slot (as cpu_kernel.c's close_slot):
+        a group of 4 closes after its 4th slot or the last; a pair's first group waits, the second joins it, the
+        pair joins the total. The first term of each sum is assigned, not added to 0: a -0.0 stays, as on the CPU."""
+        group = tl.zeros(shape, tl.float32)
+        pair = tl.zeros(shape, tl.float32)
+        acc = tl.zeros(shape, tl.float32)
+        s = 0
+        while s < m:  # not `for s in range(m)`: Triton 3.6's interpreter cannot range over a runtime int
+            term = _term(seeds, coeffs, gauss, s, b0, b1, w, h, GAUSSIAN)
+            if s % 4 == 0:
+                group = term
+            else:
+                group = group + term
+            if (s % 4 == 3) | (s == m - 1):
+                if s % 8 < 4:
+                    pair = group
+                else:
+                    pair = pair + group
+                if (s % 8 >= 4) | (s == m - 1):
+                    if s < 8:
+                        acc = pair
+                    else:
+                        acc = acc + pair
+            s += 1
+        return acc
+
+    @triton.jit
+    def _rounded(x, g, seeds, m, STOCHASTIC: tl.constexpr, BFLOAT16: tl.constexpr):
+        """x rounded for a bfloat16 store (still float32): stochastically with 16 shared random bits below bfloat16's
+        mantissa, from the seed after the m slot seeds (noise.round_to_bfloat16), or to nearest; else x."""
+        if STOCHASTIC:
+            rb = g >> 3
+            r0, r1 = _key(seeds, m)
+            y0, y1, y2, y3 = _philox(rb.to(tl.uint32), (rb >> 32).to(tl.uint32), r0, r1)
+            lane = (g & 7).to(tl.uint32)
+            bits16 = (_pick(lane >> 1, y0, y1, y2, y3) >> ((lane & 1) * 16)) & 0xFFFF
+            rounded = (x.to(tl.int32, bitcast=True) + bits16.to(tl.int32)) & -65536
+            x = rounded.to(tl.float32, bitcast=True)
+        elif BFLOAT16:
+            x = _bfloat16_nearest(x)
+        return x
+
+    # m, mu and n_tensors stay runtime ints when they are 1: Triton would make them constants, the slot loop
     # `while s < m` then folds away, and Triton 3.6.0's TritonGPUCoalesce pass crashes on the Gaussian kernel for one
     # slot ("PassManager::run failed"; reproduced ahead of time with triton.compile for sm_90, docs/PERFORMANCE.md).
-    @triton.jit(do_not_specialize=["m", "n_tensors"])
-    def _noise_sum_kernel(dst, src, table, starts, seeds, coeffs, m, gauss, n_tensors,
+    @triton.jit(do_not_specialize=["m", "n_tensors", "mu"])
+    def _noise_sum_kernel(dst, src, table, starts, seeds, coeffs, m, gauss, n_tensors, useeds, ucoeffs, mu,
                           LOG_T: tl.constexpr, GAUSSIAN: tl.constexpr, HAS_NOISE: tl.constexpr,
                           ACCUMULATE: tl.constexpr, DECAY: tl.constexpr, STOCHASTIC: tl.constexpr,
-                          ELEMS: tl.constexpr):
+                          UPDATE: tl.constexpr, ELEMS: tl.constexpr):
         pid = tl.program_id(0)
         # The tensor this program works on: the last t with starts[t] <= pid.
         lo = 0
@@ -144,51 +188,24 @@ if triton is not None:
         b0 = block.to(tl.uint32)
         b1 = (block >> 32).to(tl.uint32)
 
-        if HAS_NOISE:
-            # noise.slot_sum's association, slot by slot (as cpu_kernel.c's close_slot): a group of 4 closes after
-            # its 4th slot or the last; a pair's first group waits, the second joins it, the pair joins the total.
-            # The first term of each sum is assigned, not added to 0: a -0.0 stays, as on the CPU.
-            group = tl.zeros(g.shape, tl.float32)
-            pair = tl.zeros(g.shape, tl.float32)
-            acc = tl.zeros(g.shape, tl.float32)
-            s = 0
-            while s < m:  # not `for s in range(m)`: Triton 3.6's interpreter cannot range over a runtime int
-                term = _term(seeds, coeffs, gauss, s, b0, b1, w, h, GAUSSIAN)
-                if s % 4 == 0:
-                    group = term
-                else:
-                    group = group + term
-                if (s % 4 == 3) | (s == m - 1):
-                    if s % 8 < 4:
-                        pair = group
-                    else:
-                        pair = pair + group
-                    if (s % 8 >= 4) | (s == m - 1):
-                        if s < 8:
-                            acc = pair
-                        else:
-                            acc = acc + pair
-                s += 1
-
         if ACCUMULATE:
             x = tl.load(src + src_at + i, mask=mask).to(tl.float32)
             if DECAY:
                 x = x * tl.load(table + 5 * t + 4).to(tl.int32).to(tl.float32, bitcast=True)
+            if UPDATE:
+                # src is theta: first its update (decay above, mu slots, rounded into theta's dtype, written back),
+                # then the perturbation of the updated value, as an update launch followed by this one would.
+                x = x + _slot_sum(useeds, ucoeffs, mu, gauss, b0, b1, w, h, g.shape, GAUSSIAN)
+                x = _rounded(x, g, useeds, mu, STOCHASTIC, src.dtype.element_ty == tl.bfloat16)
+                theta = x.to(src.dtype.element_ty)
+                tl.store(src + src_at + i, theta, mask=mask)
+                x = theta.to(tl.float32)
             if HAS_NOISE:
-                x = x + acc
+                x = x + _slot_sum(seeds, coeffs, m, gauss, b0, b1, w, h, g.shape, GAUSSIAN)
         else:
-            x = acc
-        if STOCHASTIC:
-            # Add 16 shared random bits below bfloat16's mantissa, then truncate (noise.round_to_bfloat16).
-            rb = g >> 3
-            r0, r1 = _key(seeds, m)  # the rounding seed rides after the slot seeds
-            y0, y1, y2, y3 = _philox(rb.to(tl.uint32), (rb >> 32).to(tl.uint32), r0, r1)
-            lane = (g & 7).to(tl.uint32)
-            bits16 = (_pick(lane >> 1, y0, y1, y2, y3) >> ((lane & 1) * 16)) & 0xFFFF
-            rounded = (x.to(tl.int32, bitcast=True) + bits16.to(tl.int32)) & -65536
-            x = rounded.to(tl.float32, bitcast=True)
-        elif dst.dtype.element_ty == tl.bfloat16:
-            x = _bfloat16_nearest(x)
+            x = _slot_sum(seeds, coeffs, m, gauss, b0, b1, w, h, g.shape, GAUSSIAN)
+        # A fused launch's perturbed copy rounds to nearest (its stochastic rounding was theta's).
+        x = _rounded(x, g, seeds, m, STOCHASTIC and not UPDATE, dst.dtype.element_ty == tl.bfloat16)
         tl.store(dst + dst_at + i, x.to(dst.dtype.element_ty), mask=mask)
 
 
@@ -262,7 +279,9 @@ class Launcher:
     def noise_sum(self, dsts: list[torch.Tensor], srcs: list[torch.Tensor | None], offsets: list[int],
                   seeds: list[int], coeffs: list[float], distribution: str, factors: list[float] | None = None,
                   rounding_seed: int | None = None, key=None,
-                  state: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+                  state: tuple[torch.Tensor, torch.Tensor] | None = None,
+                  update: tuple[list[int], list[float], tuple[torch.Tensor, torch.Tensor] | None] | None = None
+                  ) -> None:
         """For each tensor: dst = src * factor + sum_s coeffs[s] * z(seeds[s]) at logical elements offset.., in one
         launch.
 
@@ -270,6 +289,11 @@ class Launcher:
         src of None means no src term (dst = the sum). `rounding_seed` rounds bfloat16 dsts stochastically. `key`
         names a recurring launch whose descriptor table is kept; `state` is `step_state(seeds, coeffs,
         rounding_seed, device)` already on the device (else uploaded here).
+
+        `update` = (useeds, ucoeffs, its state or None): the srcs are weights that first get that update in the same
+        launch, src = src * factor + sum_u (rounded into src's dtype, stochastically for bfloat16 with
+        `rounding_seed`, and written back), and dst = the updated src + sum_s, rounded to nearest: the bits of an
+        update launch followed by this one, with one read of src instead of two.
         """
         if not dsts:
             return
@@ -280,17 +304,26 @@ class Launcher:
             raise ValueError("either every tensor has a src or none has")
         if not accumulate and not seeds:
             raise ValueError("dst = noise needs at least one seed")
+        if update is not None and not (accumulate and update[0]):
+            raise ValueError("an update in the same launch needs its seeds and every tensor's src (the weights)")
         factors = factors or [1.0] * len(dsts)
         device = dsts[0].device
         table, starts, programs = self._table(key, dsts, srcs, offsets, factors)
-        stochastic = rounding_seed is not None and dsts[0].dtype == torch.bfloat16
-        seed_t, coeff_t = state if state is not None else step_state(seeds, coeffs, rounding_seed, device)
+        rounded = srcs[0] if update is not None else dsts[0]  # what the rounding seed rounds
+        stochastic = rounding_seed is not None and rounded.dtype == torch.bfloat16
+        seed_t, coeff_t = state if state is not None else step_state(seeds, coeffs, None if update else rounding_seed,
+                                                                     device)
+        useed_t, ucoeff_t, mu = seed_t, coeff_t, 0
+        if update is not None:
+            useeds, ucoeffs, ustate = update
+            useed_t, ucoeff_t = ustate if ustate is not None else step_state(useeds, ucoeffs, rounding_seed, device)
+            mu = len(useeds)
         _noise_sum_kernel[(programs,)](
             dsts[0], srcs[0] if accumulate else dsts[0], table, starts, seed_t, coeff_t, len(seeds),
-            _gauss_table(device), len(dsts),
+            _gauss_table(device), len(dsts), useed_t, ucoeff_t, mu,
             LOG_T=max(1, (len(dsts) - 1).bit_length()), GAUSSIAN=distribution == "gaussian",
             HAS_NOISE=bool(seeds), ACCUMULATE=accumulate, DECAY=any(f != 1.0 for f in factors),
-            STOCHASTIC=stochastic, ELEMS=ELEMS, **COMPILE_OPTIONS)
+            STOCHASTIC=stochastic, UPDATE=update is not None, ELEMS=ELEMS, **COMPILE_OPTIONS)
         self.launches += 1
 
 
@@ -313,19 +346,22 @@ def _launch_spec(name: str, value: int) -> tuple[str, object]:
 
 
 def ptx(distribution: str, dtype: torch.dtype = torch.float32, stochastic: bool = False, capability: int = 90,
-        options: dict | None = None, slots: int = 3, tensors: int = 2) -> str:
+        options: dict | None = None, slots: int = 3, tensors: int = 2, update: int = 0) -> str:
     """The kernel's PTX for an NVIDIA GPU of `capability`, compiled ahead of time (no GPU needed): to inspect it
     (tests check it has no FMA) and to compile it as the launcher would for `slots` slots over `tensors` tensors
-    (ints equal to 1 are specialized unless do_not_specialize says otherwise)."""
+    (ints equal to 1 are specialized unless do_not_specialize says otherwise); `update`: the slots of an update
+    fused into the same launch (0: none)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     ty = _PTX_TYPES[dtype]
     signature = {"dst": "*" + ty, "src": "*" + ty, "table": "*i64", "starts": "*i64", "seeds": "*i64",
-                 "coeffs": "*fp32", "m": "i32", "gauss": "*fp32", "n_tensors": "i32"}
+                 "coeffs": "*fp32", "m": "i32", "gauss": "*fp32", "n_tensors": "i32", "useeds": "*i64",
+                 "ucoeffs": "*fp32", "mu": "i32"}
     constants = {"LOG_T": max(1, (tensors - 1).bit_length()), "GAUSSIAN": distribution == "gaussian",
-                 "HAS_NOISE": True, "ACCUMULATE": True, "DECAY": True, "STOCHASTIC": stochastic, "ELEMS": ELEMS}
-    for name, value in (("m", slots), ("n_tensors", tensors)):
+                 "HAS_NOISE": True, "ACCUMULATE": True, "DECAY": True, "STOCHASTIC": stochastic,
+                 "UPDATE": update > 0, "ELEMS": ELEMS}
+    for name, value in (("m", slots), ("n_tensors", tensors), ("mu", update)):
         signature[name], constant = _launch_spec(name, value)
         if constant is not None:
             constants[name] = constant
