@@ -36,10 +36,10 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def available(device: torch.device) -> bool:
-    """Whether this backend can run on `device`: CUDA with Triton, or any device under Triton's CPU interpreter."""
-    if triton is None or os.environ.get("LIGHTNING_ZO_TRITON", "1") == "0":
+    """Whether this backend can run on `device`: CUDA with Triton, or the CPU under Triton's interpreter."""
+    if device.type != "cuda" and not (INTERPRET and device.type == "cpu"):  # first: asked per tensor per block
         return False
-    return device.type == "cuda" or (INTERPRET and device.type == "cpu")
+    return triton is not None and os.environ.get("LIGHTNING_ZO_TRITON", "1") != "0"
 
 
 if triton is not None:
