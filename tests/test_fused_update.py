@@ -9,6 +9,7 @@ import torch
 
 from lightning_zo import ZOOptimizer
 from lightning_zo.core.engine import Engine, PerturbedForward
+from lightning_zo.core.layout import ParamLayout
 from test_engine import _ids, _roberta, _tiny_llama
 
 
@@ -87,4 +88,26 @@ def test_a_pending_update_is_applied_before_the_weights_are_read(read):
     else:
         opt.forward_hooks.remove()
     assert engine.pending is None
+    _same_weights(fused, plain)
+
+
+def test_a_perturbation_of_another_distribution_applies_the_update_first():
+    """The pending update is fused only into a pass of its own distribution; a perturbation of another one (the
+    bench switches distributions on one engine) applies it first, rows of the embedding included."""
+    base = _tiny_llama()
+    ids = _ids(base)
+    plain, fused = copy.deepcopy(base), copy.deepcopy(base)
+    _steps(plain, ids, False, steps=2)
+    opt, _ = _steps(fused, ids, True, steps=2)
+    reference = PerturbedForward(plain, ParamLayout(plain), "gaussian")
+    hooks = opt.forward_hooks
+    hooks.distribution = "gaussian"
+    assert opt.forward_hooks.engine.pending is not None
+    with torch.no_grad():
+        with hooks.perturb(7, 1e-2):
+            got = fused(input_ids=ids).logits
+        with reference.perturb(7, 1e-2):
+            want = plain(input_ids=ids).logits
+    assert torch.equal(got, want)
+    assert opt.forward_hooks.engine.pending is None
     _same_weights(fused, plain)

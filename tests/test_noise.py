@@ -241,7 +241,8 @@ def test_an_update_fused_into_a_pass_gives_the_two_passes_bits(monkeypatch, requ
     seeds, coeffs = [derive_seed(5, 3, 0)], [1e-3]
     sizes, offsets = [70_001, 5, 40_000, 129], [16_384 * 3 - 100, 0, 2**33 + 5, 128 * 3]
     thetas = [torch.randn(n) for n in sizes]
-    want_theta = [add_noise_sum(t.clone(), t, useeds, ucoeffs, o, distribution, "numpy") for t, o in zip(thetas, offsets)]
+    want_theta = [add_noise_sum(t.clone(), t, useeds, ucoeffs, o, distribution, "numpy")
+                  for t, o in zip(thetas, offsets)]
     want = [add_noise_sum(torch.empty_like(t), t, seeds, coeffs, o, distribution, "numpy")
             for t, o in zip(want_theta, offsets)]
     request.addfinalizer(functools.partial(torch.set_num_threads, torch.get_num_threads()))

@@ -17,8 +17,9 @@ nothing mutable lives at module level.
 
 Deferred updates (`Engine.defer`, the optimizer's `fuse_update`): on the kernels' paths (Triton; the C kernel for
 fp32 without decay) an update can wait for the next perturbation, whose pass over each block then updates theta in
-place and writes its perturbed copy from the updated values: one read of theta instead of two, the same bits. Until then the update is pending; any forward of
-the model outside a perturbation, its state_dict and load_state_dict, and `Engine.flush` apply it first.
+place and writes its perturbed copy from the updated values: one read of theta instead of two, the same bits.
+Until then the update is pending; any forward of the model outside a perturbation, its state_dict and
+load_state_dict, and `Engine.flush` apply it first.
 """
 
 from __future__ import annotations
@@ -554,16 +555,16 @@ class PerturbedForward:
             flat_ids = ids.reshape(-1)
             rows = torch.unique(flat_ids)  # sorted
             if _cpu_fast(p.data) and ids.device.type == "cpu":
-                theta = p.data.index_select(0, rows)
-                perturbed = torch.empty_like(theta)
-                seed, coeff = self._active
                 pending = self.engine.pending
-                if self.engine.waiting(p) and pending.distribution == self.distribution:
-                    # The rows of the updated table (its block, or the end of this perturbation, updates it whole).
+                from_pending = self.engine.waiting(p) and pending.distribution == self.distribution
+                if not from_pending:
+                    self.engine.flush([slot])
+                theta = p.data.index_select(0, rows)
+                if from_pending:  # the rows of the updated table (its block, or this perturbation's end, updates it)
                     self.engine.fill_cpu_rows(theta, theta, slot.offset + rows.long() * dim, pending.seeds,
                                               pending.coeffs, pending.distribution)
-                else:
-                    self.engine.flush([slot])
+                perturbed = torch.empty_like(theta)
+                seed, coeff = self._active
                 self.engine.fill_cpu_rows(perturbed, theta, slot.offset + rows.long() * dim, [seed], [coeff],
                                           self.distribution)
                 return perturbed[torch.searchsorted(rows, flat_ids)].view(*ids.shape, dim)
