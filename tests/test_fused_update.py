@@ -111,3 +111,26 @@ def test_a_perturbation_of_another_distribution_applies_the_update_first():
     assert torch.equal(got, want)
     assert opt.forward_hooks.engine.pending is None
     _same_weights(fused, plain)
+
+
+def test_digests_copies_and_hook_counts_around_a_pending_update():
+    """weights_digest applies the pending update (through the model's state_dict pre-hook); copying or pickling a
+    model whose update is pending is refused in one line (the copy would miss it for good); after remove() the
+    hook count is 0."""
+    import io
+
+    from lightning_zo.core.layout import weights_digest
+
+    base = _tiny_llama()
+    ids = _ids(base)
+    plain, fused = copy.deepcopy(base), copy.deepcopy(base)
+    _steps(plain, ids, False, steps=2)
+    opt, _ = _steps(fused, ids, True, steps=2)
+    for copy_it in (copy.deepcopy, lambda m: torch.save(m, io.BytesIO())):
+        with pytest.raises(RuntimeError, match="still pending .* flush"):
+            copy_it(fused)
+    assert weights_digest(fused) == weights_digest(plain)
+    assert opt.forward_hooks.engine.pending is None
+    copy.deepcopy(fused)  # nothing pending: copies as before
+    opt.forward_hooks.remove()
+    assert opt.forward_hooks.hooks == 0

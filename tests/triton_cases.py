@@ -208,6 +208,30 @@ def case_fused_update(device: str) -> None:
                 assert same_bits(a, b), (dtype, distribution, pname)
 
 
+def case_fused_update_then_the_c_kernel(device: str) -> None:
+    """A decayed update left pending on the Triton path, then a step on the C kernel's path (as after a move of the
+    model to the CPU): the C kernel's pass has no decay, so the update is applied first, decay included."""
+    from lightning_zo import ZOOptimizer
+
+    if device != "cpu":
+        return  # the move is simulated by turning the Triton backend off on the CPU
+    models = {}
+    for name in ("ref", "dev"):
+        model = _model(torch.float32)
+        closure = lambda: model(torch.arange(10) % 7).square().mean()  # noqa: E731
+        opt = ZOOptimizer(model, lr=1e-2, eps=1e-2, weight_decay=0.5, fuse_update=name == "dev")
+        with contextlib.ExitStack() as stack:
+            if name == "ref":
+                stack.enter_context(reference_backend())
+            opt.step(closure)
+        with reference_backend():
+            opt.step(closure)
+            opt.flush()
+        models[name] = model
+    for (pname, a), b in zip(models["ref"].named_parameters(), models["dev"].parameters()):
+        assert same_bits(a, b), pname
+
+
 CASES = [name for name in dir(sys.modules[__name__]) if name.startswith("case_")]
 
 if __name__ == "__main__":  # the interpreter run: every case on the CPU

@@ -109,12 +109,19 @@ class Engine:
         self._executor: ThreadPoolExecutor | None = None
 
     def __deepcopy__(self, memo) -> "Engine":
-        # Copying a model copies its hooks and so this engine: give the copy fresh state (threads cannot be copied;
-        # a pending update belongs to the original's parameters: flush before copying a model).
+        # Copying a model copies its hooks and so this engine: give the copy fresh state (threads cannot be copied).
+        self._refuse_copy("copying")
         return Engine(self.threads)
 
     def __getstate__(self) -> dict:  # pickling a model pickles its hooks: leave the threads behind
-        return {**self.__dict__, "_executor": None, "pending": None}
+        self._refuse_copy("pickling")
+        return {**self.__dict__, "_executor": None}
+
+    def _refuse_copy(self, what: str) -> None:
+        """A copy of the model would hold its weights without the pending update (copied before this engine)."""
+        if self.pending is not None:
+            raise RuntimeError(f"{what} a model whose last update is still pending (fuse_update): call the "
+                               "optimizer's flush() first")
 
     @property
     def launches(self) -> int:
@@ -396,13 +403,13 @@ class PerturbedForward:
             self._handles.append(wrapper.module.register_forward_pre_hook(functools.partial(self._wrap_in, wrapper)))
             self._handles.append(wrapper.module.register_forward_hook(functools.partial(self._wrap_out, wrapper)))
         # What reads or replaces the weights outside a forward applies a pending update first.
-        self._handles.append(model.register_state_dict_pre_hook(self._flush))
-        self._handles.append(model.register_load_state_dict_pre_hook(self._flush))
+        self._state_hooks = [model.register_state_dict_pre_hook(self._flush),
+                             model.register_load_state_dict_pre_hook(self._flush)]
 
     @property
     def hooks(self) -> int:
         """Forward hooks on the model's modules (the state_dict hooks are not counted)."""
-        return len(self._handles) - 2
+        return len(self._handles)
 
     def _flush(self, *args, **kwargs) -> None:
         self.engine.flush()
@@ -436,8 +443,9 @@ class PerturbedForward:
         pending = engine.pending
         if pending is not None:
             fusable = set()
-            if pending.distribution == self.distribution:
-                fusable = {id(s.param) for s in cpu} | {id(s.param) for group in fused.values() for s in group}
+            if pending.distribution == self.distribution:  # the C kernel's pass has no decay (a tensor moved there)
+                fusable = {id(s.param) for s in cpu if pending.decay.get(id(s.param), 1.0) == 1.0}
+                fusable |= {id(s.param) for group in fused.values() for s in group}
             engine.flush([s for s in slots if id(s.param) not in fusable])
         # theta + eps*z in fp32 (product and sum rounded separately: no FMA), one rounding to the storage dtype.
         for (device, dtype), group in fused.items():  # one flat buffer and one launch per dtype
@@ -456,7 +464,7 @@ class PerturbedForward:
                     continue
                 update, factors, rounding = None, None, None
                 if fuse:  # theta += its pending update (decay, bf16 rounding) in the same launch
-                    pending = engine.take_pending(part)
+                    pending = engine.pending
                     rounding = pending.rounding_seed if dtype == torch.bfloat16 else None
                     factors = [pending.decay.get(id(s.param), 1.0) for s in part]
                     update = (pending.seeds, pending.coeffs, pending.state(device, rounding))
@@ -464,6 +472,8 @@ class PerturbedForward:
                                           [s.offset for s in part], [seed], [coeff], self.distribution, factors,
                                           rounding, key=(id(owner), dtype, fuse), state=self._states[device],
                                           update=update)
+                if fuse:
+                    engine.take_pending(part)  # applied (a launch that raised leaves it pending)
             perturbed.update(views)
         if cpu:
             flat = engine.pool.take(sum(s.param.numel() for s in cpu), torch.device("cpu"))
@@ -476,9 +486,10 @@ class PerturbedForward:
                 perturbed[id(s.param)] = view
             pieces = [piece[:3] for piece in pieces]
             if waiting:  # theta += the pending update, in place, and its perturbed copy: one pass
-                update = engine.take_pending([piece[3] for piece in waiting])
+                update = engine.pending
                 engine.fill_cpu([piece[:3] for piece in waiting], [seed], [coeff], self.distribution,
                                 (update.seeds, update.coeffs))
+                engine.take_pending([piece[3] for piece in waiting])
             engine.fill_cpu(pieces, [seed], [coeff], self.distribution)
         for s in other:
             engine.other_calls += 1
@@ -556,7 +567,8 @@ class PerturbedForward:
             rows = torch.unique(flat_ids)  # sorted
             if _cpu_fast(p.data) and ids.device.type == "cpu":
                 pending = self.engine.pending
-                from_pending = self.engine.waiting(p) and pending.distribution == self.distribution
+                from_pending = (self.engine.waiting(p) and pending.distribution == self.distribution
+                                and pending.decay.get(id(p), 1.0) == 1.0)
                 if not from_pending:
                     self.engine.flush([slot])
                 theta = p.data.index_select(0, rows)
@@ -609,7 +621,8 @@ class PerturbedForward:
 
     def remove(self) -> None:
         self.engine.flush()
-        for h in self._handles:
+        for h in self._handles + self._state_hooks:
             h.remove()
         self._handles.clear()
+        self._state_hooks.clear()
         self.engine.close()

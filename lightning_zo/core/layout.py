@@ -37,6 +37,7 @@ class ParamLayout:
 
 def weights_digest(model: torch.nn.Module) -> str:
     """sha256 over every trainable parameter's bytes, in named_parameters() order (tied weights once)."""
+    model.state_dict(keep_vars=True)  # its pre-hooks apply an update still pending (ZOOptimizer's fuse_update)
     h = hashlib.sha256()
     for _, p in model.named_parameters():
         if p.requires_grad:
