@@ -134,3 +134,25 @@ def test_digests_copies_and_hook_counts_around_a_pending_update():
     copy.deepcopy(fused)  # nothing pending: copies as before
     opt.forward_hooks.remove()
     assert opt.forward_hooks.hooks == 0
+
+
+def test_a_submodule_called_directly_sees_the_update():
+    """A module with no hook of its own (one MLP inside a block) called between steps: a global pre-hook, present
+    only while the update is pending, applies it first; an unrelated module does not."""
+    from torch.nn.modules import module as torch_module
+
+    base = _tiny_llama()
+    ids = _ids(base)
+    plain, fused = copy.deepcopy(base), copy.deepcopy(base)
+    _steps(plain, ids, False, steps=2)
+    opt, _ = _steps(fused, ids, True, steps=2)
+    hooks_before = len(torch_module._global_forward_pre_hooks)
+    assert hooks_before >= 1 and opt.forward_hooks.engine.pending is not None
+    torch.nn.Linear(2, 2)(torch.ones(2))  # not the model's: the update keeps waiting
+    assert opt.forward_hooks.engine.pending is not None
+    x = torch.randn(3, plain.config.hidden_size)
+    with torch.no_grad():
+        assert torch.equal(fused.model.layers[0].mlp(x), plain.model.layers[0].mlp(x))
+    assert opt.forward_hooks.engine.pending is None
+    assert len(torch_module._global_forward_pre_hooks) == hooks_before - 1
+    _same_weights(fused, plain)

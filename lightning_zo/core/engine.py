@@ -85,6 +85,7 @@ class PendingUpdate:
     decay: dict[int, float] = field(default_factory=dict)
     rounding_seed: int | None = None
     states: dict = field(default_factory=dict)  # (device, rounding seed) -> its seeds and coefficients there
+    on_applied: list = field(default_factory=list)  # called once every waiting parameter has it
 
     def state(self, device: torch.device, rounding_seed: int | None):
         """The update's seeds and coefficients on `device` for the Triton kernel (uploaded once per device)."""
@@ -187,6 +188,8 @@ class Engine:
             pending.slots.pop(id(s.param), None)
         if not pending.slots:
             self.pending = None
+            for applied in pending.on_applied:
+                applied()
         return pending
 
     @torch.no_grad()
@@ -390,6 +393,8 @@ class PerturbedForward:
         self._live: list[Block] = []  # blocks whose copies are swapped in
         self.materialized = 0  # block and wrapper materialisations (counted by tests)
         self.scratch_bytes = self.peak_scratch_bytes = 0  # perturbed copies alive now / at most (DESIGN I3)
+        self._members = {id(m) for m in model.modules()}
+        self._guard = None  # a global forward pre-hook while an update is pending (`guard`)
         self._handles = []
         for block in self.blocks:
             for i, member in enumerate(block.members):
@@ -413,6 +418,23 @@ class PerturbedForward:
 
     def _flush(self, *args, **kwargs) -> None:
         self.engine.flush()
+
+    def guard(self) -> None:
+        """While the engine's update is pending, a forward of any of the model's modules outside a perturbation
+        applies it first: a submodule called directly (one MLP, say) has no hook of its own. A global forward
+        pre-hook, removed as soon as the update is applied."""
+        if self.engine.pending is not None and self._guard is None:
+            self._guard = torch.nn.modules.module.register_module_forward_pre_hook(self._guarded)
+            self.engine.pending.on_applied.append(self._unguard)
+
+    def _guarded(self, module, args) -> None:
+        if self._active is None and id(module) in self._members:
+            self.engine.flush()
+
+    def _unguard(self) -> None:
+        if self._guard is not None:
+            self._guard.remove()
+            self._guard = None
 
     # -- materialising
 

@@ -88,9 +88,9 @@ class ZOOptimizer(torch.optim.Optimizer):
     `fuse_update=True`: the update waits for the next step's first perturbation, which applies it in the same pass
     over theta (one read of theta less per step, the same bits): weights on CUDA (the Triton kernel, decay and bf16
     rounding included) and fp32 CPU weights without decay (the C kernel); others are updated at once. Until then it
-    is pending: a forward of the model (or of one of its blocks) outside a step, `model.state_dict()`,
+    is pending: a forward of the model or of any of its modules outside a step, `model.state_dict()`,
     `model.load_state_dict()`, `weights_digest`, this optimizer's `state_dict()` and `flush()` apply it first; code
-    that reads the parameters directly, or calls a smaller submodule, calls `flush()` first.
+    that reads the parameters directly calls `flush()` first.
     """
 
     def __init__(self, model: torch.nn.Module, lr: float = 1e-5, eps: float = 1e-3, weight_decay: float = 0.0,
@@ -253,6 +253,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         engine = self.forward_hooks.engine
         if self.fuse_update:  # applied by the next perturbation's pass, or by flush()
             engine.defer(self.layout, seeds, coeffs, self.distribution, decay, rounding_seed)
+            self.forward_hooks.guard()
         else:
             apply_update(self.layout, seeds, coeffs, self.distribution, decay, rounding_seed, engine)
         self.step_count = record.step + 1
