@@ -192,7 +192,7 @@ def run(name: str, device: torch.device, dtype: torch.dtype, repeat: int, machin
             a = float(forward())
         with hooks.perturb(1, -1e-3):
             b = float(forward())
-        apply = engine.defer if fuse else functools.partial(apply_update, engine=engine)  # as training
+        apply = hooks.defer if fuse else functools.partial(apply_update, engine=engine)  # as training
         apply(layout, [1], [-1e-9 * (a - b)], distribution, rounding_seed=2)
 
     @torch.no_grad()

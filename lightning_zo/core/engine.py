@@ -18,7 +18,7 @@ nothing mutable lives at module level.
 Deferred updates (`Engine.defer`, the optimizer's `fuse_update`): on the kernels' paths (Triton; the C kernel for
 fp32 without decay) an update can wait for the next perturbation, whose pass over each block then updates theta in
 place and writes its perturbed copy from the updated values: one read of theta instead of two, the same bits.
-Until then the update is pending; any forward of the model outside a perturbation, its state_dict and
+Until then the update is pending; any forward of the model's modules outside a perturbation, its state_dict and
 load_state_dict, and `Engine.flush` apply it first.
 """
 
@@ -161,9 +161,9 @@ class Engine:
     @torch.no_grad()
     def defer(self, layout: ParamLayout, seeds: Sequence[int], coeffs: Sequence[float], distribution: str,
               decay: dict[int, float] | None = None, rounding_seed: int | None = None) -> None:
-        """`update`, with the part that a perturbation can fuse into its pass (`PerturbedForward`) left pending for
-        the next one: the Triton kernel's tensors, and the C kernel's (fp32 CPU, no decay); the rest is applied now.
-        Same bits."""
+        """`update`, with the part that a perturbation can fuse into its pass left pending for the next one: the
+        Triton kernel's tensors, and the C kernel's (fp32 CPU, no decay); the rest is applied now. Same bits. Call it
+        through `PerturbedForward.defer`, which also makes every forward outside a perturbation apply it first."""
         self.flush()
         decay = decay or {}
         waiting = {id(s.param): s for s in layout if seeds and (_fused(s.param.data) or (
@@ -178,6 +178,12 @@ class Engine:
     def waiting(self, param: torch.nn.Parameter) -> bool:
         """Whether `param` still waits for the pending update."""
         return self.pending is not None and id(param) in self.pending.slots
+
+    def fusable(self, param: torch.nn.Parameter, distribution: str) -> bool:
+        """Whether `param`'s pending update can ride on a pass of `distribution`'s noise over it: the Triton kernel
+        takes any decay; the C kernel has none (a decayed tensor deferred on the Triton path may have moved)."""
+        return (self.waiting(param) and self.pending.distribution == distribution
+                and (_fused(param.data) or self.pending.decay.get(id(param), 1.0) == 1.0))
 
     def take_pending(self, slots: Sequence[ParamSlot]) -> PendingUpdate | None:
         """The pending update, with `slots` marked applied (the caller applies it to them now)."""
@@ -394,7 +400,7 @@ class PerturbedForward:
         self.materialized = 0  # block and wrapper materialisations (counted by tests)
         self.scratch_bytes = self.peak_scratch_bytes = 0  # perturbed copies alive now / at most (DESIGN I3)
         self._members = {id(m) for m in model.modules()}
-        self._guard = None  # a global forward pre-hook while an update is pending (`guard`)
+        self._guard = None  # a global forward pre-hook while an update is pending (`defer`)
         self._handles = []
         for block in self.blocks:
             for i, member in enumerate(block.members):
@@ -402,7 +408,6 @@ class PerturbedForward:
                 self._handles.append(member.register_forward_pre_hook(functools.partial(self._enter, block)))
                 self._handles.append(member.register_forward_hook(functools.partial(self._leave, block, last)))
         for embedding in self.rows:
-            self._handles.append(embedding.register_forward_pre_hook(self._rows_in))
             self._handles.append(embedding.register_forward_hook(self._rows_out))
         for wrapper in self.wrappers:
             self._handles.append(wrapper.module.register_forward_pre_hook(functools.partial(self._wrap_in, wrapper)))
@@ -419,10 +424,12 @@ class PerturbedForward:
     def _flush(self, *args, **kwargs) -> None:
         self.engine.flush()
 
-    def guard(self) -> None:
-        """While the engine's update is pending, a forward of any of the model's modules outside a perturbation
-        applies it first: a submodule called directly (one MLP, say) has no hook of its own. A global forward
+    def defer(self, layout: ParamLayout, seeds: Sequence[int], coeffs: Sequence[float], distribution: str,
+              decay: dict[int, float] | None = None, rounding_seed: int | None = None) -> None:
+        """`Engine.defer`; while the update is pending, a forward of any of the model's modules outside a
+        perturbation applies it first (validation, inference, a submodule called directly): a global forward
         pre-hook, removed as soon as the update is applied."""
+        self.engine.defer(layout, seeds, coeffs, distribution, decay, rounding_seed)
         if self.engine.pending is not None and self._guard is None:
             self._guard = torch.nn.modules.module.register_module_forward_pre_hook(self._guarded)
             self.engine.pending.on_applied.append(self._unguard)
@@ -461,14 +468,8 @@ class PerturbedForward:
                 cpu.append(s)
             else:
                 other.append(s)
-        # A pending update rides on the kernels' passes below (same distribution); elsewhere it comes first.
-        pending = engine.pending
-        if pending is not None:
-            fusable = set()
-            if pending.distribution == self.distribution:  # the C kernel's pass has no decay (a tensor moved there)
-                fusable = {id(s.param) for s in cpu if pending.decay.get(id(s.param), 1.0) == 1.0}
-                fusable |= {id(s.param) for group in fused.values() for s in group}
-            engine.flush([s for s in slots if id(s.param) not in fusable])
+        # A pending update rides on the kernels' passes below where it can; elsewhere it comes first.
+        engine.flush([s for s in slots if not engine.fusable(s.param, self.distribution)])
         # theta + eps*z in fp32 (product and sum rounded separately: no FMA), one rounding to the storage dtype.
         for (device, dtype), group in fused.items():  # one flat buffer and one launch per dtype
             flat = engine.pool.take(sum(s.param.numel() for s in group), device, dtype)
@@ -500,19 +501,20 @@ class PerturbedForward:
         if cpu:
             flat = engine.pool.take(sum(s.param.numel() for s in cpu), torch.device("cpu"))
             buffers.append(flat)
-            pieces, waiting, at = [], [], 0
+            pieces, at = {}, 0
             for s in cpu:
                 view = flat[at:at + s.param.numel()]
                 at += s.param.numel()
-                (waiting if engine.waiting(s.param) else pieces).append((view, s.param.data.view(-1), s.offset, s))
+                pieces[id(s.param)] = (view, s.param.data.view(-1), s.offset)
                 perturbed[id(s.param)] = view
-            pieces = [piece[:3] for piece in pieces]
+            waiting = [s for s in cpu if engine.waiting(s.param)]
+            rest = [s for s in cpu if not engine.waiting(s.param)]
             if waiting:  # theta += the pending update, in place, and its perturbed copy: one pass
-                update = engine.pending
-                engine.fill_cpu([piece[:3] for piece in waiting], [seed], [coeff], self.distribution,
-                                (update.seeds, update.coeffs))
-                engine.take_pending([piece[3] for piece in waiting])
-            engine.fill_cpu(pieces, [seed], [coeff], self.distribution)
+                pending = engine.pending
+                engine.fill_cpu([pieces[id(s.param)] for s in waiting], [seed], [coeff], self.distribution,
+                                (pending.seeds, pending.coeffs))
+                engine.take_pending(waiting)
+            engine.fill_cpu([pieces[id(s.param)] for s in rest], [seed], [coeff], self.distribution)
         for s in other:
             engine.other_calls += 1
             data = s.param.data
@@ -550,8 +552,7 @@ class PerturbedForward:
     # -- hooks
 
     def _enter(self, block: Block, module, args) -> None:
-        if self._active is None:  # a plain forward (validation, inference) sees the pending update applied
-            self.engine.flush()
+        if self._active is None:
             return
         if block not in self._live:
             for other in [b for b in self._live if b.depth == 0]:  # one block at a time (DESIGN I3)
@@ -566,10 +567,6 @@ class PerturbedForward:
         block.depth = max(0, block.depth - 1)
         if last and block.depth == 0:
             self._release(block)
-
-    def _rows_in(self, module: torch.nn.Embedding, args) -> None:
-        if self._active is None:
-            self.engine.flush()
 
     def _rows_out(self, module: torch.nn.Embedding, args, output):
         """The embedding's output recomputed from theta + eps*z at the looked-up rows only: the same bits as a lookup
@@ -589,8 +586,7 @@ class PerturbedForward:
             rows = torch.unique(flat_ids)  # sorted
             if _cpu_fast(p.data) and ids.device.type == "cpu":
                 pending = self.engine.pending
-                from_pending = (self.engine.waiting(p) and pending.distribution == self.distribution
-                                and pending.decay.get(id(p), 1.0) == 1.0)
+                from_pending = self.engine.fusable(p, self.distribution)
                 if not from_pending:
                     self.engine.flush([slot])
                 theta = p.data.index_select(0, rows)
@@ -609,9 +605,7 @@ class PerturbedForward:
                 self._restore(saved, buffers)
 
     def _wrap_in(self, wrapper: Wrapper, module, args) -> None:
-        if self._active is None:
-            self.engine.flush()
-        else:
+        if self._active is not None:
             wrapper.stack.append(self._materialize(wrapper, wrapper.params))
 
     def _wrap_out(self, wrapper: Wrapper, module, args, output) -> None:

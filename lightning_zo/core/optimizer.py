@@ -250,12 +250,11 @@ class ZOOptimizer(torch.optim.Optimizer):
                 factor = 1.0 - record.lr * group["weight_decay"]
                 decay.update({id(p): factor for p in group["params"]})
         rounding_seed = derive_seed(self.seed, record.step, 0, ROUNDING_STREAM)
-        engine = self.forward_hooks.engine
         if self.fuse_update:  # applied by the next perturbation's pass, or by flush()
-            engine.defer(self.layout, seeds, coeffs, self.distribution, decay, rounding_seed)
-            self.forward_hooks.guard()
+            self.forward_hooks.defer(self.layout, seeds, coeffs, self.distribution, decay, rounding_seed)
         else:
-            apply_update(self.layout, seeds, coeffs, self.distribution, decay, rounding_seed, engine)
+            apply_update(self.layout, seeds, coeffs, self.distribution, decay, rounding_seed,
+                         self.forward_hooks.engine)
         self.step_count = record.step + 1
 
     def flush(self) -> None:

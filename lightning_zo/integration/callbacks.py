@@ -127,7 +127,6 @@ class RunSummary(pl.Callback):
         if opt is None:
             self._first_order_summary(trainer, pl_module, out, train_seconds)
             return
-        opt.flush()  # the last step's update, if it waits for a next step (fuse_update)
         record = opt.last_record
         summary = {
             **self.results,
@@ -386,10 +385,8 @@ class ReplicaChecksum(pl.Callback):
         step = trainer.global_step
         if step % self.every_n_steps or trainer.world_size == 1:
             return
-        opt = zo_optimizer(trainer)
-        opt.flush()  # the weights after this step (fuse_update defers its update to the next one)
         digests = torch.zeros(trainer.world_size, dtype=torch.int64, device=trainer.strategy.wire_device())
-        digests[trainer.global_rank] = int(weights_digest(opt.model)[:15], 16)
+        digests[trainer.global_rank] = int(weights_digest(zo_optimizer(trainer).model)[:15], 16)
         dist.all_reduce(digests)
         values = digests.tolist()
         if len(set(values)) > 1:
