@@ -21,6 +21,7 @@ import time
 
 import torch
 
+from .core import triton_kernel
 from .core.engine import PerturbedForward, apply_update
 from .core.layout import ParamLayout
 
@@ -133,6 +134,21 @@ def timed_alternating(fns, device: torch.device, repeat: int, warmup: bool = Tru
     return out
 
 
+def in_layout(name: str, fn):
+    """fn, called with the Triton kernel's Rademacher layout set to `name` (LIGHTNING_ZO_TRITON_LAYOUT)."""
+    def call():
+        old = os.environ.get("LIGHTNING_ZO_TRITON_LAYOUT")
+        os.environ["LIGHTNING_ZO_TRITON_LAYOUT"] = name
+        try:
+            return fn()
+        finally:
+            if old is None:
+                del os.environ["LIGHTNING_ZO_TRITON_LAYOUT"]
+            else:
+                os.environ["LIGHTNING_ZO_TRITON_LAYOUT"] = old
+    return call
+
+
 def mezo_perturb(params, seed: int, scale: float) -> None:
     torch.manual_seed(seed)
     for p in params:
@@ -220,8 +236,11 @@ def run(name: str, device: torch.device, dtype: torch.dtype, repeat: int, machin
                 engine.pending = pending
         return call
 
-    fwd_ms, step_ms, fused_ms = timed_alternating(
-        [aside(forward), aside(zo_step), functools.partial(zo_step, fuse=True)], device, repeat)
+    # Where the Triton kernel runs, its older Rademacher layout is timed in the same alternation (PERFORMANCE.md).
+    compare = triton_kernel.available(device)  # CUDA, or the CPU under TRITON_INTERPRET=1 (tests)
+    fwd_ms, step_ms, fused_ms, *words_ms = timed_alternating(
+        [aside(forward), aside(zo_step), functools.partial(zo_step, fuse=True)]
+        + ([aside(in_layout("words", zo_step))] if compare else []), device, repeat)
     engine.flush()
     before = (hooks.materialized, engine.launches, engine.cpu_calls, engine.other_calls)
     with hooks.perturb(1, 1e-3):
@@ -240,6 +259,7 @@ def run(name: str, device: torch.device, dtype: torch.dtype, repeat: int, machin
            "step_over_2fwd": round(step_ms / (2 * fwd_ms), 3),
            **({"cpu_time_step_over_2fwd": round(step_ms.cpu / (2 * fwd_ms.cpu), 3)} if device.type == "cpu" else {}),
            "fused_step_ms": round(fused_ms, 2), "fused_step_over_2fwd": round(fused_ms / (2 * fwd_ms), 3),
+           **({"words_layout_step_over_2fwd": round(words_ms[0] / (2 * fwd_ms), 3)} if words_ms else {}),
            "mezo_step_ms": round(mezo_ms, 2),
            "mezo_step_over_2fwd": round(mezo_ms / (2 * fwd_ms), 3), "rw_floor_ms": round(floor_ms, 2),
            "peak_mem_over_inference": round(step_mem.peak / inference.peak, 3),
@@ -262,6 +282,9 @@ def run(name: str, device: torch.device, dtype: torch.dtype, repeat: int, machin
                     ms = timed(update, device, max(1, repeat // 2), warmup=False)
             out[f"update_ms_{distribution}_n{n}"] = round(ms, 2)
             out[f"update_over_floor_{distribution}_n{n}"] = round(ms / floor_ms, 2)
+            if compare and distribution == "rademacher":
+                words = timed(in_layout("words", update), device, max(1, repeat // 2) if ms < 1000 else 1)
+                out[f"words_layout_update_over_floor_rademacher_n{n}"] = round(words / floor_ms, 2)
             if ms.cpu is not None:
                 out[f"cpu_time_update_over_floor_{distribution}_n{n}"] = round(ms.cpu / floor_ms.cpu, 2)
     # The reference regenerates each machine's z with per-parameter torch.normal (MeZO's way), N times.

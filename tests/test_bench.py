@@ -22,3 +22,14 @@ def test_bench_prints_every_figure_and_a_profile_of_one_step(capsys):
     assert figures["payload_bytes_per_step"] == 1
     assert "# torch.profiler, one step of tiny" in out
     assert "lightning_zo.update" in out and "lightning_zo.perturb_block" in out  # our passes, as named ranges
+
+
+def test_in_layout_sets_the_triton_layout_for_one_call_only(monkeypatch):
+    from lightning_zo.core import triton_kernel
+
+    monkeypatch.delenv("LIGHTNING_ZO_TRITON_LAYOUT", raising=False)
+    assert bench.in_layout("words", triton_kernel.layout)() == "words"
+    assert triton_kernel.layout() == "runs"
+    monkeypatch.setenv("LIGHTNING_ZO_TRITON_LAYOUT", "words")
+    assert bench.in_layout("runs", triton_kernel.layout)() == "runs"
+    assert triton_kernel.layout() == "words"

@@ -3,6 +3,7 @@ through Triton's CPU interpreter, which runs the same kernel source (so the inte
 on every machine; what the interpreter cannot check is the compiler, e.g. FMA contraction, hence the CUDA cases)."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -61,3 +62,38 @@ def test_the_update_fused_into_a_perturbation_compiles_ahead_of_time(distributio
     for update in (1, 5):
         code = triton_kernel.ptx(distribution, torch.bfloat16, stochastic=True, slots=1, tensors=1, update=update)
         assert "fma.rn.f32" not in code and code.count("st.global") >= 2  # theta and its perturbed copy
+
+
+def _ops(code: str, op: str) -> int:
+    """How many instructions of the PTX start with `op` (predicated ones included)."""
+    return len(re.findall(rf"^\s*(?:@!?%p\d+\s+)?{re.escape(op)}", code, re.M))
+
+
+@pytest.mark.parametrize("kind", ["fp32", "bf16 stochastic", "fused update"])
+def test_runs_layout_makes_one_philox_call_per_run_and_thread(kind):
+    """The Rademacher "runs" layout compiled for sm_90 (no GPU needed), against the "words" layout: in the words
+    layout every thread repeats the Philox call of each element's block (one call, ~16 mul.hi, per element and slot);
+    in the runs layout a thread makes its run's calls (8 per 128 elements and slot, two more per 16 elements for
+    stochastic rounding) and gets the other runs' words through shared memory. Counted per element a thread holds
+    (8 in the words layout, 128 in the runs layout), with no FMA in either. A Triton that recomputed the call in the
+    tile's layout instead (Triton 3.6 without _per_thread) gives 14 mul.hi per element and fails this."""
+    from lightning_zo.core import triton_kernel
+
+    args = {"fp32": dict(dtype=torch.float32, slots=3),
+            "bf16 stochastic": dict(dtype=torch.bfloat16, stochastic=True, slots=3),
+            "fused update": dict(dtype=torch.bfloat16, stochastic=True, slots=1, tensors=1, update=5)}[kind]
+    runs, words = (triton_kernel.ptx("rademacher", rademacher_layout=layout, **args) for layout in ("runs", "words"))
+    per_element = {"runs": _ops(runs, "mul.hi.u32") / 128, "words": _ops(words, "mul.hi.u32") / 8}
+    assert per_element["runs"] * 3 < per_element["words"], per_element
+    assert per_element["runs"] < 5, per_element
+    assert _ops(runs, "st.shared") > 0
+    assert "fma.rn.f32" not in runs
+
+
+def test_layout_is_checked():
+    from lightning_zo.core import triton_kernel
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LIGHTNING_ZO_TRITON_LAYOUT", "tiles")
+        with pytest.raises(ValueError, match="LIGHTNING_ZO_TRITON_LAYOUT='tiles'"):
+            triton_kernel.layout()

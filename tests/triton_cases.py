@@ -16,23 +16,27 @@ import torch
 from lightning_zo.core import triton_kernel
 from lightning_zo.core.engine import PerturbedForward, apply_update
 from lightning_zo.core.layout import ParamLayout
-from lightning_zo.core.noise import add_noise_sum
+from lightning_zo.core.noise import add_noise_sum, round_to_bfloat16
 
 SEEDS = [2**64 - 5, 12345, 2**40 + 7]  # one above 2**63: the kernel takes seeds as int64 bit patterns
 COEFFS = [1e-3, -2.5e-3, 7e-4]
 
 
 @contextlib.contextmanager
-def reference_backend():
-    old = os.environ.get("LIGHTNING_ZO_TRITON")
-    os.environ["LIGHTNING_ZO_TRITON"] = "0"
+def environment(name: str, value: str):
+    old = os.environ.get(name)
+    os.environ[name] = value
     try:
         yield
     finally:
         if old is None:
-            del os.environ["LIGHTNING_ZO_TRITON"]
+            del os.environ[name]
         else:
-            os.environ["LIGHTNING_ZO_TRITON"] = old
+            os.environ[name] = old
+
+
+def reference_backend():
+    return environment("LIGHTNING_ZO_TRITON", "0")
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -70,6 +74,32 @@ def case_grouped_sums(device: str) -> None:
             triton_kernel.noise_sum([got], [src.to(device)], [61], seeds[:m], coeffs[:m], distribution)
             want = add_noise_sum(torch.empty(700), src, seeds[:m], coeffs[:m], 61, distribution, backend="numpy")
             assert same_bits(got, want), (distribution, m)
+
+
+def case_program_boundaries(device: str) -> None:
+    """Both Rademacher layouts ("runs": 16384 elements a program, "words": 1024) and Gaussian, on tensors that cross
+    programs at logical offsets past 2**32 and 2**35 (Philox counters with a high word): fp32 sums of 1 and 9 slots,
+    and bf16 with stochastic rounding (its Philox block index is rebuilt from the program's first element)."""
+    torch.manual_seed(4)
+    sizes, offsets = [17000, 5, 16500], [2**35 - 8000, 2**35 + 30000, 3 * 2**32 + 16380]
+    seeds = [SEEDS[s % 3] + 104729 * s for s in range(9)]
+    coeffs = [(-1) ** s * 1e-3 / (s + 1) for s in range(9)]
+    srcs = [torch.randn(n) for n in sizes]
+    for layout, distribution in (("runs", "rademacher"), ("words", "rademacher"), ("runs", "gaussian")):
+        with environment("LIGHTNING_ZO_TRITON_LAYOUT", layout):
+            for m in (1, 9):
+                want = [add_noise_sum(torch.empty_like(s), s, seeds[:m], coeffs[:m], o, distribution,
+                                      backend="numpy") for s, o in zip(srcs, offsets)]
+                got = [torch.empty(n, device=device) for n in sizes]
+                triton_kernel.noise_sum(got, [s.to(device) for s in srcs], offsets, seeds[:m], coeffs[:m],
+                                        distribution)
+                assert all(same_bits(g, w) for g, w in zip(got, want)), (layout, distribution, m)
+                got = [torch.empty(n, dtype=torch.bfloat16, device=device) for n in sizes]
+                triton_kernel.noise_sum(got, [s.to(device) for s in srcs], offsets, seeds[:m], coeffs[:m],
+                                        distribution, rounding_seed=77)
+                assert all(same_bits(g, round_to_bfloat16(w, 77, o)) for g, w, o in zip(got, want, offsets)), (
+                    layout, distribution, m, "bf16")
+
 
 
 def case_low_precision_perturbation(device: str) -> None:

@@ -10,9 +10,17 @@ Compiled with `enable_fp_fusion=False`, so no multiply-add is contracted into an
 search over the programs' starts, and reaches it as an element offset from the first tensor's address (one flat
 address space on a device), so a whole model's update is one launch per dtype, and a module's perturbation one.
 
-Layout of work: a program owns ELEMS logical elements aligned to ELEMS in the flat parameter space. Rademacher
-tiles them as [Philox blocks, 4 words, 32 bits], so one Philox call per block gives its 128 signs; Gaussian as
-[blocks, 4 words, 2 halves] with 16-bit lanes into the inverse-CDF table.
+Layout of work: a program owns `elems(distribution)` logical elements aligned to that many in the flat parameter
+space.
+- Rademacher ("runs", the default): RUNS = 128 runs of 128 elements, one run per thread for the generator: each
+  thread makes the Philox call of its own run (a [RUNS] tensor, one element per thread), and the program walks the
+  run's 4 words in turn as a [RUNS, 32] tile (a warp stores 32 consecutive elements). Each word reaches the tile's
+  layout through shared memory (Triton inserts the conversion). So a thread makes one Philox call per 32 elements
+  per slot. The older "words" layout (LIGHTNING_ZO_TRITON_LAYOUT=words, kept for a same-run comparison on a GPU)
+  tiles 1024 elements as [8 Philox blocks, 4 words, 32 bits]: there every thread repeats the call of each block it
+  touches, one call per element per slot.
+- Gaussian: [128 blocks, 4 words, 2 halves] over 1024 elements, 16-bit lanes into the inverse-CDF table.
+Both layouts give the same bits (the same Philox calls, the same sums in the same order).
 """
 
 from __future__ import annotations
@@ -29,10 +37,25 @@ try:
 except ImportError:  # CPU-only installs: noise.py falls back to torch ops on CUDA
     triton = None
 
-ELEMS = 1024
+ELEMS = 1024  # elements per program: Gaussian, and Rademacher in the "words" layout
+RUNS = 128  # 128-element runs per program in the Rademacher "runs" layout: 32 * num_warps, one per thread
+LAYOUTS = ("runs", "words")
 # No FMA contraction: products and sums rounded separately, as in the CPU reference. num_warps: Triton's default.
 COMPILE_OPTIONS = {"enable_fp_fusion": False, "num_warps": 4}
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def layout() -> str:
+    """The Rademacher layout: LIGHTNING_ZO_TRITON_LAYOUT, "runs" (default) or "words" (for comparisons)."""
+    name = os.environ.get("LIGHTNING_ZO_TRITON_LAYOUT", "runs")
+    if name not in LAYOUTS:
+        raise ValueError(f"LIGHTNING_ZO_TRITON_LAYOUT={name!r}: expected one of {', '.join(LAYOUTS)}")
+    return name
+
+
+def elems(distribution: str, rademacher_layout: str = "runs") -> int:
+    """Logical elements per program (programs are aligned to this many in the flat parameter space)."""
+    return RUNS * 128 if distribution != "gaussian" and rademacher_layout == "runs" else ELEMS
 
 
 def available(device: torch.device) -> bool:
@@ -68,6 +91,13 @@ if triton is not None:
         return tl.where(w == 0, x0, tl.where(w == 1, x1, tl.where(w == 2, x2, x3)))
 
     @triton.jit
+    def _per_thread(x):
+        """x itself (the max of x and x), through a join and a reduction: Triton then keeps what computed x in x's own
+        layout (one run per thread) and moves the result to its users' layout through shared memory. Without it,
+        Triton 3.6 recomputes x's Philox call in the tile's layout, once per element (mul.hi counts in the PTX)."""
+        return tl.max(tl.join(x, x), axis=1)
+
+    @triton.jit
     def _key(seeds, s):
         seed = tl.load(seeds + s)
         return seed.to(tl.uint32), (seed >> 32).to(tl.uint32)
@@ -84,11 +114,15 @@ if triton is not None:
         return tl.load(gauss + ((word >> (half * 16).to(tl.uint32)) & 0xFFFF).to(tl.int32))
 
     @triton.jit
-    def _term(seeds, coeffs, gauss, s, b0, b1, w, h, GAUSSIAN: tl.constexpr):
-        """coeff_s * z_s over the tile: one Philox call per block (b0, b1), its words broadcast to the elements."""
+    def _term(seeds, coeffs, gauss, s, b0, b1, w, h, GAUSSIAN: tl.constexpr, WORD: tl.constexpr):
+        """coeff_s * z_s over the tile: one Philox call per block (b0, b1), its words broadcast to the elements. WORD
+        >= 0 (the Rademacher "runs" layout): the tile is [runs, 32] and takes word WORD of its run's call."""
         k0, k1 = _key(seeds, s)
         x0, x1, x2, x3 = _philox(b0, b1, k0, k1)
-        word = _pick(w, x0[:, None, None], x1[:, None, None], x2[:, None, None], x3[:, None, None])
+        if WORD >= 0:
+            word = _per_thread(x0 if WORD == 0 else x1 if WORD == 1 else x2 if WORD == 2 else x3)[:, None]
+        else:
+            word = _pick(w, x0[:, None, None], x1[:, None, None], x2[:, None, None], x3[:, None, None])
         if GAUSSIAN:
             term = tl.load(coeffs + s) * _gaussian(gauss, word, h)
         else:
@@ -104,7 +138,7 @@ if triton is not None:
         return tl.where(x == x, bits.to(tl.float32, bitcast=True), x)
 
     @triton.jit
-    def _slot_sum(seeds, coeffs, m, gauss, b0, b1, w, h, shape, GAUSSIAN: tl.constexpr):
+    def _slot_sum(seeds, coeffs, m, gauss, b0, b1, w, h, shape, GAUSSIAN: tl.constexpr, WORD: tl.constexpr):
         """noise.slot_sum(c_0 z_0, ..., c_{m-1} z_{m-1}) over the tile, slot by slot (as cpu_kernel.c's close_slot):
         a group of 4 closes after its 4th slot or the last; a pair's first group waits, the second joins it, the
         pair joins the total. The first term of each sum is assigned, not added to 0: a -0.0 stays, as on the CPU."""
@@ -113,7 +147,7 @@ if triton is not None:
         acc = tl.zeros(shape, tl.float32)
         s = 0
         while s < m:  # not `for s in range(m)`: Triton 3.6's interpreter cannot range over a runtime int
-            term = _term(seeds, coeffs, gauss, s, b0, b1, w, h, GAUSSIAN)
+            term = _term(seeds, coeffs, gauss, s, b0, b1, w, h, GAUSSIAN, WORD)
             if s % 4 == 0:
                 group = term
             else:
@@ -132,20 +166,64 @@ if triton is not None:
         return acc
 
     @triton.jit
-    def _rounded(x, g, seeds, m, STOCHASTIC: tl.constexpr, BFLOAT16: tl.constexpr):
+    def _rounded(x, g0, local, run_local, seeds, m, STOCHASTIC: tl.constexpr, BFLOAT16: tl.constexpr):
         """x rounded for a bfloat16 store (still float32): stochastically with 16 shared random bits below bfloat16's
-        mantissa, from the seed after the m slot seeds (noise.round_to_bfloat16), or to nearest; else x."""
+        mantissa, from the seed after the m slot seeds (noise.round_to_bfloat16), or to nearest; else x.
+
+        Element g = g0 + local takes lane g & 7 of Philox block g >> 3; g0 is a multiple of 1024 and local < g0's
+        alignment, so a block's low word is (g0 >> 3) + (local >> 3) without a carry. In the "runs" layout
+        (run_local: each run's first local element, a [RUNS] tensor, for a [RUNS, 16] tile) a thread makes the two
+        calls of its run's 16 elements; otherwise each element makes its block's call."""
         if STOCHASTIC:
-            rb = g >> 3
             r0, r1 = _key(seeds, m)
-            y0, y1, y2, y3 = _philox(rb.to(tl.uint32), (rb >> 32).to(tl.uint32), r0, r1)
-            lane = (g & 7).to(tl.uint32)
-            bits16 = (_pick(lane >> 1, y0, y1, y2, y3) >> ((lane & 1) * 16)) & 0xFFFF
+            lane = (local & 7).to(tl.uint32)
+            if run_local is None:
+                y0, y1, y2, y3 = _philox((g0 >> 3).to(tl.uint32) + (local >> 3).to(tl.uint32),
+                                         (g0 >> 35).to(tl.uint32) + tl.zeros_like(local).to(tl.uint32), r0, r1)
+                word = _pick(lane >> 1, y0, y1, y2, y3)
+            else:
+                first = (g0 >> 3).to(tl.uint32) + (run_local >> 3).to(tl.uint32)
+                high = (g0 >> 35).to(tl.uint32) + tl.zeros_like(first)
+                a0, a1, a2, a3 = _philox(first, high, r0, r1)
+                b0, b1, b2, b3 = _philox(first + 1, high, r0, r1)
+                w = lane >> 1
+                word = tl.where((local & 8) == 0,
+                                _pick(w, _per_thread(a0)[:, None], _per_thread(a1)[:, None],
+                                      _per_thread(a2)[:, None], _per_thread(a3)[:, None]),
+                                _pick(w, _per_thread(b0)[:, None], _per_thread(b1)[:, None],
+                                      _per_thread(b2)[:, None], _per_thread(b3)[:, None]))
+            bits16 = (word >> ((lane & 1) * 16)) & 0xFFFF
             rounded = (x.to(tl.int32, bitcast=True) + bits16.to(tl.int32)) & -65536
             x = rounded.to(tl.float32, bitcast=True)
         elif BFLOAT16:
             x = _bfloat16_nearest(x)
         return x
+
+    @triton.jit
+    def _tile(dst, src, factor, seeds, coeffs, m, gauss, useeds, ucoeffs, mu, g0, local, run_local, mask, b0, b1, w, h,
+              GAUSSIAN: tl.constexpr, HAS_NOISE: tl.constexpr, ACCUMULATE: tl.constexpr, DECAY: tl.constexpr,
+              STOCHASTIC: tl.constexpr, UPDATE: tl.constexpr, WORD: tl.constexpr):
+        """One tile: logical elements g0 + local (int32 local: fewer registers than int64 indices) at dst + local and
+        src + local (where mask): read, update, perturb, round, store."""
+        if ACCUMULATE:
+            x = tl.load(src + local, mask=mask).to(tl.float32)
+            if DECAY:
+                x = x * factor
+            if UPDATE:
+                # src is theta: first its update (decay above, mu slots, rounded into theta's dtype, written back),
+                # then the perturbation of the updated value, as an update launch followed by this one would.
+                x = x + _slot_sum(useeds, ucoeffs, mu, gauss, b0, b1, w, h, local.shape, GAUSSIAN, WORD)
+                x = _rounded(x, g0, local, run_local, useeds, mu, STOCHASTIC, src.dtype.element_ty == tl.bfloat16)
+                theta = x.to(src.dtype.element_ty)
+                tl.store(src + local, theta, mask=mask)
+                x = theta.to(tl.float32)
+            if HAS_NOISE:
+                x = x + _slot_sum(seeds, coeffs, m, gauss, b0, b1, w, h, local.shape, GAUSSIAN, WORD)
+        else:
+            x = _slot_sum(seeds, coeffs, m, gauss, b0, b1, w, h, local.shape, GAUSSIAN, WORD)
+        # A fused launch's perturbed copy rounds to nearest (its stochastic rounding was theta's).
+        x = _rounded(x, g0, local, run_local, seeds, m, STOCHASTIC and not UPDATE, dst.dtype.element_ty == tl.bfloat16)
+        tl.store(dst + local, x.to(dst.dtype.element_ty), mask=mask)
 
     # m, mu and n_tensors stay runtime ints when they are 1: Triton would make them constants, the slot loop
     # `while s < m` then folds away, and Triton 3.6.0's TritonGPUCoalesce pass crashes on the Gaussian kernel for one
@@ -154,7 +232,7 @@ if triton is not None:
     def _noise_sum_kernel(dst, src, table, starts, seeds, coeffs, m, gauss, n_tensors, useeds, ucoeffs, mu,
                           LOG_T: tl.constexpr, GAUSSIAN: tl.constexpr, HAS_NOISE: tl.constexpr,
                           ACCUMULATE: tl.constexpr, DECAY: tl.constexpr, STOCHASTIC: tl.constexpr,
-                          UPDATE: tl.constexpr, ELEMS: tl.constexpr):
+                          UPDATE: tl.constexpr, ELEMS: tl.constexpr, RUNS: tl.constexpr):
         pid = tl.program_id(0)
         # The tensor this program works on: the last t with starts[t] <= pid.
         lo = 0
@@ -169,44 +247,45 @@ if triton is not None:
         src_at = tl.load(table + 5 * t + 1)
         offset = tl.load(table + 5 * t + 2)
         numel = tl.load(table + 5 * t + 3)
+        factor = tl.load(table + 5 * t + 4).to(tl.int32).to(tl.float32, bitcast=True)
         g0 = ((offset // ELEMS) + (pid - tl.load(starts + t))) * ELEMS  # this program's first logical element
+        # Element g0 + local is index g0 + local - offset of the tensor: the pointers and the bounds of local for it.
+        dst = dst + dst_at + (g0 - offset)
+        src = src + src_at + (g0 - offset)
+        first = tl.minimum(tl.maximum(offset - g0, 0), ELEMS).to(tl.int32)
+        end = tl.minimum(tl.maximum(offset + numel - g0, 0), ELEMS).to(tl.int32)
 
-        if GAUSSIAN:
-            r = tl.arange(0, ELEMS // 8)[:, None, None]
-            w = tl.arange(0, 4)[None, :, None]
-            h = tl.arange(0, 2)[None, None, :]
-            g = g0 + r * 8 + w * 2 + h
-            block = (g0 >> 3) + tl.arange(0, ELEMS // 8)
+        if RUNS > 0:  # Rademacher only
+            # The "runs" layout: thread k makes the Philox call of run k (b0, b1: one element per thread), and the
+            # run's words are taken in turn, each over two [RUNS, 16] tiles of the elements its bits sign.
+            block = (g0 >> 7) + tl.arange(0, RUNS)
+            b0 = block.to(tl.uint32)
+            b1 = (block >> 32).to(tl.uint32)
+            r = tl.arange(0, RUNS)
+            for word in tl.static_range(4):
+                for half in tl.static_range(2):  # 16 elements a thread at a time: 32 took ~250 registers
+                    h = half * 16 + tl.arange(0, 16)[None, :]  # the bits of the word
+                    local = r[:, None] * 128 + word * 32 + h
+                    _tile(dst, src, factor, seeds, coeffs, m, gauss, useeds, ucoeffs, mu, g0, local,
+                          r * 128 + word * 32 + half * 16,
+                          (local >= first) & (local < end), b0, b1, h, h, GAUSSIAN, HAS_NOISE, ACCUMULATE, DECAY,
+                          STOCHASTIC, UPDATE, word)
         else:
-            r = tl.arange(0, ELEMS // 128)[:, None, None]
-            w = tl.arange(0, 4)[None, :, None]
-            h = tl.arange(0, 32)[None, None, :]
-            g = g0 + r * 128 + w * 32 + h
-            block = (g0 >> 7) + tl.arange(0, ELEMS // 128)
-        i = g - offset
-        mask = (i >= 0) & (i < numel)
-        b0 = block.to(tl.uint32)
-        b1 = (block >> 32).to(tl.uint32)
-
-        if ACCUMULATE:
-            x = tl.load(src + src_at + i, mask=mask).to(tl.float32)
-            if DECAY:
-                x = x * tl.load(table + 5 * t + 4).to(tl.int32).to(tl.float32, bitcast=True)
-            if UPDATE:
-                # src is theta: first its update (decay above, mu slots, rounded into theta's dtype, written back),
-                # then the perturbation of the updated value, as an update launch followed by this one would.
-                x = x + _slot_sum(useeds, ucoeffs, mu, gauss, b0, b1, w, h, g.shape, GAUSSIAN)
-                x = _rounded(x, g, useeds, mu, STOCHASTIC, src.dtype.element_ty == tl.bfloat16)
-                theta = x.to(src.dtype.element_ty)
-                tl.store(src + src_at + i, theta, mask=mask)
-                x = theta.to(tl.float32)
-            if HAS_NOISE:
-                x = x + _slot_sum(seeds, coeffs, m, gauss, b0, b1, w, h, g.shape, GAUSSIAN)
-        else:
-            x = _slot_sum(seeds, coeffs, m, gauss, b0, b1, w, h, g.shape, GAUSSIAN)
-        # A fused launch's perturbed copy rounds to nearest (its stochastic rounding was theta's).
-        x = _rounded(x, g, seeds, m, STOCHASTIC and not UPDATE, dst.dtype.element_ty == tl.bfloat16)
-        tl.store(dst + dst_at + i, x.to(dst.dtype.element_ty), mask=mask)
+            if GAUSSIAN:
+                r = tl.arange(0, ELEMS // 8)[:, None, None]
+                w = tl.arange(0, 4)[None, :, None]
+                h = tl.arange(0, 2)[None, None, :]
+                local = r * 8 + w * 2 + h
+                block = (g0 >> 3) + tl.arange(0, ELEMS // 8)
+            else:
+                r = tl.arange(0, ELEMS // 128)[:, None, None]
+                w = tl.arange(0, 4)[None, :, None]
+                h = tl.arange(0, 32)[None, None, :]
+                local = r * 128 + w * 32 + h
+                block = (g0 >> 7) + tl.arange(0, ELEMS // 128)
+            _tile(dst, src, factor, seeds, coeffs, m, gauss, useeds, ucoeffs, mu, g0, local, None,
+                  (local >= first) & (local < end), block.to(tl.uint32), (block >> 32).to(tl.uint32), w, h,
+                  GAUSSIAN, HAS_NOISE, ACCUMULATE, DECAY, STOCHASTIC, UPDATE, -1)
 
 
 @functools.cache
@@ -239,13 +318,13 @@ def _signature(dsts, srcs, offsets, factors) -> tuple:
                  for d, s, o, f in zip(dsts, srcs, offsets, factors))
 
 
-def _build_table(signature: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
+def _build_table(signature: tuple, per_program: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
     rows, starts, programs = [], [], 0
     for d_at, s_at, o, numel, f in signature:
         factor_bits = struct.unpack("<i", struct.pack("<f", f))[0]
         rows.append([d_at, s_at, o, numel, factor_bits])
         starts.append(programs)
-        programs += (o + numel - 1) // ELEMS - o // ELEMS + 1
+        programs += (o + numel - 1) // per_program - o // per_program + 1
     return _upload(rows, torch.int64, device), _upload(starts, torch.int64, device), programs
 
 
@@ -266,12 +345,12 @@ class Launcher:
         self._tables: dict[object, tuple[tuple, tuple[torch.Tensor, torch.Tensor, int]]] = {}
         self.launches = 0
 
-    def _table(self, key, dsts, srcs, offsets, factors) -> tuple[torch.Tensor, torch.Tensor, int]:
-        signature = _signature(dsts, srcs, offsets, factors)
+    def _table(self, key, dsts, srcs, offsets, factors, per_program) -> tuple[torch.Tensor, torch.Tensor, int]:
+        signature = (per_program, _signature(dsts, srcs, offsets, factors))
         cached = self._tables.get(key) if key is not None else None
         if cached is not None and cached[0] == signature:
             return cached[1]
-        table = _build_table(signature, dsts[0].device)
+        table = _build_table(signature[1], per_program, dsts[0].device)
         if key is not None:
             self._tables[key] = (signature, table)
         return table
@@ -308,7 +387,8 @@ class Launcher:
             raise ValueError("an update in the same launch needs its seeds and every tensor's src (the weights)")
         factors = factors or [1.0] * len(dsts)
         device = dsts[0].device
-        table, starts, programs = self._table(key, dsts, srcs, offsets, factors)
+        shape = _shape(distribution, layout())
+        table, starts, programs = self._table(key, dsts, srcs, offsets, factors, shape["ELEMS"])
         rounded = srcs[0] if update is not None else dsts[0]  # what the rounding seed rounds
         stochastic = rounding_seed is not None and rounded.dtype == torch.bfloat16
         seed_t, coeff_t = state if state is not None else step_state(seeds, coeffs, None if update else rounding_seed,
@@ -323,7 +403,7 @@ class Launcher:
             _gauss_table(device), len(dsts), useed_t, ucoeff_t, mu,
             LOG_T=max(1, (len(dsts) - 1).bit_length()), GAUSSIAN=distribution == "gaussian",
             HAS_NOISE=bool(seeds), ACCUMULATE=accumulate, DECAY=any(f != 1.0 for f in factors),
-            STOCHASTIC=stochastic, UPDATE=update is not None, ELEMS=ELEMS, **COMPILE_OPTIONS)
+            STOCHASTIC=stochastic, UPDATE=update is not None, **shape, **COMPILE_OPTIONS)
         self.launches += 1
 
 
@@ -345,12 +425,19 @@ def _launch_spec(name: str, value: int) -> tuple[str, object]:
     return "i32", None
 
 
+def _shape(distribution: str, rademacher_layout: str) -> dict:
+    """The constexprs that set a launch's layout: elements per program, and runs per program (0: not "runs")."""
+    per_program = elems(distribution, rademacher_layout)
+    return {"ELEMS": per_program, "RUNS": per_program // 128 if per_program != ELEMS else 0}
+
+
 def ptx(distribution: str, dtype: torch.dtype = torch.float32, stochastic: bool = False, capability: int = 90,
-        options: dict | None = None, slots: int = 3, tensors: int = 2, update: int = 0) -> str:
+        options: dict | None = None, slots: int = 3, tensors: int = 2, update: int = 0,
+        rademacher_layout: str = "runs", stage: str = "ptx") -> str:
     """The kernel's PTX for an NVIDIA GPU of `capability`, compiled ahead of time (no GPU needed): to inspect it
     (tests check it has no FMA) and to compile it as the launcher would for `slots` slots over `tensors` tensors
     (ints equal to 1 are specialized unless do_not_specialize says otherwise); `update`: the slots of an update
-    fused into the same launch (0: none)."""
+    fused into the same launch (0: none). `stage`: "ttgir" for the layouts Triton chose."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -360,7 +447,7 @@ def ptx(distribution: str, dtype: torch.dtype = torch.float32, stochastic: bool 
                  "ucoeffs": "*fp32", "mu": "i32"}
     constants = {"LOG_T": max(1, (tensors - 1).bit_length()), "GAUSSIAN": distribution == "gaussian",
                  "HAS_NOISE": True, "ACCUMULATE": True, "DECAY": True, "STOCHASTIC": stochastic,
-                 "UPDATE": update > 0, "ELEMS": ELEMS}
+                 "UPDATE": update > 0, **_shape(distribution, rademacher_layout)}
     for name, value in (("m", slots), ("n_tensors", tensors), ("mu", update)):
         signature[name], constant = _launch_spec(name, value)
         if constant is not None:
@@ -368,4 +455,4 @@ def ptx(distribution: str, dtype: torch.dtype = torch.float32, stochastic: bool 
     signature.update({name: "constexpr" for name in constants})
     source = ASTSource(fn=_noise_sum_kernel, signature=signature, constexprs=constants)
     compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options or COMPILE_OPTIONS)
-    return compiled.asm["ptx"]
+    return compiled.asm[stage]
