@@ -29,6 +29,7 @@ import functools
 import os
 import struct
 
+import numpy as np
 import torch
 
 try:
@@ -130,6 +131,57 @@ if triton is not None:
         return term
 
     @triton.jit
+    def _word_of(seeds, s, b0, b1, WORD: tl.constexpr):
+        """Word WORD of slot s's Philox call for each run (b0, b1)."""
+        k0, k1 = _key(seeds, s)
+        x0, x1, x2, x3 = _philox(b0, b1, k0, k1)
+        return x0 if WORD == 0 else x1 if WORD == 1 else x2 if WORD == 2 else x3
+
+    @triton.jit
+    def _spread(x):
+        """Bit i of x's low byte to bit 4i."""
+        x = x & 0xFF
+        x = (x | (x << 12)) & 0x000F000F
+        x = (x | (x << 6)) & 0x03030303
+        return (x | (x << 3)) & 0x11111111
+
+    @triton.jit
+    def _table_sum(seeds, coeffs, m, b0, b1, local, first_bit, shape, WORD: tl.constexpr):
+        """noise.slot_sum over a [runs, 16] tile of the "runs" layout by table: each group of 4 slots has 16 possible
+        sums (+-c0 +- c1 +- c2 +- c3, added in slot order on the host: `group_tables`, after the m coefficients). A
+        thread gathers its run's sign bits of a group's slots into one nibble per element, 8 elements a word (bit
+        spreads on whole words, before the words reach the tile), and each element looks its group's sum up instead
+        of adding 4 signed terms. Groups close into pairs and the total as in `_slot_sum`."""
+        pair = tl.zeros(shape, tl.float32)
+        acc = tl.zeros(shape, tl.float32)
+        low = (local & 8) == 0  # the tile's first 8 bits, else its last 8
+        shift = ((local & 7) * 4).to(tl.uint32)
+        low_nibbles = tl.zeros_like(b0)
+        high_nibbles = tl.zeros_like(b0)
+        s = 0
+        while s < m:
+            word = _word_of(seeds, s, b0, b1, WORD)
+            j = (s % 4).to(tl.uint32)
+            low_nibbles = low_nibbles | (_spread(word >> first_bit) << j)
+            high_nibbles = high_nibbles | (_spread(word >> (first_bit + 8)) << j)
+            if (s % 4 == 3) | (s == m - 1):
+                nibbles = tl.where(low, _per_thread(low_nibbles)[:, None], _per_thread(high_nibbles)[:, None])
+                group = tl.load(coeffs + m + (s // 4) * 16 + ((nibbles >> shift) & 15).to(tl.int32))
+                if s % 8 < 4:
+                    pair = group
+                else:
+                    pair = pair + group
+                if (s % 8 >= 4) | (s == m - 1):
+                    if s < 8:
+                        acc = pair
+                    else:
+                        acc = acc + pair
+                low_nibbles = tl.zeros_like(b0)
+                high_nibbles = tl.zeros_like(b0)
+            s += 1
+        return acc
+
+    @triton.jit
     def _bfloat16_nearest(x):
         """x rounded to the nearest bfloat16 (ties to even), still as float32: integer ops, so the final conversion
         is exact on every backend (Triton 3.6's CPU interpreter does not round this conversion to nearest-even)."""
@@ -164,6 +216,19 @@ if triton is not None:
                         acc = acc + pair
             s += 1
         return acc
+
+    @triton.jit
+    def _sum(seeds, coeffs, m, gauss, b0, b1, w, h, local, GAUSSIAN: tl.constexpr, WORD: tl.constexpr):
+        """The tile's slot sum: by table for more than one slot in the Rademacher "runs" layout (WORD >= 0; w is
+        then the tile's first bit of the word), else slot by slot."""
+        if WORD >= 0:
+            if m > 1:
+                x = _table_sum(seeds, coeffs, m, b0, b1, local, w, local.shape, WORD)
+            else:
+                x = _slot_sum(seeds, coeffs, m, gauss, b0, b1, w, h, local.shape, GAUSSIAN, WORD)
+        else:
+            x = _slot_sum(seeds, coeffs, m, gauss, b0, b1, w, h, local.shape, GAUSSIAN, WORD)
+        return x
 
     @triton.jit
     def _rounded(x, g0, local, run_local, seeds, m, STOCHASTIC: tl.constexpr, BFLOAT16: tl.constexpr):
@@ -212,15 +277,15 @@ if triton is not None:
             if UPDATE:
                 # src is theta: first its update (decay above, mu slots, rounded into theta's dtype, written back),
                 # then the perturbation of the updated value, as an update launch followed by this one would.
-                x = x + _slot_sum(useeds, ucoeffs, mu, gauss, b0, b1, w, h, local.shape, GAUSSIAN, WORD)
+                x = x + _sum(useeds, ucoeffs, mu, gauss, b0, b1, w, h, local, GAUSSIAN, WORD)
                 x = _rounded(x, g0, local, run_local, useeds, mu, STOCHASTIC, src.dtype.element_ty == tl.bfloat16)
                 theta = x.to(src.dtype.element_ty)
                 tl.store(src + local, theta, mask=mask)
                 x = theta.to(tl.float32)
             if HAS_NOISE:
-                x = x + _slot_sum(seeds, coeffs, m, gauss, b0, b1, w, h, local.shape, GAUSSIAN, WORD)
+                x = x + _sum(seeds, coeffs, m, gauss, b0, b1, w, h, local, GAUSSIAN, WORD)
         else:
-            x = _slot_sum(seeds, coeffs, m, gauss, b0, b1, w, h, local.shape, GAUSSIAN, WORD)
+            x = _sum(seeds, coeffs, m, gauss, b0, b1, w, h, local, GAUSSIAN, WORD)
         # A fused launch's perturbed copy rounds to nearest (its stochastic rounding was theta's).
         x = _rounded(x, g0, local, run_local, seeds, m, STOCHASTIC and not UPDATE, dst.dtype.element_ty == tl.bfloat16)
         tl.store(dst + local, x.to(dst.dtype.element_ty), mask=mask)
@@ -268,8 +333,8 @@ if triton is not None:
                     local = r[:, None] * 128 + word * 32 + h
                     _tile(dst, src, factor, seeds, coeffs, m, gauss, useeds, ucoeffs, mu, g0, local,
                           r * 128 + word * 32 + half * 16,
-                          (local >= first) & (local < end), b0, b1, h, h, GAUSSIAN, HAS_NOISE, ACCUMULATE, DECAY,
-                          STOCHASTIC, UPDATE, word)
+                          (local >= first) & (local < end), b0, b1, half * 16, h, GAUSSIAN, HAS_NOISE, ACCUMULATE,
+                          DECAY, STOCHASTIC, UPDATE, word)
         else:
             if GAUSSIAN:
                 r = tl.arange(0, ELEMS // 8)[:, None, None]
@@ -328,12 +393,28 @@ def _build_table(signature: tuple, per_program: int, device: torch.device) -> tu
     return _upload(rows, torch.int64, device), _upload(starts, torch.int64, device), programs
 
 
+def group_tables(coeffs: list[float]) -> np.ndarray:
+    """For each group of 4 slots (noise.slot_sum's groups), its 16 possible Rademacher sums in float32, in slot
+    order: entry n is t_0 + t_1 + ... with t_j = -c_j where bit j of n is set, else c_j (the first term assigned,
+    each add rounded: the kernel's own operations, so the same bits). Bits of slots past the last are ignored."""
+    c = np.asarray(coeffs, dtype=np.float32)
+    n = np.arange(16)
+    tables = []
+    for first in range(0, len(c), 4):
+        terms = [np.where((n >> j) & 1, -c[first + j], c[first + j]).astype(np.float32)
+                 for j in range(min(4, len(c) - first))]
+        tables.append(functools.reduce(np.add, terms))
+    return np.concatenate(tables) if tables else np.zeros(0, np.float32)
+
+
 def step_state(seeds: list[int], coeffs: list[float], rounding_seed: int | None,
                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """The per-step kernel arguments on `device`: slot seeds (+ the rounding seed after them) as int64 bit patterns,
-    and the float32 coefficients. Upload once per perturbation or update and pass to every launch of it."""
+    and the float32 coefficients followed by their `group_tables`. Upload once per perturbation or update and pass
+    to every launch of it."""
     keys = [s - (1 << 64) if s >= 1 << 63 else s for s in [*seeds, rounding_seed or 0]]
-    return _upload(keys, torch.int64, device), _upload([float(c) for c in coeffs] or [0.0], torch.float32, device)
+    values = np.concatenate([np.asarray(coeffs, dtype=np.float32), group_tables(coeffs)]) if coeffs else [0.0]
+    return _upload(keys, torch.int64, device), _upload([float(v) for v in values], torch.float32, device)
 
 
 class Launcher:
