@@ -146,6 +146,21 @@ if triton is not None:
         return (x | (x << 3)) & 0x11111111
 
     @triton.jit
+    def _close_group(group, pair, acc, s, m):
+        """A group of slots closed at slot s (noise.slot_sum): a pair's first group waits, the second joins it, the
+        pair joins the total (the first one assigned). Returns the pair and the total."""
+        if s % 8 < 4:
+            pair = group
+        else:
+            pair = pair + group
+        if (s % 8 >= 4) | (s == m - 1):
+            if s < 8:
+                acc = pair
+            else:
+                acc = acc + pair
+        return pair, acc
+
+    @triton.jit
     def _table_sum(seeds, coeffs, m, b0, b1, local, first_bit, shape, WORD: tl.constexpr):
         """noise.slot_sum over a [runs, 16] tile of the "runs" layout by table: each group of 4 slots has 16 possible
         sums (+-c0 +- c1 +- c2 +- c3, added in slot order on the host: `group_tables`, after the m coefficients). A
@@ -167,15 +182,7 @@ if triton is not None:
             if (s % 4 == 3) | (s == m - 1):
                 nibbles = tl.where(low, _per_thread(low_nibbles)[:, None], _per_thread(high_nibbles)[:, None])
                 group = tl.load(coeffs + m + (s // 4) * 16 + ((nibbles >> shift) & 15).to(tl.int32))
-                if s % 8 < 4:
-                    pair = group
-                else:
-                    pair = pair + group
-                if (s % 8 >= 4) | (s == m - 1):
-                    if s < 8:
-                        acc = pair
-                    else:
-                        acc = acc + pair
+                pair, acc = _close_group(group, pair, acc, s, m)
                 low_nibbles = tl.zeros_like(b0)
                 high_nibbles = tl.zeros_like(b0)
             s += 1
@@ -205,15 +212,7 @@ if triton is not None:
             else:
                 group = group + term
             if (s % 4 == 3) | (s == m - 1):
-                if s % 8 < 4:
-                    pair = group
-                else:
-                    pair = pair + group
-                if (s % 8 >= 4) | (s == m - 1):
-                    if s < 8:
-                        acc = pair
-                    else:
-                        acc = acc + pair
+                pair, acc = _close_group(group, pair, acc, s, m)
             s += 1
         return acc
 
