@@ -115,3 +115,16 @@ def test_group_tables_hold_the_slot_sum_of_every_sign_pattern():
         for n in range(16):
             want = slot_sum(torch.tensor(-c if (n >> j) & 1 else c, dtype=torch.float32) for j, c in enumerate(group))
             assert np.float32(table[n]).tobytes() == want.numpy().tobytes(), (q, n)
+
+
+def test_each_layout_keeps_its_own_descriptor_table():
+    """The bench alternates the two Rademacher layouts over the same blocks: each keeps its table (programs of 16384
+    and of 1024 elements) instead of rebuilding and uploading it at every switch."""
+    from lightning_zo.core import triton_kernel
+
+    launcher = triton_kernel.Launcher()
+    dsts, srcs = [torch.empty(40000)], [torch.empty(40000)]
+    runs = launcher._table("block", dsts, srcs, [100], [1.0], triton_kernel.elems("rademacher", "runs"))
+    words = launcher._table("block", dsts, srcs, [100], [1.0], triton_kernel.elems("rademacher", "words"))
+    assert (runs[2], words[2]) == (3, 40)  # programs: elements 100..40099 in 16384s and in 1024s
+    assert launcher._table("block", dsts, srcs, [100], [1.0], triton_kernel.elems("rademacher", "runs")) is runs

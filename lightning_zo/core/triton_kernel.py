@@ -14,11 +14,12 @@ Layout of work: a program owns `elems(distribution)` logical elements aligned to
 space.
 - Rademacher ("runs", the default): RUNS = 128 runs of 128 elements, one run per thread for the generator: each
   thread makes the Philox call of its own run (a [RUNS] tensor, one element per thread), and the program walks the
-  run's 4 words in turn as a [RUNS, 32] tile (a warp stores 32 consecutive elements). Each word reaches the tile's
-  layout through shared memory (Triton inserts the conversion). So a thread makes one Philox call per 32 elements
-  per slot. The older "words" layout (LIGHTNING_ZO_TRITON_LAYOUT=words, kept for a same-run comparison on a GPU)
-  tiles 1024 elements as [8 Philox blocks, 4 words, 32 bits]: there every thread repeats the call of each block it
-  touches, one call per element per slot.
+  run's 4 words in halves as [RUNS, 16] tiles (a warp stores 16 consecutive elements of 2 runs). Each word reaches
+  the tile's layout through shared memory (`_per_thread`). So a thread makes one Philox call per 16 elements per
+  slot; sums of several slots look each group of 4 slots' sum up by its 4 sign bits (`group_tables`). The older
+  "words" layout (LIGHTNING_ZO_TRITON_LAYOUT=words, kept for a same-run comparison on a GPU) tiles 1024 elements as
+  [8 Philox blocks, 4 words, 32 bits]: there every thread repeats the call of each block it touches, one call per
+  element per slot.
 - Gaussian: [128 blocks, 4 words, 2 halves] over 1024 elements, 16-bit lanes into the inverse-CDF table.
 Both layouts give the same bits (the same Philox calls, the same sums in the same order).
 """
@@ -117,7 +118,7 @@ if triton is not None:
     @triton.jit
     def _term(seeds, coeffs, gauss, s, b0, b1, w, h, GAUSSIAN: tl.constexpr, WORD: tl.constexpr):
         """coeff_s * z_s over the tile: one Philox call per block (b0, b1), its words broadcast to the elements. WORD
-        >= 0 (the Rademacher "runs" layout): the tile is [runs, 32] and takes word WORD of its run's call."""
+        >= 0 (the Rademacher "runs" layout): the tile is [runs, 16] and takes word WORD of its run's call."""
         k0, k1 = _key(seeds, s)
         x0, x1, x2, x3 = _philox(b0, b1, k0, k1)
         if WORD >= 0:
@@ -234,10 +235,10 @@ if triton is not None:
         """x rounded for a bfloat16 store (still float32): stochastically with 16 shared random bits below bfloat16's
         mantissa, from the seed after the m slot seeds (noise.round_to_bfloat16), or to nearest; else x.
 
-        Element g = g0 + local takes lane g & 7 of Philox block g >> 3; g0 is a multiple of 1024 and local < g0's
-        alignment, so a block's low word is (g0 >> 3) + (local >> 3) without a carry. In the "runs" layout
-        (run_local: each run's first local element, a [RUNS] tensor, for a [RUNS, 16] tile) a thread makes the two
-        calls of its run's 16 elements; otherwise each element makes its block's call."""
+        Element g = g0 + local takes lane g & 7 of Philox block g >> 3; g0 is a multiple of ELEMS (1024 or more, a
+        power of 2) and local < ELEMS, so a block's low word is (g0 >> 3) + (local >> 3) without a carry. In the
+        "runs" layout (run_local: each run's first local element, a [RUNS] tensor, for a [RUNS, 16] tile) a thread
+        makes the two calls of its run's 16 elements; otherwise each element makes its block's call."""
         if STOCHASTIC:
             r0, r1 = _key(seeds, m)
             lane = (local & 7).to(tl.uint32)
@@ -426,11 +427,12 @@ class Launcher:
         self.launches = 0
 
     def _table(self, key, dsts, srcs, offsets, factors, per_program) -> tuple[torch.Tensor, torch.Tensor, int]:
-        signature = (per_program, _signature(dsts, srcs, offsets, factors))
+        signature = _signature(dsts, srcs, offsets, factors)
+        key = None if key is None else (key, per_program)  # a layout's programs have their own table
         cached = self._tables.get(key) if key is not None else None
         if cached is not None and cached[0] == signature:
             return cached[1]
-        table = _build_table(signature[1], per_program, dsts[0].device)
+        table = _build_table(signature, per_program, dsts[0].device)
         if key is not None:
             self._tables[key] = (signature, table)
         return table
