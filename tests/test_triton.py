@@ -1,6 +1,7 @@
-"""The fused Triton kernel is bit-identical to the CPU reference: compiled on CUDA when there is a GPU, and always
-through Triton's CPU interpreter, which runs the same kernel source (so the integer and rounding logic is checked
-on every machine; what the interpreter cannot check is the compiler, e.g. FMA contraction, hence the CUDA cases)."""
+"""The fused Triton kernel is bit-identical to the CPU reference: compiled on CUDA when there is a GPU, else through
+Triton's CPU interpreter, which runs the same kernel source (so the integer and rounding logic is checked on every
+machine; what the interpreter cannot check is the compiler, e.g. FMA contraction, hence the CUDA cases), and
+compiled ahead of time for sm_90 everywhere (PTX checks)."""
 
 import os
 import re
