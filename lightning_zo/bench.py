@@ -18,6 +18,7 @@ import json
 import os
 import threading
 import time
+from unittest import mock
 
 import torch
 
@@ -136,17 +137,7 @@ def timed_alternating(fns, device: torch.device, repeat: int, warmup: bool = Tru
 
 def in_layout(name: str, fn):
     """fn, called with the Triton kernel's Rademacher layout set to `name` (LIGHTNING_ZO_TRITON_LAYOUT)."""
-    def call():
-        old = os.environ.get("LIGHTNING_ZO_TRITON_LAYOUT")
-        os.environ["LIGHTNING_ZO_TRITON_LAYOUT"] = name
-        try:
-            return fn()
-        finally:
-            if old is None:
-                del os.environ["LIGHTNING_ZO_TRITON_LAYOUT"]
-            else:
-                os.environ["LIGHTNING_ZO_TRITON_LAYOUT"] = old
-    return call
+    return mock.patch.dict(os.environ, {"LIGHTNING_ZO_TRITON_LAYOUT": name})(fn)
 
 
 def mezo_perturb(params, seed: int, scale: float) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+from unittest import mock
 
 import torch
 
@@ -22,17 +23,8 @@ SEEDS = [2**64 - 5, 12345, 2**40 + 7]  # one above 2**63: the kernel takes seeds
 COEFFS = [1e-3, -2.5e-3, 7e-4]
 
 
-@contextlib.contextmanager
 def environment(name: str, value: str):
-    old = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ[name]
-        else:
-            os.environ[name] = old
+    return mock.patch.dict(os.environ, {name: value})
 
 
 def reference_backend():

@@ -55,9 +55,15 @@ def layout() -> str:
     return name
 
 
+def _shape(distribution: str, rademacher_layout: str) -> dict:
+    """The constexprs that set a launch's layout: elements per program, and runs per program (0: not "runs")."""
+    runs = distribution != "gaussian" and rademacher_layout == "runs"
+    return {"ELEMS": RUNS * 128 if runs else ELEMS, "RUNS": RUNS if runs else 0}
+
+
 def elems(distribution: str, rademacher_layout: str = "runs") -> int:
     """Logical elements per program (programs are aligned to this many in the flat parameter space)."""
-    return RUNS * 128 if distribution != "gaussian" and rademacher_layout == "runs" else ELEMS
+    return _shape(distribution, rademacher_layout)["ELEMS"]
 
 
 def available(device: torch.device) -> bool:
@@ -116,27 +122,27 @@ if triton is not None:
         return tl.load(gauss + ((word >> (half * 16).to(tl.uint32)) & 0xFFFF).to(tl.int32))
 
     @triton.jit
+    def _word_of(seeds, s, b0, b1, WORD: tl.constexpr):
+        """Word WORD of slot s's Philox call for each run (b0, b1)."""
+        k0, k1 = _key(seeds, s)
+        x0, x1, x2, x3 = _philox(b0, b1, k0, k1)
+        return x0 if WORD == 0 else x1 if WORD == 1 else x2 if WORD == 2 else x3
+
+    @triton.jit
     def _term(seeds, coeffs, gauss, s, b0, b1, w, h, GAUSSIAN: tl.constexpr, WORD: tl.constexpr):
         """coeff_s * z_s over the tile: one Philox call per block (b0, b1), its words broadcast to the elements. WORD
         >= 0 (the Rademacher "runs" layout): the tile is [runs, 16] and takes word WORD of its run's call."""
-        k0, k1 = _key(seeds, s)
-        x0, x1, x2, x3 = _philox(b0, b1, k0, k1)
         if WORD >= 0:
-            word = _per_thread(x0 if WORD == 0 else x1 if WORD == 1 else x2 if WORD == 2 else x3)[:, None]
+            word = _per_thread(_word_of(seeds, s, b0, b1, WORD))[:, None]
         else:
+            k0, k1 = _key(seeds, s)
+            x0, x1, x2, x3 = _philox(b0, b1, k0, k1)
             word = _pick(w, x0[:, None, None], x1[:, None, None], x2[:, None, None], x3[:, None, None])
         if GAUSSIAN:
             term = tl.load(coeffs + s) * _gaussian(gauss, word, h)
         else:
             term = _signed(coeffs, s, (word >> h.to(tl.uint32)) & 1)
         return term
-
-    @triton.jit
-    def _word_of(seeds, s, b0, b1, WORD: tl.constexpr):
-        """Word WORD of slot s's Philox call for each run (b0, b1)."""
-        k0, k1 = _key(seeds, s)
-        x0, x1, x2, x3 = _philox(b0, b1, k0, k1)
-        return x0 if WORD == 0 else x1 if WORD == 1 else x2 if WORD == 2 else x3
 
     @triton.jit
     def _spread(x):
@@ -231,6 +237,14 @@ if triton is not None:
         return x
 
     @triton.jit
+    def _run_word(w, block, high, k0, k1):
+        """Word w (a tile of 0..3) of each run's Philox call for block (block, high) under key (k0, k1): the call
+        made once per run, its words moved to the tile's layout."""
+        x0, x1, x2, x3 = _philox(block, high, k0, k1)
+        return _pick(w, _per_thread(x0)[:, None], _per_thread(x1)[:, None], _per_thread(x2)[:, None],
+                     _per_thread(x3)[:, None])
+
+    @triton.jit
     def _rounded(x, g0, local, run_local, seeds, m, STOCHASTIC: tl.constexpr, BFLOAT16: tl.constexpr):
         """x rounded for a bfloat16 store (still float32): stochastically with 16 shared random bits below bfloat16's
         mantissa, from the seed after the m slot seeds (noise.round_to_bfloat16), or to nearest; else x.
@@ -249,14 +263,9 @@ if triton is not None:
             else:
                 first = (g0 >> 3).to(tl.uint32) + (run_local >> 3).to(tl.uint32)
                 high = (g0 >> 35).to(tl.uint32) + tl.zeros_like(first)
-                a0, a1, a2, a3 = _philox(first, high, r0, r1)
-                b0, b1, b2, b3 = _philox(first + 1, high, r0, r1)
                 w = lane >> 1
-                word = tl.where((local & 8) == 0,
-                                _pick(w, _per_thread(a0)[:, None], _per_thread(a1)[:, None],
-                                      _per_thread(a2)[:, None], _per_thread(a3)[:, None]),
-                                _pick(w, _per_thread(b0)[:, None], _per_thread(b1)[:, None],
-                                      _per_thread(b2)[:, None], _per_thread(b3)[:, None]))
+                word = tl.where((local & 8) == 0, _run_word(w, first, high, r0, r1),
+                                _run_word(w, first + 1, high, r0, r1))
             bits16 = (word >> ((lane & 1) * 16)) & 0xFFFF
             rounded = (x.to(tl.int32, bitcast=True) + bits16.to(tl.int32)) & -65536
             x = rounded.to(tl.float32, bitcast=True)
@@ -505,12 +514,6 @@ def _launch_spec(name: str, value: int) -> tuple[str, object]:
     if value == 1 and name not in _noise_sum_kernel.do_not_specialize:
         return "constexpr", 1
     return "i32", None
-
-
-def _shape(distribution: str, rademacher_layout: str) -> dict:
-    """The constexprs that set a launch's layout: elements per program, and runs per program (0: not "runs")."""
-    per_program = elems(distribution, rademacher_layout)
-    return {"ELEMS": per_program, "RUNS": per_program // 128 if per_program != ELEMS else 0}
 
 
 def ptx(distribution: str, dtype: torch.dtype = torch.float32, stochastic: bool = False, capability: int = 90,
