@@ -227,17 +227,29 @@ def run(name: str, device: torch.device, dtype: torch.dtype, repeat: int, machin
                 engine.pending = pending
         return call
 
+    def prefetching(fn):  # PerturbedForward(prefetch=True): the next block perturbed during this one's forward
+        def call():
+            hooks.prefetch = True
+            try:
+                fn()
+            finally:
+                hooks.prefetch = False
+        return call
+
     # Where the Triton kernel runs, its older Rademacher layout is timed in the same alternation (PERFORMANCE.md).
     compare = triton_kernel.available(device)  # CUDA, or the CPU under TRITON_INTERPRET=1 (tests)
-    fwd_ms, step_ms, fused_ms, *words_ms = timed_alternating(
-        [aside(forward), aside(zo_step), functools.partial(zo_step, fuse=True)]
+    fwd_ms, step_ms, fused_ms, prefetch_ms, prefetch_fused_ms, *words_ms = timed_alternating(
+        [aside(forward), aside(zo_step), functools.partial(zo_step, fuse=True), aside(prefetching(zo_step)),
+         prefetching(functools.partial(zo_step, fuse=True))]
         + ([aside(in_layout("words", zo_step))] if compare else []), device, repeat)
     engine.flush()
-    before = (hooks.materialized, engine.launches, engine.cpu_calls, engine.other_calls)
+    with PeakMemory(device) as prefetch_mem:
+        prefetching(zo_step)()
+    before = (hooks.materialized, engine.launches, engine.cpu_calls, engine.other_calls, hooks.prefetched)
     with hooks.perturb(1, 1e-3):
-        forward()
+        prefetching(forward)()
     per_forward = [b - a for a, b in zip(before, (hooks.materialized, engine.launches, engine.cpu_calls,
-                                                 engine.other_calls))]
+                                                 engine.other_calls, hooks.prefetched))]
     table = profile_table(zo_step, device) if profile else None
     mezo_ms = timed(mezo_step, device, max(1, repeat // 2))
     numel = layout.numel
@@ -250,15 +262,19 @@ def run(name: str, device: torch.device, dtype: torch.dtype, repeat: int, machin
            "step_over_2fwd": round(step_ms / (2 * fwd_ms), 3),
            **({"cpu_time_step_over_2fwd": round(step_ms.cpu / (2 * fwd_ms.cpu), 3)} if device.type == "cpu" else {}),
            "fused_step_ms": round(fused_ms, 2), "fused_step_over_2fwd": round(fused_ms / (2 * fwd_ms), 3),
+           "prefetch_step_over_2fwd": round(prefetch_ms / (2 * fwd_ms), 3),
+           "prefetch_fused_step_over_2fwd": round(prefetch_fused_ms / (2 * fwd_ms), 3),
            **({"words_layout_step_over_2fwd": round(words_ms[0] / (2 * fwd_ms), 3)} if words_ms else {}),
            "mezo_step_ms": round(mezo_ms, 2),
            "mezo_step_over_2fwd": round(mezo_ms / (2 * fwd_ms), 3), "rw_floor_ms": round(floor_ms, 2),
            "peak_mem_over_inference": round(step_mem.peak / inference.peak, 3),
            # DESIGN I3: the step may exceed inference peak by at most the largest block's parameters.
            "extra_mem_over_largest_block": round((step_mem.peak - inference.peak) / largest, 3),
+           "prefetch_extra_mem_over_largest_block": round((prefetch_mem.peak - inference.peak) / largest, 3),
            "block_bytes": hooks.block_bytes, "largest_block_bytes": largest, "blocks": len(hooks.blocks),
            "hooks": hooks.hooks, "materialized_per_forward": per_forward[0], "launches_per_forward": per_forward[1],
            "cpu_kernel_calls_per_forward": per_forward[2], "other_calls_per_forward": per_forward[3],
+           "prefetched_per_forward": per_forward[4],
            "payload_bytes_per_step": 1, "ddp_grad_bytes_per_step": numel * element}
     for distribution, ns in (("rademacher", machines), ("gaussian", gaussian_machines)):
         for n in ns:

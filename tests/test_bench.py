@@ -19,6 +19,9 @@ def test_bench_prints_every_figure_and_a_profile_of_one_step(capsys):
     # The tiny Llama: 2 blocks and the embedding's rows, each one pass of the C kernel per perturbed forward.
     assert (figures["blocks"], figures["materialized_per_forward"]) == (2, 3)
     assert figures["launches_per_forward"] == figures["other_calls_per_forward"] == 0
+    # prefetch=True: the second block's copy computed when the first starts (in order on the CPU)
+    assert figures["prefetched_per_forward"] == 1 and figures["prefetch_step_over_2fwd"] > 0
+    assert figures["prefetch_fused_step_over_2fwd"] > 0 and "prefetch_extra_mem_over_largest_block" in figures
     assert figures["payload_bytes_per_step"] == 1
     assert "# torch.profiler, one step of tiny" in out
     assert "lightning_zo.update" in out and "lightning_zo.perturb_block" in out  # our passes, as named ranges

@@ -163,3 +163,116 @@ def test_pool_keeps_about_one_largest_buffer():
     for n in (100, 50, 300, 200, 300):  # blocks of several sizes, one at a time
         pool.give(pool.take(n, torch.device("cpu")))
     assert [b.numel() for b in pool._free] == [300]
+
+
+class _WrappedTie(torch.nn.Module):
+    """A module too large to be a block (a wrapper: it holds its own weight for its whole forward) whose child is tied
+    to that weight: a copy of the child's block prefetched before the wrapper's forward covers the tied weight, but
+    when the child runs the wrapper holds it, so the prefetched copy no longer fits and is dropped."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(16, 16) * 0.2)
+        self.child = torch.nn.Linear(16, 16)
+        self.child.weight = self.weight
+        self.out = torch.nn.Linear(16, 16)
+
+    def forward(self, x):
+        return self.out(self.child(x) @ self.weight)
+
+
+class _Reorderable(torch.nn.Module):
+    """Layers run forwards, then backwards once `reverse` is set: the blocks' order of the last forward is wrong."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = torch.nn.Linear(16, 16)
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(16, 16) for _ in range(3))
+        self.tied = _WrappedTie()
+        self.reverse = False
+
+    def forward(self, x):
+        x = self.first(x)
+        for layer in (reversed(self.layers) if self.reverse else self.layers):
+            x = torch.tanh(layer(x))
+        return self.tied(x)
+
+
+def _perturbed_outputs(model, hooks, x, seeds, coeff=2e-2, flip=None):
+    outputs = []
+    with torch.no_grad():
+        for i, seed in enumerate(seeds):
+            if flip is not None:
+                model.reverse = i in flip
+            with hooks.perturb(seed, coeff):
+                outputs.append(model(x))
+    return outputs
+
+
+@pytest.mark.parametrize("budget", [0, None])  # every leaf alone, the default blocks
+@pytest.mark.parametrize("build", [_roberta, _tiny_llama])
+@pytest.mark.parametrize("distribution", ["rademacher", "gaussian"])
+def test_prefetched_blocks_equal_materialized_weights(build, budget, distribution):
+    """prefetch=True: from the second perturbed forward on, each block's copy is computed when the block before it
+    starts (on the CPU in order): the same outputs as theta + eps*z written into the weights, at most two blocks of
+    scratch, and the weights restored exactly."""
+    model = build()
+    ids = _ids(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    hooks = PerturbedForward(model, ParamLayout(model), distribution, block_bytes=budget, prefetch=True)
+    with torch.no_grad():
+        for seed, coeff in ((99, -3e-2), (99, 3e-2), (100, 1e-2)):
+            expected = _materialized(model, seed, coeff, distribution)(input_ids=ids).logits
+            used = hooks.prefetched
+            with hooks.perturb(seed, coeff):
+                got = model(input_ids=ids).logits
+            assert torch.equal(got, expected), (seed, coeff)
+            blocks = len(hooks._next) + 1  # the blocks this forward materialised
+            assert hooks.prefetched - used == (blocks - 1 if seed != 99 or coeff > 0 else 0)
+            assert hooks.scratch_bytes == 0
+    two = sum(sorted(b.nbytes for b in hooks.blocks)[-2:])
+    wrapped = sum(s.param.numel() * s.param.element_size() for w in hooks.wrappers for s in w.params)
+    assert max(b.nbytes for b in hooks.blocks) < hooks.peak_scratch_bytes <= two + wrapped
+    hooks.remove()
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_a_wrong_prediction_or_a_stale_prefetch_changes_nothing():
+    """The blocks' order changes between forwards (a prefetched block runs later than predicted, another never),
+    and a prefetched copy that covers a weight a wrapper now holds is dropped: outputs equal the materialised
+    weights all along, and no scratch is left."""
+    torch.manual_seed(7)
+    model = _Reorderable()
+    x = torch.randn(4, 16)
+    hooks = PerturbedForward(model, ParamLayout(model), "rademacher", block_bytes=0, prefetch=True)
+    assert hooks.wrappers and hooks.wrappers[0].module is model.tied
+    seeds = [11, 12, 13, 14]
+    got = _perturbed_outputs(model, hooks, x, seeds, flip={2})
+    for i, seed in enumerate(seeds):
+        model.reverse = i == 2
+        with torch.no_grad():
+            assert torch.equal(got[i], _materialized(model, seed, 2e-2, "rademacher")(x)), i
+        assert hooks.scratch_bytes == 0
+    assert hooks.prefetched > 0
+    hooks.remove()
+
+
+@pytest.mark.parametrize("distribution", ["rademacher", "gaussian"])
+def test_prefetch_with_fused_updates_trains_the_same_weights(distribution):
+    """ZOOptimizer(prefetch=True, fuse_update=True): a prefetched copy applies the pending update of its block on
+    the way (the C kernel's fused pass, fp32 without decay): losses and weights equal the plain optimizer's."""
+    from lightning_zo import ZOOptimizer
+
+    runs = {}
+    for prefetch in (False, True):
+        model = _tiny_llama()
+        ids = _ids(model)
+        opt = ZOOptimizer(model, lr=1e-2, eps=1e-2, k=2, distribution=distribution, fuse_update=True,
+                          prefetch=prefetch)
+        closure = lambda: model(input_ids=ids).logits.float().square().mean()  # noqa: E731
+        losses = [float(opt.step(closure)) for _ in range(4)]
+        opt.flush()
+        runs[prefetch] = (losses, [p.detach().clone() for p in model.parameters()], opt.forward_hooks.prefetched)
+    assert runs[True][0] == runs[False][0]
+    assert all(torch.equal(a, b) for a, b in zip(runs[True][1], runs[False][1]))
+    assert runs[False][2] == 0 and runs[True][2] > 0

@@ -230,6 +230,35 @@ def case_fused_update(device: str) -> None:
                 assert same_bits(a, b), (dtype, distribution, pname)
 
 
+def case_prefetch(device: str) -> None:
+    """ZOOptimizer(prefetch=True, fuse_update=True) in bf16: each block's copy (and its pending update, stochastic
+    rounding included) is computed while the block before it runs, on a side stream on CUDA. Losses and weights
+    equal the reference backend's immediate updates, and the second step's forwards used prefetched copies."""
+    from lightning_zo import ZOOptimizer
+
+    ids = torch.arange(10) % 7
+    losses, models = {}, {}
+    for name in ("ref", "dev"):
+        model = _model(torch.bfloat16)
+        model = model.to(device) if name == "dev" else model
+        x = ids.to(next(model.parameters()).device)
+        with contextlib.ExitStack() as stack:
+            if name == "ref":
+                stack.enter_context(reference_backend())
+            opt = ZOOptimizer(model, lr=1e-2, eps=1e-2, weight_decay=0.1, fuse_update=name == "dev",
+                              prefetch=name == "dev")
+            closure = lambda: model(x).float().square().mean()  # noqa: E731
+            losses[name] = [float(opt.step(closure)) for _ in range(2)]
+            opt.flush()
+            if name == "dev":
+                hooks = opt.forward_hooks
+                assert hooks.prefetched >= 3 * (len(hooks.blocks) - 1) > 0, hooks.prefetched
+        models[name] = model
+    assert losses["ref"] == losses["dev"], losses
+    for (pname, a), b in zip(models["ref"].named_parameters(), models["dev"].parameters()):
+        assert same_bits(a, b), pname
+
+
 def case_fused_update_then_the_c_kernel(device: str) -> None:
     """A decayed update left pending on the Triton path, then a step on the C kernel's path (as after a move of the
     model to the CPU): the C kernel's pass has no decay, so the update is applied first, decay included."""

@@ -12,6 +12,11 @@ every other hook skips a parameter that already holds its perturbed copy (RoBERT
 lm_head.decoder.bias). A tied parameter used by two blocks (input and output embeddings) is materialised by
 each, from the master weights, so it is always exactly theta + eps*z.
 
+Prefetch (`PerturbedForward(prefetch=True)`): when a block's forward starts, the next block's copy (the block that
+followed it in the last perturbed forward) is computed ahead, on a side stream of its CUDA device, so that it
+overlaps this block's forward; a prefetched copy that no longer covers exactly the parameters to swap in is dropped.
+Peak memory then grows by two blocks.
+
 State: an `Engine` per optimizer holds the scratch buffers, the kernels' descriptor tables and the worker threads;
 nothing mutable lives at module level.
 
@@ -300,6 +305,18 @@ class Block:
 
 
 @dataclass(eq=False)
+class Prefetched:
+    """A block's perturbed copy computed ahead of its forward (`PerturbedForward(prefetch=True)`), for `slots`; on
+    CUDA, `event` marks its end on the side stream."""
+
+    slots: list[ParamSlot]
+    buffers: list
+    perturbed: dict
+    device: torch.device
+    event: object = None
+
+
+@dataclass(eq=False)
 class Wrapper:
     """A module too large to be one block: its own (directly registered) parameters, held for its whole forward."""
 
@@ -384,10 +401,14 @@ class PerturbedForward:
 
     `block_bytes`: the memory budget of one block (default: the largest set of parameters one module owns).
     `engine`: the optimizer's; a private one by default.
+    `prefetch`: when a block's forward starts, compute the perturbed copy of the block that followed it in the last
+    perturbed forward, on a side stream of its CUDA device, so that the memory-bound perturbation overlaps the
+    compute-bound forward (elsewhere it runs in order: the same bits, and nothing gained). It costs a second
+    block of scratch: peak memory grows by the two largest consecutive blocks instead of the largest one.
     """
 
     def __init__(self, model: torch.nn.Module, layout: ParamLayout, distribution: str,
-                 block_bytes: int | None = None, engine: Engine | None = None):
+                 block_bytes: int | None = None, engine: Engine | None = None, prefetch: bool = False):
         self.layout = layout
         self.distribution = distribution
         self.engine = engine or Engine()
@@ -401,6 +422,12 @@ class PerturbedForward:
         self.scratch_bytes = self.peak_scratch_bytes = 0  # perturbed copies alive now / at most (DESIGN I3)
         self._members = {id(m) for m in model.modules()}
         self._guard = None  # a global forward pre-hook while an update is pending (`defer`)
+        self.prefetch = bool(prefetch)
+        self.prefetched = 0  # prefetched copies that a block's forward then used (counted by tests and the bench)
+        self._ready: dict[Block, Prefetched] = {}  # computed ahead, not yet swapped in
+        self._order: list[Block] = []  # blocks in the order this perturbed forward materialised them
+        self._next: dict[Block, Block] = {}  # each block's successor in the last perturbed forward
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}
         self._handles = []
         for block in self.blocks:
             for i, member in enumerate(block.members):
@@ -415,6 +442,9 @@ class PerturbedForward:
         # What reads or replaces the weights outside a forward applies a pending update first.
         self._state_hooks = [model.register_state_dict_pre_hook(self._flush),
                              model.register_load_state_dict_pre_hook(self._flush)]
+
+    def __getstate__(self) -> dict:  # pickling a model pickles its hooks: CUDA streams stay behind (made on use)
+        return {**self.__dict__, "_streams": {}}
 
     @property
     def hooks(self) -> int:
@@ -454,10 +484,27 @@ class PerturbedForward:
             return self._swap_in(owner, slots)
 
     def _swap_in(self, owner, slots: list[ParamSlot]) -> tuple[list, list]:
+        buffers, perturbed = self._compute(owner, slots)
+        return self._swap(slots, perturbed), buffers
+
+    def _swap(self, slots: list[ParamSlot], perturbed: dict) -> list:
+        """Point each slot's parameter at its perturbed copy; returns the saved originals."""
+        saved = []
+        for s in slots:
+            p = s.param
+            original = p.data
+            p.data = perturbed[id(p)].view_as(original)
+            self._swapped.add(id(p))
+            saved.append((p, original))
+        return saved
+
+    def _compute(self, owner, slots: list[ParamSlot]) -> tuple[list, dict]:
+        """theta + eps*z of `slots` into scratch buffers (a pending update applied on the way); returns (buffers,
+        the perturbed copy of each parameter by id)."""
         self.materialized += 1
         seed, coeff = self._active
         engine = self.engine
-        saved, buffers, perturbed = [], [], {}
+        buffers, perturbed = [], {}
         fused: dict[tuple, list[ParamSlot]] = {}
         cpu, other = [], []
         for s in slots:
@@ -526,15 +573,9 @@ class PerturbedForward:
                 engine.pool.give(narrow)
             buffers.append(buffer)
             perturbed[id(s.param)] = buffer
-        self.scratch_bytes += sum(s.param.numel() * s.param.element_size() for s in slots)
+        self.scratch_bytes += _bytes(s.param for s in slots)
         self.peak_scratch_bytes = max(self.peak_scratch_bytes, self.scratch_bytes)
-        for s in slots:
-            p = s.param
-            original = p.data
-            p.data = perturbed[id(p)].view_as(original)
-            self._swapped.add(id(p))
-            saved.append((p, original))
-        return saved, buffers
+        return buffers, perturbed
 
     def _restore(self, saved: list, buffers: list) -> None:
         for p, original in saved:
@@ -542,6 +583,63 @@ class PerturbedForward:
             p.data = original
             self._swapped.discard(id(p))
         for b in buffers:
+            self.engine.pool.give(b)
+
+    # -- prefetching (`prefetch`)
+
+    def _take(self, block: Block) -> tuple[list, list]:
+        """Swap the block in: its prefetched copy if that covers exactly the parameters to swap now, else a fresh one
+        (a copy made for other parameters, e.g. before a tied one was swapped in by another block, is dropped)."""
+        ready = self._ready.pop(block, None)
+        if ready is not None:
+            slots = [s for s in block.params if id(s.param) not in self._swapped]
+            self._wait(ready)
+            if [id(s.param) for s in ready.slots] == [id(s.param) for s in slots]:
+                self.prefetched += 1
+                return self._swap(slots, ready.perturbed), ready.buffers
+            self._drop(ready)
+        return self._materialize(block, block.params)
+
+    def _side_stream(self, device: torch.device):
+        if device.type != "cuda":
+            return None
+        if device not in self._streams:
+            self._streams[device] = torch.cuda.Stream(device=device)
+        return self._streams[device]
+
+    def _prefetch(self, block: Block) -> None:
+        slots = [s for s in block.params if id(s.param) not in self._swapped]
+        devices = {s.param.device for s in slots}
+        if not slots or len(devices) > 1:
+            return
+        device = devices.pop()
+        pending = self.engine.pending
+        if pending is not None:  # its seeds and coefficients uploaded on the main stream, which uses them too
+            for rounding in {pending.rounding_seed, None}:
+                pending.state(device, rounding)
+        side = self._side_stream(device)
+        with torch.profiler.record_function("lightning_zo.prefetch_block"):
+            if side is None:
+                self._ready[block] = Prefetched(slots, *self._compute(block, slots), device)
+                return
+            main = torch.cuda.current_stream(device)
+            side.wait_stream(main)  # theta, the pool's buffers and the step's state are ready, as main left them
+            with torch.cuda.stream(side):
+                buffers, perturbed = self._compute(block, slots)
+                event = torch.cuda.Event()
+                event.record(side)
+            for b in buffers:  # used on main too: the allocator must not reuse them before main is done
+                b.record_stream(main)
+            self._ready[block] = Prefetched(slots, buffers, perturbed, device, event)
+
+    def _wait(self, ready: Prefetched) -> None:
+        """The main stream waits for a prefetched copy before anything on it reads or reuses the copy."""
+        if ready.event is not None:
+            torch.cuda.current_stream(ready.device).wait_event(ready.event)
+
+    def _drop(self, ready: Prefetched) -> None:
+        self.scratch_bytes -= _bytes(s.param for s in ready.slots)
+        for b in ready.buffers:
             self.engine.pool.give(b)
 
     def _release(self, block: Block) -> None:
@@ -557,8 +655,13 @@ class PerturbedForward:
         if block not in self._live:
             for other in [b for b in self._live if b.depth == 0]:  # one block at a time (DESIGN I3)
                 self._release(other)
-            block.saved, block.buffers = self._materialize(block, block.params)
+            block.saved, block.buffers = self._take(block)
             self._live.append(block)
+            self._order.append(block)
+            if self.prefetch:
+                successor = self._next.get(block)
+                if successor is not None and successor not in self._live and successor not in self._ready:
+                    self._prefetch(successor)
         block.depth += 1
 
     def _leave(self, block: Block, last: bool, module, args, output) -> None:
@@ -627,6 +730,13 @@ class PerturbedForward:
             for block in list(self._live):  # the last block, or every live one after a forward that raised
                 block.depth = 0
                 self._release(block)
+            for ready in self._ready.values():  # prefetched for a forward that did not reach them
+                self._wait(ready)
+                self._drop(ready)
+            self._ready.clear()
+            if self._order:
+                self._next = dict(zip(self._order, self._order[1:]))
+                self._order = []
             for wrapper in self.wrappers:
                 while wrapper.stack:
                     self._restore(*wrapper.stack.pop())

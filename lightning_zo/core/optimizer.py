@@ -91,12 +91,16 @@ class ZOOptimizer(torch.optim.Optimizer):
     is pending: a forward of the model or of any of its modules outside a step, `model.state_dict()`,
     `model.load_state_dict()`, `weights_digest`, this optimizer's `state_dict()` and `flush()` apply it first; code
     that reads the parameters directly calls `flush()` first.
+
+    `prefetch=True`: each block's perturbed copy is computed while the block before it runs its forward, on a side
+    stream on CUDA (`PerturbedForward`'s `prefetch`; the same bits, one more block of scratch memory).
     """
 
     def __init__(self, model: torch.nn.Module, lr: float = 1e-5, eps: float = 1e-3, weight_decay: float = 0.0,
                  k: int = 1, distribution: str = "rademacher", norm: str = "mean", seed: int = 0,
                  codec: Optional[Codec] = None, aggregation: str = "mean", trim: float = 0.25, rule: str = "sgd",
-                 beta: float = 0.9, history: int = 8, beta2: float = 0.99, fuse_update: bool = False):
+                 beta: float = 0.9, history: int = 8, beta2: float = 0.99, fuse_update: bool = False,
+                 prefetch: bool = False):
         validate_hparams(lr, eps, k, distribution, norm, weight_decay, aggregation, trim, rule, beta, history, beta2)
         layout = ParamLayout(model)
         if layout.numel == 0:
@@ -115,7 +119,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.codec = codec if codec is not None else LinearCodec()
         self.aggregation = Aggregation(aggregation, trim)  # how a step's N*k estimates combine (core/aggregation.py)
         self.rule = UpdateRule(rule, beta, history, beta2)  # how they move the weights, given history (core/rules.py)
-        self.forward_hooks = PerturbedForward(model, layout, distribution)
+        self.forward_hooks = PerturbedForward(model, layout, distribution, prefetch=prefetch)
         self.fuse_update = bool(fuse_update)
         self.rank, self.world_size = 0, 1
         self.exchange: Callable[[torch.Tensor], torch.Tensor] = lambda payload: payload
