@@ -52,9 +52,18 @@ def build(name: str, dtype: torch.dtype):
                                    vocab_size=50272, word_embed_proj_dim=5120))}[name]
     config = AutoConfig.for_model(hub[0], **hub[1])
     cls = AutoModelForMaskedLM if hub[0] == "roberta" else AutoModelForCausalLM
-    with torch.device("meta"):
+    with torch.device("meta"):  # allocated, not initialised: HF's init of 13B parameters on the CPU takes minutes
         model = cls.from_config(config, dtype=dtype)
     model = model.to_empty(device="cpu")
+    # to_empty leaves the buffers uninitialised (RoBERTa's token type ids would index out of range) and unties
+    # the embeddings: the buffers come from a one-layer model of the same config, and the ties are made again.
+    small = cls.from_config(AutoConfig.for_model(hub[0], **{**hub[1], "num_hidden_layers": 1}), dtype=dtype)
+    initial = dict(small.named_buffers())
+    for key, buffer in model.named_buffers():
+        if key not in initial:
+            raise RuntimeError(f"bench: no initial value for {name}'s buffer {key}")
+        buffer.copy_(initial[key])
+    model.tie_weights()
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.02)
     return model, config.vocab_size

@@ -7,7 +7,8 @@ from lightning_zo import bench
 
 
 def test_bench_prints_every_figure_and_a_profile_of_one_step(capsys):
-    bench.main(["--model", "tiny", "--repeat", "1", "--machines", "1,5", "--gaussian-machines", "1", "--profile"])
+    bench.main(["--model", "tiny", "--device", "cpu", "--repeat", "1", "--machines", "1,5", "--gaussian-machines", "1",
+                "--profile"])  # the counts below are the CPU's (on CUDA the embedding is a block, launched by Triton)
     out = capsys.readouterr().out
     line = next(line for line in out.splitlines() if line.startswith("{"))
     figures = json.loads(line)
@@ -36,3 +37,19 @@ def test_in_layout_sets_the_triton_layout_for_one_call_only(monkeypatch):
     monkeypatch.setenv("LIGHTNING_ZO_TRITON_LAYOUT", "words")
     assert bench.in_layout("runs", triton_kernel.layout)() == "runs"
     assert triton_kernel.layout() == "words"
+
+
+def test_hub_architectures_keep_their_buffers_and_tied_embeddings():
+    """The GPU models are allocated without Hugging Face's init (to_empty): their buffers must hold what a normal
+    build holds (RoBERTa's token type ids index a table of one row) and the embeddings stay tied (else the bench
+    perturbs and updates a second vocabulary matrix); a forward runs."""
+    import torch
+
+    model, vocab = bench.build("roberta-large", torch.bfloat16)
+    embeddings = model.roberta.embeddings
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    assert not embeddings.token_type_ids.any()
+    assert torch.equal(embeddings.position_ids[0], torch.arange(embeddings.position_ids.shape[1]))
+    with torch.no_grad():
+        logits = model(input_ids=torch.randint(3, vocab, (1, 8))).logits
+    assert logits.shape == (1, 8, vocab) and torch.isfinite(logits).all()

@@ -261,18 +261,71 @@ def test_a_wrong_prediction_or_a_stale_prefetch_changes_nothing():
 def test_prefetch_with_fused_updates_trains_the_same_weights(distribution):
     """ZOOptimizer(prefetch=True, fuse_update=True): a prefetched copy applies the pending update of its block on
     the way (the C kernel's fused pass, fp32 without decay): losses and weights equal the plain optimizer's."""
+    runs = _train_with_and_without_prefetch(distribution, "cpu")
+    assert runs[True][0] == runs[False][0]
+    assert all(torch.equal(a, b) for a, b in zip(runs[True][1], runs[False][1]))
+    assert runs[False][2] == 0 and runs[True][2] > 0
+
+
+def _train_with_and_without_prefetch(distribution: str, device: str) -> dict:
+    """{prefetch: (losses, weights, prefetched copies)} of 4 fused steps of the tiny Llama, 2 directions a step."""
     from lightning_zo import ZOOptimizer
 
     runs = {}
     for prefetch in (False, True):
-        model = _tiny_llama()
-        ids = _ids(model)
+        model = _tiny_llama().to(device)
+        ids = _ids(model).to(device)
         opt = ZOOptimizer(model, lr=1e-2, eps=1e-2, k=2, distribution=distribution, fuse_update=True,
                           prefetch=prefetch)
         closure = lambda: model(input_ids=ids).logits.float().square().mean()  # noqa: E731
         losses = [float(opt.step(closure)) for _ in range(4)]
         opt.flush()
-        runs[prefetch] = (losses, [p.detach().clone() for p in model.parameters()], opt.forward_hooks.prefetched)
+        runs[prefetch] = (losses, [p.detach().cpu() for p in model.parameters()], opt.forward_hooks.prefetched)
+    return runs
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the side stream)")
+def test_cuda_late_side_stream_still_reads_the_update_it_was_given(monkeypatch):
+    """On CUDA a block's copy is prefetched on a side stream, and applies the pending update of its block on the way.
+    Held back (a sleep before each of its launches) while the main stream allocates and overwrites small tensors,
+    the side stream must still read the update's seeds and coefficients, which the main stream uploaded and the last
+    prefetch of the step dropped from the engine: the weights equal those of the optimizer without prefetch."""
+    compute, prefetch = PerturbedForward._compute, PerturbedForward._prefetch
+
+    def late(self, owner, slots):
+        if torch.cuda.current_stream() != torch.cuda.default_stream():
+            torch.cuda._sleep(20_000_000)  # ~10 ms: the main stream runs ahead
+        return compute(self, owner, slots)
+
+    def then_overwrite(self, block):
+        prefetch(self, block)
+        junk = [torch.full((64,), -1, dtype=torch.int64, device="cuda") for _ in range(64)]  # freed small blocks
+        del junk
+
+    monkeypatch.setattr(PerturbedForward, "_compute", late)
+    monkeypatch.setattr(PerturbedForward, "_prefetch", then_overwrite)
+    runs = _train_with_and_without_prefetch("rademacher", "cuda")
     assert runs[True][0] == runs[False][0]
     assert all(torch.equal(a, b) for a, b in zip(runs[True][1], runs[False][1]))
-    assert runs[False][2] == 0 and runs[True][2] > 0
+    assert runs[True][2] > 0
+
+
+def test_perturbed_copies_start_aligned_like_fresh_tensors():
+    """A block's copies share one scratch buffer, each starting a multiple of 256 bytes in: the forward's kernels see
+    pointers aligned as the weights' (64 bytes on the CPU, 256 and more on CUDA), whatever the sizes before them
+    (a 5 x 3 weight would leave its bias 60 bytes in)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 3), torch.nn.ReLU(), torch.nn.Linear(3, 7), torch.nn.Linear(7, 2))
+    with torch.no_grad():
+        expected = _materialized(model, 5, 1e-2, "rademacher")(torch.ones(4, 5))
+    hooks = PerturbedForward(model, ParamLayout(model), "rademacher", block_bytes=1 << 20)  # one block
+    seen = []
+    record = [m.register_forward_pre_hook(lambda m, a: seen.extend(p.data_ptr() for p in m.parameters(False)))
+              for m in model]
+    with torch.no_grad(), hooks.perturb(5, 1e-2):
+        got = model(torch.ones(4, 5))
+    for h in record:
+        h.remove()
+    hooks.remove()
+    assert len(hooks.blocks) == 1 and torch.equal(got, expected)
+    assert len(seen) == 6 and all(ptr % 64 == 0 for ptr in seen), [ptr % 64 for ptr in seen]

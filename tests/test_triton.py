@@ -94,6 +94,24 @@ def test_runs_layout_makes_one_philox_call_per_run_and_thread(kind):
     assert "fma.rn.f32" not in runs
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_launch_of_one_slot_sums_makes_one_philox_call_per_run(dtype):
+    """Compiled for sm_90 (no GPU needed): in the runs layout a launch whose sums have one slot each (every
+    perturbation without a fused update; with a one-slot update, both) makes each sum's call once per run for the
+    run's 8 tiles, one call (10 rounds, at most 20 mul.hi) per 128 elements and slot, instead of one per tile. A
+    launch that sums several update slots or rounds stochastically keeps a call per tile: words held across its
+    tiles would cost registers (docs/PERFORMANCE.md)."""
+    from lightning_zo.core import triton_kernel
+
+    def calls(**args):
+        return _ops(triton_kernel.ptx("rademacher", dtype, tensors=1, **args), "mul.hi.u32") / 20
+
+    assert calls(slots=1) <= 1
+    assert 1 < calls(slots=1, update=1) <= 2
+    assert calls(slots=1, update=5) >= 8 * 2  # one call per tile, for each of the two sums
+    assert calls(slots=1, update=1, stochastic=True) >= 8 * 2
+
+
 def test_layout_is_checked():
     from lightning_zo.core import triton_kernel
 

@@ -1,8 +1,10 @@
 """The Triton kernel against the CPU reference, bit for bit: on CUDA (in-process, tests/test_triton.py) and through
 Triton's CPU interpreter (`TRITON_INTERPRET=1 python tests/triton_cases.py`, a subprocess of the same test file).
 
-Each case takes the device the Triton path runs on; the reference always runs on the CPU with the Triton backend
-disabled (the C kernel, or numpy).
+Each case takes the device the Triton path runs on; the reference runs with the Triton backend disabled (the C
+kernel or numpy on the CPU, torch ops on CUDA), on the CPU where only noise and weights are compared, and on the same
+device as the Triton path where a forward's output (or a loss, which steers the update) is: a forward's bits are
+those of its device's kernels.
 """
 
 from __future__ import annotations
@@ -135,7 +137,7 @@ def case_perturbed_forward(device: str) -> None:
     sees the master table, so only the output speaks for it)."""
     for dtype in (torch.float32, torch.bfloat16):
         seen, out = {}, {}
-        for name, model in (("ref", _model(dtype)), ("dev", _model(dtype).to(device))):
+        for name, model in (("ref", _model(dtype).to(device)), ("dev", _model(dtype).to(device))):
             layout = ParamLayout(model)
             with contextlib.ExitStack() as stack:
                 if name == "ref":
@@ -181,7 +183,7 @@ def case_blocks_with_shared_parameters(device: str) -> None:
                 for name in ("ref", "dev"):
                     torch.manual_seed(4)
                     model = _Shared().to(dtype)
-                    model = model.to(device) if name == "dev" else model
+                    model = model.to(device)  # a forward's bits are its device's
                     with contextlib.ExitStack() as stack:
                         if name == "ref":
                             stack.enter_context(reference_backend())
@@ -196,8 +198,9 @@ def case_blocks_with_shared_parameters(device: str) -> None:
 
 def case_fused_update(device: str) -> None:
     """ZOOptimizer(fuse_update=True): each update rides on the next step's perturbation launches (decay and bf16
-    stochastic rounding included). Losses and weights equal immediate updates on the reference backend, and a
-    steady-state step launches only its perturbations (one per materialised block, no update launch)."""
+    stochastic rounding included; fp32 with one direction a step, whose launches make each run's Philox calls once,
+    the others with two). Losses and weights equal immediate updates on the reference backend, and a steady-state
+    step launches only its perturbations (one per materialised block, no update launch)."""
     from lightning_zo import ZOOptimizer
 
     ids = torch.arange(10) % 7
@@ -206,13 +209,13 @@ def case_fused_update(device: str) -> None:
             losses, models = {}, {}
             for name in ("ref", "dev"):
                 model = _model(dtype)
-                model = model.to(device) if name == "dev" else model
+                model = model.to(device)  # a forward's bits are its device's
                 x = ids.to(next(model.parameters()).device)
                 with contextlib.ExitStack() as stack:
                     if name == "ref":
                         stack.enter_context(reference_backend())
-                    opt = ZOOptimizer(model, lr=1e-2, eps=1e-2, k=2, distribution=distribution, weight_decay=0.1,
-                                      fuse_update=name == "dev")
+                    opt = ZOOptimizer(model, lr=1e-2, eps=1e-2, k=1 if dtype == torch.float32 else 2,
+                                      distribution=distribution, weight_decay=0.1, fuse_update=name == "dev")
                     closure = lambda: model(x).float().square().mean()  # noqa: E731
                     losses[name] = [float(opt.step(closure)) for _ in range(2)]
                     if name == "dev":
@@ -240,7 +243,7 @@ def case_prefetch(device: str) -> None:
     losses, models = {}, {}
     for name in ("ref", "dev"):
         model = _model(torch.bfloat16)
-        model = model.to(device) if name == "dev" else model
+        model = model.to(device)  # a forward's bits are its device's
         x = ids.to(next(model.parameters()).device)
         with contextlib.ExitStack() as stack:
             if name == "ref":

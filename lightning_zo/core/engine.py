@@ -288,6 +288,26 @@ def apply_update(layout: ParamLayout, seeds: Sequence[int], coeffs: Sequence[flo
 # ---------------------------------------------------------------------------------------------------- blocks
 
 
+ALIGN = 256  # bytes
+
+
+def _packed(pool: BufferPool, slots: list[ParamSlot], device: torch.device, dtype: torch.dtype,
+            buffers: list) -> dict[int, torch.Tensor]:
+    """One flat scratch buffer (appended to `buffers`) cut into a view per slot, by id of its parameter. Each view
+    starts a multiple of ALIGN bytes into the buffer, as a fresh allocation would: the forward's kernels then take
+    the perturbed copy as they take the weights (PyTorch hands cuBLASLt the pointers' alignment, up to 256 bytes,
+    to choose its algorithm, so a misaligned copy may get another algorithm, other bits, and narrower loads)."""
+    step = ALIGN // dtype.itemsize
+    sizes = [-(-s.param.numel() // step) * step for s in slots]  # each rounded up to whole ALIGNs
+    flat = pool.take(sum(sizes), device, dtype)
+    buffers.append(flat)
+    views, at = {}, 0
+    for s, size in zip(slots, sizes):
+        views[id(s.param)] = flat[at:at + s.param.numel()]
+        at += size
+    return views
+
+
 def _bytes(params) -> int:
     return sum(p.numel() * p.element_size() for p in params)
 
@@ -307,13 +327,16 @@ class Block:
 @dataclass(eq=False)
 class Prefetched:
     """A block's perturbed copy computed ahead of its forward (`PerturbedForward(prefetch=True)`), for `slots`; on
-    CUDA, `event` marks its end on the side stream."""
+    CUDA, `event` marks its end on the side stream, and `inputs` holds what the side stream reads that the main
+    stream allocated and may free sooner (a pending update's seeds and coefficients, dropped once its last block is
+    applied): alive until the main stream has waited for `event`, so the allocator cannot hand it out before."""
 
     slots: list[ParamSlot]
     buffers: list
     perturbed: dict
     device: torch.device
     event: object = None
+    inputs: tuple = ()
 
 
 @dataclass(eq=False)
@@ -519,12 +542,7 @@ class PerturbedForward:
         engine.flush([s for s in slots if not engine.fusable(s.param, self.distribution)])
         # theta + eps*z in fp32 (product and sum rounded separately: no FMA), one rounding to the storage dtype.
         for (device, dtype), group in fused.items():  # one flat buffer and one launch per dtype
-            flat = engine.pool.take(sum(s.param.numel() for s in group), device, dtype)
-            buffers.append(flat)
-            views, at = {}, 0
-            for s in group:
-                views[id(s.param)] = flat[at:at + s.param.numel()]
-                at += s.param.numel()
+            views = _packed(engine.pool, group, device, dtype, buffers)
             if device not in self._states:
                 self._states[device] = triton_kernel.step_state([seed], [coeff], None, device)
             waiting = [s for s in group if engine.waiting(s.param)]
@@ -546,14 +564,9 @@ class PerturbedForward:
                     engine.take_pending(part)  # applied (a launch that raised leaves it pending)
             perturbed.update(views)
         if cpu:
-            flat = engine.pool.take(sum(s.param.numel() for s in cpu), torch.device("cpu"))
-            buffers.append(flat)
-            pieces, at = {}, 0
-            for s in cpu:
-                view = flat[at:at + s.param.numel()]
-                at += s.param.numel()
-                pieces[id(s.param)] = (view, s.param.data.view(-1), s.offset)
-                perturbed[id(s.param)] = view
+            views = _packed(engine.pool, cpu, torch.device("cpu"), torch.float32, buffers)
+            pieces = {id(s.param): (views[id(s.param)], s.param.data.view(-1), s.offset) for s in cpu}
+            perturbed.update(views)
             waiting = [s for s in cpu if engine.waiting(s.param)]
             rest = [s for s in cpu if not engine.waiting(s.param)]
             if waiting:  # theta += the pending update, in place, and its perturbed copy: one pass
@@ -613,11 +626,13 @@ class PerturbedForward:
         if not slots or len(devices) > 1:
             return
         device = devices.pop()
-        pending = self.engine.pending
-        if pending is not None:  # its seeds and coefficients uploaded on the main stream, which uses them too
-            for rounding in {pending.rounding_seed, None}:
-                pending.state(device, rounding)
         side = self._side_stream(device)
+        if side is not None and not all(_fused(s.param.data) for s in slots):
+            return  # the torch-ops fallback gives its scratch back as it goes, unknown to the streams: run it in order
+        pending = self.engine.pending
+        inputs = ()
+        if pending is not None:  # its seeds and coefficients uploaded on the main stream, which uses them too
+            inputs = tuple(pending.state(device, rounding) for rounding in {pending.rounding_seed, None})
         with torch.profiler.record_function("lightning_zo.prefetch_block"):
             if side is None:
                 self._ready[block] = Prefetched(slots, *self._compute(block, slots), device)
@@ -630,7 +645,7 @@ class PerturbedForward:
                 event.record(side)
             for b in buffers:  # used on main too: the allocator must not reuse them before main is done
                 b.record_stream(main)
-            self._ready[block] = Prefetched(slots, buffers, perturbed, device, event)
+            self._ready[block] = Prefetched(slots, buffers, perturbed, device, event, inputs)
 
     def _wait(self, ready: Prefetched) -> None:
         """The main stream waits for a prefetched copy before anything on it reads or reuses the copy."""
