@@ -30,6 +30,17 @@ SIZES = {"tiny": (16, 32), "smollm2": (16, 33), "roberta-large": (64, 128), "opt
          "opt-13b": (16, 256)}
 
 
+# The GPU figures' architectures (issue 11's table): Hugging Face model type and config.
+ARCHITECTURES = {
+    "roberta-large": ("roberta", dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                                      intermediate_size=4096, vocab_size=50265, max_position_embeddings=514)),
+    "opt-1.3b": ("opt", dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=32, ffn_dim=8192,
+                             vocab_size=50272, word_embed_proj_dim=2048)),
+    "opt-13b": ("opt", dict(hidden_size=5120, num_hidden_layers=40, num_attention_heads=40, ffn_dim=20480,
+                            vocab_size=50272, word_embed_proj_dim=5120)),
+}
+
+
 def build(name: str, dtype: torch.dtype):
     """(model, vocab size): random init for the architecture figures (speed does not depend on the weights)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
@@ -44,12 +55,7 @@ def build(name: str, dtype: torch.dtype):
 
         lm = smollm2()
         return lm.model.to(dtype), lm.model.config.vocab_size
-    hub = {"roberta-large": ("roberta", dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
-                                             intermediate_size=4096, vocab_size=50265, max_position_embeddings=514)),
-           "opt-1.3b": ("opt", dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=32, ffn_dim=8192,
-                                    vocab_size=50272, word_embed_proj_dim=2048)),
-           "opt-13b": ("opt", dict(hidden_size=5120, num_hidden_layers=40, num_attention_heads=40, ffn_dim=20480,
-                                   vocab_size=50272, word_embed_proj_dim=5120))}[name]
+    hub = ARCHITECTURES[name]
     config = AutoConfig.for_model(hub[0], **hub[1])
     cls = AutoModelForMaskedLM if hub[0] == "roberta" else AutoModelForCausalLM
     with torch.device("meta"):  # allocated, not initialised: HF's init of 13B parameters on the CPU takes minutes

@@ -3,6 +3,8 @@ and the profile's ranges are checked, never times)."""
 
 import json
 
+import pytest
+
 from lightning_zo import bench
 
 
@@ -39,17 +41,23 @@ def test_in_layout_sets_the_triton_layout_for_one_call_only(monkeypatch):
     assert triton_kernel.layout() == "words"
 
 
-def test_hub_architectures_keep_their_buffers_and_tied_embeddings():
+@pytest.mark.parametrize("name", ["roberta-large", "opt-1.3b"])
+def test_hub_architectures_keep_their_buffers_and_tied_embeddings(name, monkeypatch):
     """The GPU models are allocated without Hugging Face's init (to_empty): their buffers must hold what a normal
     build holds (RoBERTa's token type ids index a table of one row) and the embeddings stay tied (else the bench
-    perturbs and updates a second vocabulary matrix); a forward runs."""
+    perturbs and updates a second vocabulary matrix); a forward runs. Built as the bench builds them, shrunk."""
     import torch
 
-    model, vocab = bench.build("roberta-large", torch.bfloat16)
-    embeddings = model.roberta.embeddings
-    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
-    assert not embeddings.token_type_ids.any()
-    assert torch.equal(embeddings.position_ids[0], torch.arange(embeddings.position_ids.shape[1]))
+    kind, config = bench.ARCHITECTURES[name]
+    small = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=301)
+    small.update({"intermediate_size": 128} if kind == "roberta" else {"ffn_dim": 128, "word_embed_proj_dim": 64})
+    monkeypatch.setitem(bench.ARCHITECTURES, name, (kind, {**config, **small}))
+    model, vocab = bench.build(name, torch.bfloat16)
+    assert vocab == 301 and model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    if kind == "roberta":
+        embeddings = model.roberta.embeddings
+        assert not embeddings.token_type_ids.any()
+        assert torch.equal(embeddings.position_ids[0], torch.arange(embeddings.position_ids.shape[1]))
     with torch.no_grad():
         logits = model(input_ids=torch.randint(3, vocab, (1, 8))).logits
     assert logits.shape == (1, 8, vocab) and torch.isfinite(logits).all()

@@ -16,8 +16,9 @@ space.
   thread makes the Philox call of its own run (a [RUNS] tensor, one element per thread), and the program walks the
   run's 4 words in halves as [RUNS, 16] tiles (a warp stores 16 consecutive elements of 2 runs). Each word reaches
   the tile's layout through shared memory (`_per_thread`). So a thread makes one Philox call per 16 elements per
-  slot; sums of several slots look each group of 4 slots' sum up by its 4 sign bits (`group_tables`). The older
-  "words" layout (LIGHTNING_ZO_TRITON_LAYOUT=words, kept for a same-run comparison on a GPU) tiles 1024 elements as
+  slot; one per 128 (its run) in a launch whose sums all have one slot and that rounds to nearest (`_one_slot`).
+  Sums of several slots look each group of 4 slots' sum up by its 4 sign bits (`group_tables`). The older "words"
+  layout (LIGHTNING_ZO_TRITON_LAYOUT=words, kept for a same-run comparison on a GPU) tiles 1024 elements as
   [8 Philox blocks, 4 words, 32 bits]: there every thread repeats the call of each block it touches, one call per
   element per slot.
 - Gaussian: [128 blocks, 4 words, 2 halves] over 1024 elements, 16-bit lanes into the inverse-CDF table.
