@@ -304,6 +304,9 @@ def run(name: str, device: torch.device, dtype: torch.dtype, repeat: int, machin
                     ms = timed(update, device, max(1, repeat // 2), warmup=False)
             out[f"update_ms_{distribution}_n{n}"] = round(ms, 2)
             out[f"update_over_floor_{distribution}_n{n}"] = round(ms / floor_ms, 2)
+            if compare and distribution == "rademacher" and n > 1:  # the "runs" tile for every sum
+                runs = timed(in_layout("runs", update), device, max(1, repeat // 2) if ms < 1000 else 1)
+                out[f"runs_layout_update_over_floor_rademacher_n{n}"] = round(runs / floor_ms, 2)
             if compare and distribution == "rademacher" and n <= 64:  # the old layout's N = 512: many seconds
                 words = timed(in_layout("words", update), device, max(1, repeat // 2) if ms < 1000 else 1)
                 out[f"words_layout_update_over_floor_rademacher_n{n}"] = round(words / floor_ms, 2)

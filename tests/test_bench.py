@@ -35,7 +35,7 @@ def test_in_layout_sets_the_triton_layout_for_one_call_only(monkeypatch):
 
     monkeypatch.delenv("LIGHTNING_ZO_TRITON_LAYOUT", raising=False)
     assert bench.in_layout("words", triton_kernel.layout)() == "words"
-    assert triton_kernel.layout() == "runs"
+    assert triton_kernel.layout() == "rounds"
     monkeypatch.setenv("LIGHTNING_ZO_TRITON_LAYOUT", "words")
     assert bench.in_layout("runs", triton_kernel.layout)() == "runs"
     assert triton_kernel.layout() == "words"

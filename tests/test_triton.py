@@ -100,16 +100,38 @@ def test_a_launch_of_one_slot_sums_makes_one_philox_call_per_run(dtype):
     perturbation without a fused update; with a one-slot update, both) makes each sum's call once per run for the
     run's 8 tiles, one call (10 rounds, at most 20 mul.hi) per 128 elements and slot, instead of one per tile. A
     launch that sums several update slots or rounds stochastically keeps a call per tile: words held across its
-    tiles would cost registers (docs/PERFORMANCE.md)."""
+    tiles would cost registers (docs/PERFORMANCE.md; the default "rounds" layout takes such sums to its own tile)."""
     from lightning_zo.core import triton_kernel
 
     def calls(**args):
-        return _ops(triton_kernel.ptx("rademacher", dtype, tensors=1, **args), "mul.hi.u32") / 20
+        code = triton_kernel.ptx("rademacher", dtype, tensors=1, rademacher_layout="runs", **args)
+        return _ops(code, "mul.hi.u32") / 20
 
     assert calls(slots=1) <= 1
     assert 1 < calls(slots=1, update=1) <= 2
     assert calls(slots=1, update=5) >= 8 * 2  # one call per tile, for each of the two sums
     assert calls(slots=1, update=1, stochastic=True) >= 8 * 2
+
+
+@pytest.mark.parametrize("args", [dict(dtype=torch.float32, slots=8), dict(dtype=torch.float32, slots=64),
+                                  dict(dtype=torch.bfloat16, stochastic=True, slots=8),
+                                  dict(dtype=torch.bfloat16, stochastic=True, slots=1, tensors=1, update=5)],
+                         ids=["fp32 8 slots", "fp32 64 slots", "bf16 stochastic", "fused update"])
+def test_rounds_layout_makes_one_philox_call_per_128_elements_and_slot(args):
+    """The default layout's tile for sums of several slots, compiled for sm_90 (no GPU needed): a round of 8 slots
+    has one inlined Philox call (at most 20 mul.hi) that each thread makes for its run and slot, and a thread holds
+    16 elements, so one call covers 16 elements x 8 slots; stochastic rounding adds one call per 8-element block
+    (2 a thread), a fused update's one-slot perturbation one round. The "runs" tile of the same launch makes a call
+    per tile (8 per run and slot)."""
+    from lightning_zo.core import triton_kernel
+
+    assert triton_kernel.elems("rademacher", slots=max(args["slots"], args.get("update", 0))) == 16 * 128
+    rounds, runs = (triton_kernel.ptx("rademacher", rademacher_layout=layout, **args) for layout in ("rounds", "runs"))
+    sums = 2 if args.get("update") else 1
+    rounding = 2 if args.get("stochastic") else 0
+    assert _ops(rounds, "mul.hi.u32") <= 20 * (sums + rounding)
+    assert _ops(runs, "mul.hi.u32") >= 8 * 15 * sums
+    assert "fma.rn.f32" not in rounds and _ops(rounds, "st.global") >= sums
 
 
 def test_layout_is_checked():

@@ -56,14 +56,14 @@ def case_multi_tensor_sum(device: str) -> None:
 
 
 def case_grouped_sums(device: str) -> None:
-    """More than 4 slots: noise.slot_sum's groups of 4 and their pairs (5 to 17 slots: a partial group, a group
-    without a partner, several pairs), with +-0.0 coefficients."""
+    """Several slots: noise.slot_sum's groups of 4 and their pairs (4 to 17 slots: a partial group, a group without
+    a partner, whole or partial, several pairs), with +-0.0 coefficients."""
     torch.manual_seed(3)
     seeds = [SEEDS[s % 3] + 7919 * s for s in range(17)]
     coeffs = [0.0 if s % 5 == 0 else -0.0 if s % 5 == 1 else (-1) ** s * 1e-3 / (s + 1) for s in range(17)]
     src = torch.randn(700)
     for distribution in ("rademacher", "gaussian"):
-        for m in (5, 8, 13, 17):
+        for m in (4, 5, 8, 12, 13, 17):
             got = torch.empty(700, device=device)
             triton_kernel.noise_sum([got], [src.to(device)], [61], seeds[:m], coeffs[:m], distribution)
             want = add_noise_sum(torch.empty(700), src, seeds[:m], coeffs[:m], 61, distribution, backend="numpy")
@@ -71,15 +71,17 @@ def case_grouped_sums(device: str) -> None:
 
 
 def case_program_boundaries(device: str) -> None:
-    """Both Rademacher layouts ("runs": 16384 elements a program, "words": 1024) and Gaussian, on tensors that cross
-    programs at logical offsets past 2**32 and 2**35 (Philox counters with a high word): fp32 sums of 1 and 9 slots,
-    and bf16 with stochastic rounding (its Philox block index is rebuilt from the program's first element)."""
+    """The Rademacher layouts ("rounds": 2048 elements a program for sums of several slots, "runs": 16384, "words":
+    1024) and Gaussian, on tensors that cross programs at logical offsets past 2**32 and 2**35 (Philox counters with
+    a high word): fp32 sums of 1 and 9 slots, and bf16 with stochastic rounding (its Philox block index is rebuilt
+    from the program's first element)."""
     torch.manual_seed(4)
     sizes, offsets = [17000, 5, 16500], [2**35 - 8000, 2**35 + 30000, 3 * 2**32 + 16380]
     seeds = [SEEDS[s % 3] + 104729 * s for s in range(9)]
     coeffs = [(-1) ** s * 1e-3 / (s + 1) for s in range(9)]
     srcs = [torch.randn(n) for n in sizes]
-    for layout, distribution in (("runs", "rademacher"), ("words", "rademacher"), ("runs", "gaussian")):
+    for layout, distribution in (("rounds", "rademacher"), ("runs", "rademacher"), ("words", "rademacher"),
+                                 ("rounds", "gaussian")):
         with environment("LIGHTNING_ZO_TRITON_LAYOUT", layout):
             for m in (1, 9):
                 want = [add_noise_sum(torch.empty_like(s), s, seeds[:m], coeffs[:m], o, distribution,

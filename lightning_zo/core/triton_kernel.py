@@ -10,19 +10,22 @@ Compiled with `enable_fp_fusion=False`, so no multiply-add is contracted into an
 search over the programs' starts, and reaches it as an element offset from the first tensor's address (one flat
 address space on a device), so a whole model's update is one launch per dtype, and a module's perturbation one.
 
-Layout of work: a program owns `elems(distribution)` logical elements aligned to that many in the flat parameter
-space.
-- Rademacher ("runs", the default): RUNS = 128 runs of 128 elements, one run per thread for the generator: each
-  thread makes the Philox call of its own run (a [RUNS] tensor, one element per thread), and the program walks the
-  run's 4 words in halves as [RUNS, 16] tiles (a warp stores 16 consecutive elements of 2 runs). Each word reaches
-  the tile's layout through shared memory (`_per_thread`). So a thread makes one Philox call per 16 elements per
-  slot; one per 128 (its run) in a launch whose sums all have one slot and that rounds to nearest (`_one_slot`).
-  Sums of several slots look each group of 4 slots' sum up by its 4 sign bits (`group_tables`). The older "words"
-  layout (LIGHTNING_ZO_TRITON_LAYOUT=words, kept for a same-run comparison on a GPU) tiles 1024 elements as
-  [8 Philox blocks, 4 words, 32 bits]: there every thread repeats the call of each block it touches, one call per
-  element per slot.
-- Gaussian: [128 blocks, 4 words, 2 halves] over 1024 elements, 16-bit lanes into the inverse-CDF table.
-Both layouts give the same bits (the same Philox calls, the same sums in the same order).
+Layout of work: a program owns `elems(distribution, layout, slots)` logical elements aligned to that many in the
+flat parameter space. Rademacher (LIGHTNING_ZO_TRITON_LAYOUT: "rounds", the default; "runs" and "words" are kept
+for same-run comparisons on a GPU) has three tiles:
+- "runs" tile: RUNS = 128 runs of 128 elements, one run per thread for the generator: each thread makes the Philox
+  call of its own run (a [RUNS] tensor, one element per thread), and the program walks the run's 4 words in halves
+  as [RUNS, 16] tiles (a warp stores 16 consecutive elements of 2 runs). Each word reaches the tile's layout through
+  shared memory (`_per_thread`). A sum of one slot in a launch that rounds to nearest makes each run's call once
+  (`_one_slot`): one call per 128 elements. Otherwise a thread makes one call per 16 elements per slot, and sums
+  of several slots look each group of 4 slots' sum up by its 4 sign bits (`group_tables`).
+- "rounds" tile (the default layout's, for launches with a sum of several slots): 16 runs, taken 8 slots a round;
+  thread (run, slot) makes that run's and slot's call, one call per 128 elements and slot, and the sign bits reach
+  the elements' nibbles through a sum over each group's 4 slots (`_rounds_sum`).
+- "words" (the older layout) tiles 1024 elements as [8 Philox blocks, 4 words, 32 bits]: there every thread
+  repeats the call of each block it touches, one call per element per slot.
+Gaussian: [128 blocks, 4 words, 2 halves] over 1024 elements, 16-bit lanes into the inverse-CDF table.
+All give the same bits (the same Philox calls, the same sums in the same order).
 """
 
 from __future__ import annotations
@@ -42,24 +45,32 @@ except ImportError:  # CPU-only installs: noise.py falls back to torch ops on CU
 
 ELEMS = 1024  # elements per program: Gaussian, and Rademacher in the "words" layout
 RUNS = 128  # 128-element runs per program in the Rademacher "runs" layout: 32 * num_warps, one per thread
-LAYOUTS = ("runs", "words")
+ROUND_RUNS = 16  # runs per program in the "rounds" layout: 8 slots x 16 runs = one Philox call per thread a round
+LAYOUTS = ("rounds", "runs", "words")
 # No FMA contraction: products and sums rounded separately, as in the CPU reference. num_warps: Triton's default.
 COMPILE_OPTIONS = {"enable_fp_fusion": False, "num_warps": 4}
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def layout() -> str:
-    """The Rademacher layout: LIGHTNING_ZO_TRITON_LAYOUT, "runs" (default) or "words" (for comparisons)."""
-    name = os.environ.get("LIGHTNING_ZO_TRITON_LAYOUT", "runs")
+    """The Rademacher layout: LIGHTNING_ZO_TRITON_LAYOUT, "rounds" (default), or "runs" or "words" (for
+    comparisons)."""
+    name = os.environ.get("LIGHTNING_ZO_TRITON_LAYOUT", "rounds")
     if name not in LAYOUTS:
         raise ValueError(f"LIGHTNING_ZO_TRITON_LAYOUT={name!r}: expected one of {', '.join(LAYOUTS)}")
     return name
 
 
-def _shape(distribution: str, rademacher_layout: str) -> dict:
-    """The constexprs that set a launch's layout: elements per program, and runs per program (0: not "runs")."""
-    runs = distribution != "gaussian" and rademacher_layout == "runs"
-    return {"ELEMS": RUNS * 128 if runs else ELEMS, "RUNS": RUNS if runs else 0}
+def _shape(distribution: str, rademacher_layout: str, slots: int = 1) -> dict:
+    """The constexprs that set a launch's layout: elements per program, runs per program in a [runs, 16] tile (0: not
+    the "runs" tile), and ROUNDS (the "rounds" tile). `slots`: the most slots one of the launch's sums has. The
+    "rounds" layout takes the "runs" tile for sums of one slot (each run's call made once, `_one_slot`) and the
+    "rounds" tile for sums of several."""
+    if distribution == "gaussian" or rademacher_layout == "words":
+        return {"ELEMS": ELEMS, "RUNS": 0, "ROUNDS": False}
+    if rademacher_layout == "rounds" and slots > 1:
+        return {"ELEMS": ROUND_RUNS * 128, "RUNS": 0, "ROUNDS": True}
+    return {"ELEMS": RUNS * 128, "RUNS": RUNS, "ROUNDS": False}
 
 
 def _one_slot(shape: dict, slots: int, update_slots: int, stochastic: bool) -> dict:
@@ -71,9 +82,9 @@ def _one_slot(shape: dict, slots: int, update_slots: int, stochastic: bool) -> d
     return {"ONE": hoist and slots == 1, "UONE": hoist and update_slots == 1}
 
 
-def elems(distribution: str, rademacher_layout: str = "runs") -> int:
+def elems(distribution: str, rademacher_layout: str = "rounds", slots: int = 1) -> int:
     """Logical elements per program (programs are aligned to this many in the flat parameter space)."""
-    return _shape(distribution, rademacher_layout)["ELEMS"]
+    return _shape(distribution, rademacher_layout, slots)["ELEMS"]
 
 
 def available(device: torch.device) -> bool:
@@ -221,6 +232,42 @@ if triton is not None:
         return acc
 
     @triton.jit
+    def _rounds_sum(seeds, coeffs, m, g0, RUN_COUNT: tl.constexpr):
+        """noise.slot_sum over the "rounds" tile [runs, 4 words, 4 bytes, 8 bits] (element run * 128 + word * 32 +
+        byte * 8 + bit) by table, 8 slots a round: thread (run, slot) makes the round's Philox call of its run and
+        slot, one call per 128 elements and slot; it spreads its words' sign bits into nibbles on whole words
+        (`_spread`, at the slot's bit), the 4 slots of each group are summed into one nibble word (their bits are
+        disjoint: the sum is an OR), and each element looks its 2 groups' sums up (`group_tables`): the pair's first
+        group, plus the second if it has slots. Pairs join the total in order, the first one assigned: slot_sum's
+        bits. Slots past m have seed 0; a group's table ignores their bits."""
+        run = tl.arange(0, RUN_COUNT)[:, None]
+        j = tl.arange(0, 8)[None, :]  # the slot within the round
+        block = (g0 >> 7) + run + 0 * j
+        b0 = block.to(tl.uint32)
+        b1 = (block >> 32).to(tl.uint32)
+        byte = (tl.arange(0, 4) * 8).to(tl.uint32)[None, None, None, :]
+        nibble = (tl.arange(0, 8) * 4).to(tl.uint32)[None, None, None, :]
+        acc = tl.zeros([RUN_COUNT, 4, 4, 8], tl.float32)
+        s0 = 0
+        while s0 < m:
+            seed = tl.load(seeds + s0 + j, mask=s0 + j < m, other=0) + 0 * run
+            x0, x1, x2, x3 = _philox(b0, b1, seed.to(tl.uint32), (seed >> 32).to(tl.uint32))
+            words = tl.reshape(tl.join(tl.join(x0, x2), tl.join(x1, x3)), [RUN_COUNT, 8, 4])  # [.., .., word]
+            spread = _spread(words[:, :, :, None] >> byte) << (j % 4).to(tl.uint32)[:, :, None, None]
+            groups = tl.sum(tl.reshape(spread, [RUN_COUNT, 2, 4, 4, 4]), axis=2)  # [run, group, word, byte]
+            first, second = tl.split(tl.permute(groups, [0, 2, 3, 1]))
+            table = coeffs + m + (s0 // 4) * 16
+            pair = tl.load(table + ((first[:, :, :, None] >> nibble) & 15).to(tl.int32))
+            if s0 + 4 < m:
+                pair = pair + tl.load(table + 16 + ((second[:, :, :, None] >> nibble) & 15).to(tl.int32))
+            if s0 == 0:
+                acc = pair
+            else:
+                acc = acc + pair
+            s0 += 8
+        return acc
+
+    @triton.jit
     def _bfloat16_nearest(x):
         """x rounded to the nearest bfloat16 (ties to even), still as float32: integer ops, so the final conversion
         is exact on every backend (Triton 3.6's CPU interpreter does not round this conversion to nearest-even)."""
@@ -249,12 +296,15 @@ if triton is not None:
         return acc
 
     @triton.jit
-    def _sum(seeds, coeffs, m, gauss, b0, b1, w, h, local, given, GAUSSIAN: tl.constexpr, WORD: tl.constexpr,
+    def _sum(seeds, coeffs, m, gauss, b0, b1, w, h, local, given, g0, GAUSSIAN: tl.constexpr, WORD: tl.constexpr,
              GIVEN: tl.constexpr):
         """The tile's slot sum: by table for more than one slot in the Rademacher "runs" layout (WORD >= 0; w is
         then the tile's first bit of the word), else slot by slot. GIVEN (one slot, "runs" layout): `given` is word
-        WORD of each run's call, made once per run by the caller (a sum of one term is the term)."""
-        if GIVEN:
+        WORD of each run's call, made once per run by the caller (a sum of one term is the term). WORD == -2: the
+        "rounds" tile (`_rounds_sum`)."""
+        if WORD == -2:
+            x = _rounds_sum(seeds, coeffs, m, g0, local.shape[0])
+        elif GIVEN:
             x = _signed(coeffs, 0, (_per_thread(given)[:, None] >> h.to(tl.uint32)) & 1)
         elif WORD >= 0:
             if m > 1:
@@ -274,18 +324,25 @@ if triton is not None:
                      _per_thread(x3)[:, None])
 
     @triton.jit
-    def _rounded(x, g0, local, run_local, seeds, m, STOCHASTIC: tl.constexpr, BFLOAT16: tl.constexpr):
+    def _rounded(x, g0, local, run_local, seeds, m, STOCHASTIC: tl.constexpr, BFLOAT16: tl.constexpr,
+                 WORD: tl.constexpr):
         """x rounded for a bfloat16 store (still float32): stochastically with 16 shared random bits below bfloat16's
         mantissa, from the seed after the m slot seeds (noise.round_to_bfloat16), or to nearest; else x.
 
         Element g = g0 + local takes lane g & 7 of Philox block g >> 3; g0 is a multiple of ELEMS (1024 or more, a
         power of 2) and local < ELEMS, so a block's low word is (g0 >> 3) + (local >> 3) without a carry. In the
         "runs" layout (run_local: each run's first local element, a [RUNS] tensor, for a [RUNS, 16] tile) a thread
-        makes the two calls of its run's 16 elements; otherwise each element makes its block's call."""
+        makes the two calls of its run's 16 elements; in the "rounds" tile (WORD == -2; run_local: each block's
+        first local element, the tile's shape with 1 bit) a block is a tile row of 8 bits and its call is made once;
+        otherwise each element makes its block's call."""
         if STOCHASTIC:
             r0, r1 = _key(seeds, m)
             lane = (local & 7).to(tl.uint32)
-            if run_local is None:
+            if WORD == -2:
+                first = (g0 >> 3).to(tl.uint32) + (run_local >> 3).to(tl.uint32)
+                y0, y1, y2, y3 = _philox(first, (g0 >> 35).to(tl.uint32) + tl.zeros_like(first), r0, r1)
+                word = _pick(lane >> 1, y0, y1, y2, y3)
+            elif run_local is None:
                 y0, y1, y2, y3 = _philox((g0 >> 3).to(tl.uint32) + (local >> 3).to(tl.uint32),
                                          (g0 >> 35).to(tl.uint32) + tl.zeros_like(local).to(tl.uint32), r0, r1)
                 word = _pick(lane >> 1, y0, y1, y2, y3)
@@ -317,17 +374,19 @@ if triton is not None:
             if UPDATE:
                 # src is theta: first its update (decay above, mu slots, rounded into theta's dtype, written back),
                 # then the perturbation of the updated value, as an update launch followed by this one would.
-                x = x + _sum(useeds, ucoeffs, mu, gauss, b0, b1, w, h, local, ugiven, GAUSSIAN, WORD, UONE)
-                x = _rounded(x, g0, local, run_local, useeds, mu, STOCHASTIC, src.dtype.element_ty == tl.bfloat16)
+                x = x + _sum(useeds, ucoeffs, mu, gauss, b0, b1, w, h, local, ugiven, g0, GAUSSIAN, WORD, UONE)
+                x = _rounded(x, g0, local, run_local, useeds, mu, STOCHASTIC, src.dtype.element_ty == tl.bfloat16,
+                             WORD)
                 theta = x.to(src.dtype.element_ty)
                 tl.store(src + local, theta, mask=mask)
                 x = theta.to(tl.float32)
             if HAS_NOISE:
-                x = x + _sum(seeds, coeffs, m, gauss, b0, b1, w, h, local, given, GAUSSIAN, WORD, ONE)
+                x = x + _sum(seeds, coeffs, m, gauss, b0, b1, w, h, local, given, g0, GAUSSIAN, WORD, ONE)
         else:
-            x = _sum(seeds, coeffs, m, gauss, b0, b1, w, h, local, given, GAUSSIAN, WORD, ONE)
+            x = _sum(seeds, coeffs, m, gauss, b0, b1, w, h, local, given, g0, GAUSSIAN, WORD, ONE)
         # A fused launch's perturbed copy rounds to nearest (its stochastic rounding was theta's).
-        x = _rounded(x, g0, local, run_local, seeds, m, STOCHASTIC and not UPDATE, dst.dtype.element_ty == tl.bfloat16)
+        x = _rounded(x, g0, local, run_local, seeds, m, STOCHASTIC and not UPDATE, dst.dtype.element_ty == tl.bfloat16,
+                     WORD)
         tl.store(dst + local, x.to(dst.dtype.element_ty), mask=mask)
 
     # m, mu and n_tensors stay runtime ints when they are 1: Triton would make them constants, the slot loop
@@ -337,8 +396,8 @@ if triton is not None:
     def _noise_sum_kernel(dst, src, table, starts, seeds, coeffs, m, gauss, n_tensors, useeds, ucoeffs, mu,
                           LOG_T: tl.constexpr, GAUSSIAN: tl.constexpr, HAS_NOISE: tl.constexpr,
                           ACCUMULATE: tl.constexpr, DECAY: tl.constexpr, STOCHASTIC: tl.constexpr,
-                          UPDATE: tl.constexpr, ELEMS: tl.constexpr, RUNS: tl.constexpr, ONE: tl.constexpr,
-                          UONE: tl.constexpr):
+                          UPDATE: tl.constexpr, ELEMS: tl.constexpr, RUNS: tl.constexpr, ROUNDS: tl.constexpr,
+                          ONE: tl.constexpr, UONE: tl.constexpr):
         pid = tl.program_id(0)
         # The tensor this program works on: the last t with starts[t] <= pid.
         lo = 0
@@ -380,6 +439,15 @@ if triton is not None:
                           (local >= first) & (local < end), b0, b1, half * 16, h, _pick4(word, p0, p1, p2, p3),
                           _pick4(word, u0, u1, u2, u3), GAUSSIAN, HAS_NOISE, ACCUMULATE, DECAY, STOCHASTIC, UPDATE,
                           word, ONE, UONE)
+        elif ROUNDS:  # Rademacher sums of several slots: the "rounds" tile
+            r = tl.arange(0, ELEMS // 128)[:, None, None, None]
+            w = tl.arange(0, 4)[None, :, None, None]
+            q = tl.arange(0, 4)[None, None, :, None]
+            row = r * 128 + w * 32 + q * 8  # each stochastic rounding block's first element
+            local = row + tl.arange(0, 8)[None, None, None, :]
+            _tile(dst, src, factor, seeds, coeffs, m, gauss, useeds, ucoeffs, mu, g0, local, row,
+                  (local >= first) & (local < end), None, None, None, None, None, None, GAUSSIAN, HAS_NOISE,
+                  ACCUMULATE, DECAY, STOCHASTIC, UPDATE, -2, False, False)
         else:
             if GAUSSIAN:
                 r = tl.arange(0, ELEMS // 8)[:, None, None]
@@ -514,7 +582,7 @@ class Launcher:
             raise ValueError("an update in the same launch needs its seeds and every tensor's src (the weights)")
         factors = factors or [1.0] * len(dsts)
         device = dsts[0].device
-        shape = _shape(distribution, layout())
+        shape = _shape(distribution, layout(), max(len(seeds), len(update[0]) if update is not None else 0))
         table, starts, programs = self._table(key, dsts, srcs, offsets, factors, shape["ELEMS"])
         rounded = srcs[0] if update is not None else dsts[0]  # what the rounding seed rounds
         stochastic = rounding_seed is not None and rounded.dtype == torch.bfloat16
@@ -555,7 +623,7 @@ def _launch_spec(name: str, value: int) -> tuple[str, object]:
 
 def ptx(distribution: str, dtype: torch.dtype = torch.float32, stochastic: bool = False, capability: int = 90,
         options: dict | None = None, slots: int = 3, tensors: int = 2, update: int = 0,
-        rademacher_layout: str = "runs", stage: str = "ptx") -> str:
+        rademacher_layout: str = "rounds", stage: str = "ptx") -> str:
     """The kernel's PTX for an NVIDIA GPU of `capability`, compiled ahead of time (no GPU needed): to inspect it
     (tests check it has no FMA) and to compile it as the launcher would for `slots` slots over `tensors` tensors
     (ints equal to 1 are specialized unless do_not_specialize says otherwise); `update`: the slots of an update
@@ -569,7 +637,7 @@ def ptx(distribution: str, dtype: torch.dtype = torch.float32, stochastic: bool 
                  "ucoeffs": "*fp32", "mu": "i32"}
     constants = {"LOG_T": max(1, (tensors - 1).bit_length()), "GAUSSIAN": distribution == "gaussian",
                  "HAS_NOISE": True, "ACCUMULATE": True, "DECAY": True, "STOCHASTIC": stochastic,
-                 "UPDATE": update > 0, **_shape(distribution, rademacher_layout)}
+                 "UPDATE": update > 0, **_shape(distribution, rademacher_layout, max(slots, update))}
     constants.update(_one_slot(constants, slots, update, stochastic))
     for name, value in (("m", slots), ("n_tensors", tensors), ("mu", update)):
         signature[name], constant = _launch_spec(name, value)
