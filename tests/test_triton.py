@@ -143,20 +143,24 @@ def test_layout_is_checked():
             triton_kernel.layout()
 
 
-def test_group_tables_hold_the_slot_sum_of_every_sign_pattern():
-    """The runs layout looks a group's sum up by its 4 sign bits: each table entry is noise.slot_sum of the signed
-    terms, bit for bit, ±0.0 included (the last group's single -0.0 slot: assigned, not added to +0.0)."""
+@pytest.mark.parametrize("width", [4, 8], ids=["group tables", "pair tables"])
+def test_sign_tables_hold_the_slot_sum_of_every_sign_pattern(width):
+    """The runs tile looks a group's sum (4 slots) up by its 4 sign bits, the rounds tile a pair's (8 slots: two
+    groups, added) by its 8. Each entry is noise.slot_sum of the signed terms, bit for bit, ±0.0 included: 13 slots
+    end in a group of one -0.0 slot (assigned, not added to +0.0), 11 slots in a pair of one group of -0.0s (its sum
+    itself: + 0.0 would turn it into +0.0), whose table ignores the bits past it."""
     from lightning_zo.core import triton_kernel
     from lightning_zo.core.noise import slot_sum
 
-    rng = np.random.default_rng(0)
-    coeffs = [0.0, -0.0, *(rng.standard_normal(10) * 1e-3).astype(np.float32).tolist(), -0.0]  # 13: groups 4,4,4,1
-    tables = triton_kernel.group_tables(coeffs).reshape(-1, 16)
-    assert tables.dtype == np.float32 and tables.shape == (4, 16)
+    random = (np.random.default_rng(width).standard_normal(10 if width == 4 else 6) * 1e-3).astype(np.float32).tolist()
+    coeffs = [0.0, -0.0, *random, -0.0] if width == 4 else [-0.0, 0.0, *random, -0.0, -0.0, -0.0]
+    make = triton_kernel.group_tables if width == 4 else triton_kernel.pair_tables
+    tables = make(coeffs).reshape(-1, 2 ** width)
+    assert tables.dtype == np.float32 and tables.shape == (-(-len(coeffs) // width), 2 ** width)
     for q, table in enumerate(tables):
-        group = coeffs[4 * q:4 * q + 4]
-        for n in range(16):
-            want = slot_sum(torch.tensor(-c if (n >> j) & 1 else c, dtype=torch.float32) for j, c in enumerate(group))
+        terms = coeffs[width * q:width * q + width]
+        for n in range(2 ** width):
+            want = slot_sum(torch.tensor(-c if (n >> j) & 1 else c, dtype=torch.float32) for j, c in enumerate(terms))
             assert np.float32(table[n]).tobytes() == want.numpy().tobytes(), (q, n)
 
 

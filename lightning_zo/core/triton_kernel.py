@@ -20,8 +20,9 @@ for same-run comparisons on a GPU) has three tiles:
   (`_one_slot`): one call per 128 elements. Otherwise a thread makes one call per 16 elements per slot, and sums
   of several slots look each group of 4 slots' sum up by its 4 sign bits (`group_tables`).
 - "rounds" tile (the default layout's, for launches with a sum of several slots): 16 runs, taken 8 slots a round;
-  thread (run, slot) makes that run's and slot's call, one call per 128 elements and slot, and the sign bits reach
-  the elements' nibbles through a sum over each group's 4 slots (`_rounds_sum`).
+  thread (run, slot) makes that run's and slot's call, one call per 128 elements and slot; the sign bits reach the
+  elements through a sum over each group's 4 slots, and each element looks its pair's sum up by the byte of its 8
+  signs (`_rounds_sum`, `pair_tables`).
 - "words" (the older layout) tiles 1024 elements as [8 Philox blocks, 4 words, 32 bits]: there every thread
   repeats the call of each block it touches, one call per element per slot.
 Gaussian: [128 blocks, 4 words, 2 halves] over 1024 elements, 16-bit lanes into the inverse-CDF table.
@@ -237,9 +238,9 @@ if triton is not None:
         byte * 8 + bit) by table, 8 slots a round: thread (run, slot) makes the round's Philox call of its run and
         slot, one call per 128 elements and slot; it spreads its words' sign bits into nibbles on whole words
         (`_spread`, at the slot's bit), the 4 slots of each group are summed into one nibble word (their bits are
-        disjoint: the sum is an OR), and each element looks its 2 groups' sums up (`group_tables`): the pair's first
-        group, plus the second if it has slots. Pairs join the total in order, the first one assigned: slot_sum's
-        bits. Slots past m have seed 0; a group's table ignores their bits."""
+        disjoint: the sum is an OR), and each element looks its pair's sum up by the byte of its 8 signs
+        (`pair_tables`: the two groups' sums added as slot_sum adds them). Pairs join the total in order, the first
+        one assigned: slot_sum's bits. Slots past m have seed 0; the tables ignore their bits."""
         run = tl.arange(0, RUN_COUNT)[:, None]
         j = tl.arange(0, 8)[None, :]  # the slot within the round
         block = (g0 >> 7) + run + 0 * j
@@ -248,6 +249,7 @@ if triton is not None:
         byte = (tl.arange(0, 4) * 8).to(tl.uint32)[None, None, None, :]
         nibble = (tl.arange(0, 8) * 4).to(tl.uint32)[None, None, None, :]
         acc = tl.zeros([RUN_COUNT, 4, 4, 8], tl.float32)
+        pairs = coeffs + m + (m + 3) // 4 * 16  # after the coefficients and the group tables
         s0 = 0
         while s0 < m:
             seed = tl.load(seeds + s0 + j, mask=s0 + j < m, other=0) + 0 * run
@@ -256,10 +258,8 @@ if triton is not None:
             spread = _spread(words[:, :, :, None] >> byte) << (j % 4).to(tl.uint32)[:, :, None, None]
             groups = tl.sum(tl.reshape(spread, [RUN_COUNT, 2, 4, 4, 4]), axis=2)  # [run, group, word, byte]
             first, second = tl.split(tl.permute(groups, [0, 2, 3, 1]))
-            table = coeffs + m + (s0 // 4) * 16
-            pair = tl.load(table + ((first[:, :, :, None] >> nibble) & 15).to(tl.int32))
-            if s0 + 4 < m:
-                pair = pair + tl.load(table + 16 + ((second[:, :, :, None] >> nibble) & 15).to(tl.int32))
+            signs = ((first[:, :, :, None] >> nibble) & 15) | (((second[:, :, :, None] >> nibble) & 15) << 4)
+            pair = tl.load(pairs + (s0 // 8) * 256 + signs.to(tl.int32))
             if s0 == 0:
                 acc = pair
             else:
@@ -520,13 +520,27 @@ def group_tables(coeffs: list[float]) -> np.ndarray:
     return np.concatenate(tables) if tables else np.zeros(0, np.float32)
 
 
+def pair_tables(coeffs: list[float]) -> np.ndarray:
+    """For each pair of groups (8 slots, noise.slot_sum's pairs), its 256 possible Rademacher sums in float32: entry n
+    is group 2p's sum for the low nibble of n plus group 2p + 1's for the high one (`group_tables`), added in
+    float32 as the kernel would add them, so the same bits; a pair without a second group takes the first's sum
+    itself (not + 0.0, which would turn a -0.0 into +0.0)."""
+    groups = group_tables(coeffs).reshape(-1, 16)
+    n = np.arange(256)
+    tables = [groups[g][n & 15] + groups[g + 1][n >> 4] if g + 1 < len(groups) else groups[g][n & 15]
+              for g in range(0, len(groups), 2)]
+    return np.concatenate(tables).astype(np.float32) if tables else np.zeros(0, np.float32)
+
+
 def step_state(seeds: list[int], coeffs: list[float], rounding_seed: int | None,
                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """The per-step kernel arguments on `device`: slot seeds (+ the rounding seed after them) as int64 bit patterns,
-    and the float32 coefficients followed by their `group_tables`. Upload once per perturbation or update and pass
+    and the float32 coefficients followed by their `group_tables` and `pair_tables`. Upload once per perturbation or
+    update and pass
     to every launch of it."""
     keys = [s - (1 << 64) if s >= 1 << 63 else s for s in [*seeds, rounding_seed or 0]]
-    values = np.concatenate([np.asarray(coeffs, dtype=np.float32), group_tables(coeffs)]) if coeffs else [0.0]
+    values = (np.concatenate([np.asarray(coeffs, dtype=np.float32), group_tables(coeffs), pair_tables(coeffs)])
+              if coeffs else [0.0])
     return _upload(keys, torch.int64, device), _upload([float(v) for v in values], torch.float32, device)
 
 
