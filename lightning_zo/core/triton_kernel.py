@@ -17,7 +17,7 @@ for same-run comparisons on a GPU) has three tiles:
   call of its own run (a [RUNS] tensor, one element per thread), and the program walks the run's 4 words in halves
   as [RUNS, 16] tiles (a warp stores 16 consecutive elements of 2 runs). Each word reaches the tile's layout through
   shared memory (`_per_thread`). A sum of one slot in a launch that rounds to nearest makes each run's call once
-  (`_one_slot`): one call per 128 elements. Otherwise a thread makes one call per 16 elements per slot, and sums
+  (`_shape`'s ONE): one call per 128 elements. Otherwise a thread makes one call per 16 elements per slot, and sums
   of several slots look each group of 4 slots' sum up by its 4 sign bits (`group_tables`).
 - "rounds" tile (the default layout's, for launches with a sum of several slots): 16 runs, taken 8 slots a round;
   thread (run, slot) makes that run's and slot's call, one call per 128 elements and slot; the sign bits reach the
@@ -62,25 +62,25 @@ def layout() -> str:
     return name
 
 
-def _shape(distribution: str, rademacher_layout: str, slots: int = 1) -> dict:
-    """The constexprs that set a launch's layout: elements per program, runs per program in a [runs, 16] tile (0: not
-    the "runs" tile), and ROUNDS (the "rounds" tile). `slots`: the most slots one of the launch's sums has. The
-    "rounds" layout takes the "runs" tile for sums of one slot (each run's call made once, `_one_slot`) and the
-    "rounds" tile for sums of several."""
+def _shape(distribution: str, rademacher_layout: str, slots: int = 1, update_slots: int = 0,
+           stochastic: bool = False) -> dict:
+    """The constexprs that set a launch's layout (for the launcher and `ptx` alike), from its sums' slots (the
+    noise's, and a fused update's) and whether it rounds stochastically:
+    - ELEMS, elements per program; RUNS, runs per program in the [runs, 16] "runs" tile (0: not that tile);
+      ROUNDS, the "rounds" tile. The "rounds" layout takes the runs tile for sums of one slot, the rounds tile for
+      sums of several.
+    - ONE / UONE: in the runs tile, the noise's / the update's sum of one slot calls Philox once per run instead of
+      once per tile, in a launch whose sums all have one slot and that rounds to nearest (every perturbation without
+      a fused update, a one-slot update). Elsewhere the words held across the tiles cost registers (compiled for
+      sm_90: 128 instead of 96 beside a 5-slot update, 180 instead of 142 with stochastic rounding)."""
     if distribution == "gaussian" or rademacher_layout == "words":
-        return {"ELEMS": ELEMS, "RUNS": 0, "ROUNDS": False}
-    if rademacher_layout == "rounds" and slots > 1:
-        return {"ELEMS": ROUND_RUNS * 128, "RUNS": 0, "ROUNDS": True}
-    return {"ELEMS": RUNS * 128, "RUNS": RUNS, "ROUNDS": False}
-
-
-def _one_slot(shape: dict, slots: int, update_slots: int, stochastic: bool) -> dict:
-    """The constexprs that make the "runs" layout's sum of one slot (the noise's, the update's) call Philox once per
-    run instead of once per tile: in a launch whose sums all have one slot and that rounds to nearest (every
-    perturbation without a fused update, a one-slot update). Elsewhere the words held across the tiles cost registers
-    (compiled for sm_90: 128 instead of 96 beside a 5-slot update, 180 instead of 142 with stochastic rounding)."""
-    hoist = shape["RUNS"] > 0 and not stochastic and slots <= 1 and update_slots <= 1
-    return {"ONE": hoist and slots == 1, "UONE": hoist and update_slots == 1}
+        tile = {"ELEMS": ELEMS, "RUNS": 0, "ROUNDS": False}
+    elif rademacher_layout == "rounds" and max(slots, update_slots) > 1:
+        tile = {"ELEMS": ROUND_RUNS * 128, "RUNS": 0, "ROUNDS": True}
+    else:
+        tile = {"ELEMS": RUNS * 128, "RUNS": RUNS, "ROUNDS": False}
+    hoist = tile["RUNS"] > 0 and not stochastic and slots <= 1 and update_slots <= 1
+    return {**tile, "ONE": hoist and slots == 1, "UONE": hoist and update_slots == 1}
 
 
 def elems(distribution: str, rademacher_layout: str = "rounds", slots: int = 1) -> int:
@@ -536,8 +536,7 @@ def step_state(seeds: list[int], coeffs: list[float], rounding_seed: int | None,
                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """The per-step kernel arguments on `device`: slot seeds (+ the rounding seed after them) as int64 bit patterns,
     and the float32 coefficients followed by their `group_tables` and `pair_tables`. Upload once per perturbation or
-    update and pass
-    to every launch of it."""
+    update and pass to every launch of it."""
     keys = [s - (1 << 64) if s >= 1 << 63 else s for s in [*seeds, rounding_seed or 0]]
     values = (np.concatenate([np.asarray(coeffs, dtype=np.float32), group_tables(coeffs), pair_tables(coeffs)])
               if coeffs else [0.0])
@@ -596,10 +595,10 @@ class Launcher:
             raise ValueError("an update in the same launch needs its seeds and every tensor's src (the weights)")
         factors = factors or [1.0] * len(dsts)
         device = dsts[0].device
-        shape = _shape(distribution, layout(), max(len(seeds), len(update[0]) if update is not None else 0))
-        table, starts, programs = self._table(key, dsts, srcs, offsets, factors, shape["ELEMS"])
         rounded = srcs[0] if update is not None else dsts[0]  # what the rounding seed rounds
         stochastic = rounding_seed is not None and rounded.dtype == torch.bfloat16
+        shape = _shape(distribution, layout(), len(seeds), len(update[0]) if update is not None else 0, stochastic)
+        table, starts, programs = self._table(key, dsts, srcs, offsets, factors, shape["ELEMS"])
         seed_t, coeff_t = state if state is not None else step_state(seeds, coeffs, None if update else rounding_seed,
                                                                      device)
         useed_t, ucoeff_t, mu = seed_t, coeff_t, 0
@@ -612,8 +611,7 @@ class Launcher:
             _gauss_table(device), len(dsts), useed_t, ucoeff_t, mu,
             LOG_T=max(1, (len(dsts) - 1).bit_length()), GAUSSIAN=distribution == "gaussian",
             HAS_NOISE=bool(seeds), ACCUMULATE=accumulate, DECAY=any(f != 1.0 for f in factors),
-            STOCHASTIC=stochastic, UPDATE=update is not None, **shape, **_one_slot(shape, len(seeds), mu, stochastic),
-            **COMPILE_OPTIONS)
+            STOCHASTIC=stochastic, UPDATE=update is not None, **shape, **COMPILE_OPTIONS)
         self.launches += 1
 
 
@@ -651,8 +649,7 @@ def ptx(distribution: str, dtype: torch.dtype = torch.float32, stochastic: bool 
                  "ucoeffs": "*fp32", "mu": "i32"}
     constants = {"LOG_T": max(1, (tensors - 1).bit_length()), "GAUSSIAN": distribution == "gaussian",
                  "HAS_NOISE": True, "ACCUMULATE": True, "DECAY": True, "STOCHASTIC": stochastic,
-                 "UPDATE": update > 0, **_shape(distribution, rademacher_layout, max(slots, update))}
-    constants.update(_one_slot(constants, slots, update, stochastic))
+                 "UPDATE": update > 0, **_shape(distribution, rademacher_layout, slots, update, stochastic)}
     for name, value in (("m", slots), ("n_tensors", tensors), ("mu", update)):
         signature[name], constant = _launch_spec(name, value)
         if constant is not None:
