@@ -142,8 +142,8 @@ def test_all_slots_in_one_pass_equal_the_slot_by_slot_sum(backend, distribution,
 @pytest.mark.parametrize("m", [2, 5, 8, 16, 35, 64, 77])
 def test_kernel_many_slots_and_zero_coefficients(distribution, m):
     """The C kernel's vectorized paths (up to 4 slots: Philox of 16 runs at once, blocks of 128 in registers;
-    beyond 4 slots the group tables, Philox of 4 octets of slots interleaved, whole groups of 32 slots, partial groups and chunks)
-    against numpy, bit for bit, with +0.0 and -0.0 coefficients (the signs of zero sums)."""
+    beyond 4 slots the group tables, Philox of 4 octets of slots interleaved, whole groups of 32 slots, partial
+    groups and chunks) against numpy, bit for bit, with +0.0 and -0.0 coefficients (the signs of zero sums)."""
     seeds = [derive_seed(1, 2, s) for s in range(m)]
     coeffs = [0.0 if s % 5 == 0 else -0.0 if s % 5 == 1 else (-1) ** s * 1e-3 / (s + 1) for s in range(m)]
     src = torch.randn(40_000)
