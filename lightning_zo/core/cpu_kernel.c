@@ -164,7 +164,8 @@ static void rademacher_runs(float *dst, const float *src, uint64_t first, const 
 /* The table path keeps 8 slots' Philox chains in one register, one slot per 64-bit lane, its 32-bit word in the low
  * half: vpmuludq reads only the low halves, so a product's high half moves down by one 64-bit shift and no permute
  * gathers the halves (whatever the high halves hold is never read). On Zen 4 that, and the lookups below, spread
- * the work over the multiply, add and permute pipes: 64 slots 0.199 -> 0.162 ms per 131072 elements, one thread. */
+ * the work over the multiply, add and permute pipes: 64 slots 0.199 -> 0.152 ms per 131072 elements, one thread
+ * (docs/PERFORMANCE.md). */
 
 /* Philox's round keys of one octet of slots (lane i: seeds[i], lanes >= n: seed 0), in the low half of each 64-bit
  * lane: keys[2r] = k0 + r W0, keys[2r + 1] = k1 + r W1 for rounds r = 0..9. They depend on the seeds only, so one
@@ -203,7 +204,7 @@ static inline __attribute__((always_inline)) void philox_octets(uint64_t block, 
             __m512i p0 = _mm512_mul_epu32(c0[j], m0), p1 = _mm512_mul_epu32(c2[j], m1);
             c0[j] = _mm512_ternarylogic_epi64(_mm512_srli_epi64(p1, 32), c1[j], keys[20 * j + 2 * r], 0x96);
             c2[j] = _mm512_ternarylogic_epi64(_mm512_srli_epi64(p0, 32), c3[j], keys[20 * j + 2 * r + 1], 0x96);
-            c1[j] = p1;  /* lo32(p1) ^ ... in the low half */
+            c1[j] = p1;  /* lo32(p1), in the low half */
             c3[j] = p0;
         }
     }
@@ -238,8 +239,8 @@ static inline __attribute__((always_inline)) __m512i rotate_right(__m512i x, int
 /* One octet's sign bits as one byte per element, and each element's pair sum (its two groups' looked-up sums
  * added, or its lone group's sum) accumulated into acc in slot_sum's order (first: acc = the sum). vpermps reads
  * the low 4 bits of each dword of its index, so dword i of a bytes register, rotated right by 8k (+4 for the
- * second group's nibble), looks up element 4i + k: acc[4h + k] lane i holds element 64h + 4i + k (run_tables puts
- * them back in order). A rotate runs beside the permutes and adds, where a byte permute (vpermb) competed with
+ * second group's nibble), looks up element 4i + k: acc[4h + k] lane i holds element 64h + 4i + k (rademacher_run_tables
+ * puts them back in order). A rotate runs beside the permutes and adds, where a byte permute (vpermb) competed with
  * them. */
 static inline __attribute__((always_inline)) void octet_sums(const __m512i w[4], __m512i octet_idx,
                                                              const float *tables, int pair, int first,
@@ -265,7 +266,7 @@ static inline __attribute__((always_inline)) void octet_sums(const __m512i w[4],
  * `keys`: octet_keys of each 8 slots. */
 static void rademacher_run_tables(float *dst, const float *src, uint64_t block, const __m512i *keys,
                                   const float *tables, int m, int accumulate, int stream) {
-    __m512 acc[8] = {0};  /* each lane's first octet sets it (octet_sums' first) */
+    __m512 acc[8] = {0};  /* the first octet sets it (octet_sums' `first`); zeroed for the compiler's sake */
     __m512i words[4][4];
     const __m512i octet_idx = octet_index();
     if (m % 32 == 0) {  /* whole groups of 4 octets (32, 64, 512 slots...): unrolled without branches, 3 % faster */
