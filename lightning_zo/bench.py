@@ -253,9 +253,9 @@ def run(name: str, device: torch.device, dtype: torch.dtype, repeat: int, machin
 
     # Where the Triton kernel runs, its older Rademacher layout is timed in the same alternation (PERFORMANCE.md).
     compare = triton_kernel.available(device)  # CUDA, or the CPU under TRITON_INTERPRET=1 (tests)
-    fwd_ms, step_ms, fused_ms, prefetch_ms, prefetch_fused_ms, *words_ms = timed_alternating(
+    fwd_ms, step_ms, fused_ms, prefetch_ms, prefetch_fused_ms, gaussian_ms, *words_ms = timed_alternating(
         [aside(forward), aside(zo_step), functools.partial(zo_step, fuse=True), aside(prefetching(zo_step)),
-         prefetching(functools.partial(zo_step, fuse=True))]
+         prefetching(functools.partial(zo_step, fuse=True)), aside(functools.partial(zo_step, "gaussian"))]
         + ([aside(in_layout("words", zo_step))] if compare else []), device, repeat)
     engine.flush()
     with PeakMemory(device) as prefetch_mem:
@@ -279,6 +279,7 @@ def run(name: str, device: torch.device, dtype: torch.dtype, repeat: int, machin
            "fused_step_ms": round(fused_ms, 2), "fused_step_over_2fwd": round(fused_ms / (2 * fwd_ms), 3),
            "prefetch_step_over_2fwd": round(prefetch_ms / (2 * fwd_ms), 3),
            "prefetch_fused_step_over_2fwd": round(prefetch_fused_ms / (2 * fwd_ms), 3),
+           "gaussian_step_over_2fwd": round(gaussian_ms / (2 * fwd_ms), 3),
            **({"words_layout_step_over_2fwd": round(words_ms[0] / (2 * fwd_ms), 3)} if words_ms else {}),
            "mezo_step_ms": round(mezo_ms, 2),
            "mezo_step_over_2fwd": round(mezo_ms / (2 * fwd_ms), 3), "rw_floor_ms": round(floor_ms, 2),

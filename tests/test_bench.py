@@ -18,7 +18,8 @@ def test_bench_prints_every_figure_and_a_profile_of_one_step(capsys):
         for n in ns:
             assert figures[f"update_ms_{distribution}_n{n}"] > 0
             assert figures[f"update_over_floor_{distribution}_n{n}"] > 0
-    assert figures["step_over_2fwd"] > 0 and figures["mezo_update_ms_n5"] > 0
+    assert figures["step_over_2fwd"] > 0 and figures["gaussian_step_over_2fwd"] > 0
+    assert figures["mezo_update_ms_n5"] > 0
     # The tiny Llama: 2 blocks and the embedding's rows, each one pass of the C kernel per perturbed forward.
     assert (figures["blocks"], figures["materialized_per_forward"]) == (2, 3)
     assert figures["launches_per_forward"] == figures["other_calls_per_forward"] == 0

@@ -157,6 +157,22 @@ def test_kernel_many_slots_and_zero_coefficients(distribution, m):
         assert torch.equal(got.view(torch.int32), want.view(torch.int32)), (m, offset)
 
 
+@pytest.mark.parametrize("distribution", ["rademacher", "gaussian"])
+def test_kernel_takes_any_number_of_whole_runs(distribution):
+    """The kernel's vector paths take whole 128-element runs several at a time (Philox of 4 or 16 runs at once, or
+    of 4 slots): 1 to 17 whole runs, with a partial run after them, also where the 64-bit block counters carry into
+    their high word (Gaussian at 2**35, Rademacher at 2**39), equal numpy bit for bit, for one slot and several."""
+    for m in (1, 2, 5):
+        seeds = [derive_seed(9, 3, s) for s in range(m)]
+        coeffs = [(-1) ** s * 1e-3 / (s + 1) for s in range(m)]
+        for runs in (1, 2, 3, 4, 5, 16, 17):
+            src = torch.randn(128 * runs + 17)
+            for offset in (128 * 5, 2**35 - 128 * 2, 2**39 - 128 * 2):
+                want = add_noise_sum(torch.empty_like(src), src, seeds, coeffs, offset, distribution, "numpy")
+                got = add_noise_sum(torch.empty_like(src), src, seeds, coeffs, offset, distribution, "kernel")
+                assert torch.equal(got.view(torch.int32), want.view(torch.int32)), (m, runs, offset)
+
+
 @pytest.mark.parametrize("cap", ["1", "avx2", "portable"])
 def test_every_instruction_set_path_gives_the_reference_bits(monkeypatch, request, cap):
     """The kernel built for this CPU, capped at AVX2, and without either vector extension (LIGHTNING_ZO_CPU_KERNEL):

@@ -12,6 +12,11 @@
 #include <omp.h>
 #endif
 
+/* Built as a shared library (-fPIC), GCC inlines a static function called once into noise_sum, and two of them
+ * then ran slower there, one thread, 131072 elements: rademacher_run_tables (64 slots 0.168 ms against 0.152 ms on
+ * its own) and gaussian_terms_avx2 (1 slot 0.207 against 0.168 ms). */
+#define NOT_INLINED __attribute__((noinline))
+
 #define M0 0xD2511F53u
 #define M1 0xCD9E8D57u
 #define W0 0x9E3779B9u
@@ -53,30 +58,53 @@ static inline void philox16(uint64_t first_block, uint64_t seed, uint32_t out[4]
 #if defined(__AVX512VBMI__) && defined(__GFNI__)
 #define HAVE_RUN_TABLES 1  /* byte permutes and the GF(2) affine bit transpose */
 #endif
-/* Philox of J <= 4 interleaved 16-lane chains (so that the multiplies' latency overlaps) from its folded first
- * round: a counter (lo, hi, 0, 0) gives c0 = hi ^ k0, c1 = 0, c2 = hi32(M0 lo) ^ k1 and c3 = lo32(M0 lo), so the
- * caller passes hi and M0 lo's halves; keys[20 * j + 2r] and keys[20 * j + 2r + 1]: chain j's round keys k0 + r W0
- * and k1 + r W1. The high and low halves of the 32x32 products are gathered by one two-source permute each. */
-static inline __attribute__((always_inline)) void philox_rounds(__m512i counter_hi, __m512i p_hi, __m512i p_lo,
-                                                                const __m512i *keys, int J, __m512i out[4][4]) {
+/* philox() of J <= 4 chains of 16 lanes, interleaved so that the multiplies' latency overlaps: chain j's lane i is
+ * block first + step j + i under seeds[kstep j] (step 0: the same 16 blocks under J seeds, for few slots the calls
+ * vectorize across runs, not slots; kstep 0: one seed over 16 J consecutive blocks). The first round is folded: a
+ * counter (lo, hi, 0, 0) gives c0 = hi ^ k0, c1 = 0, c2 = hi32(M0 lo) ^ k1 and c3 = lo32(M0 lo). The high and low
+ * halves of the 32x32 products are gathered by one two-source permute each. Same integer function. */
+static inline __attribute__((always_inline)) void philox_chains(uint64_t first, int step, const uint64_t *seeds,
+                                                                int kstep, int J, __m512i out[4][4]) {
     const __m512i m0 = _mm512_set1_epi64(M0), m1 = _mm512_set1_epi64(M1);
     const __m512i lo_idx = _mm512_setr_epi32(0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30);
     const __m512i hi_idx = _mm512_setr_epi32(1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
-    __m512i c0[4], c1[4], c2[4], c3[4];
+    __m512i c0[4], c1[4], c2[4], c3[4], keys[4 * 20], counter_hi[4], p_hi[4], p_lo[4];
+    for (int j = 0; j < (kstep ? J : 1); j++) {  /* chain j's round keys k0 + r W0 and k1 + r W1 */
+        uint32_t k0 = (uint32_t)seeds[kstep * j], k1 = (uint32_t)(seeds[kstep * j] >> 32);
+        for (int r = 0; r < 10; r++) {
+            keys[20 * j + 2 * r] = _mm512_set1_epi32((int)(k0 + (uint32_t)r * W0));
+            keys[20 * j + 2 * r + 1] = _mm512_set1_epi32((int)(k1 + (uint32_t)r * W1));
+        }
+    }
+    for (int j = 0; j < (step ? J : 1); j++) {  /* chain j's counters, and the first round's product */
+        uint32_t lo[16], hi[16];
+        for (int i = 0; i < 16; i++) {
+            uint64_t block = first + (uint64_t)(step * j + i);
+            lo[i] = (uint32_t)block; hi[i] = (uint32_t)(block >> 32);
+        }
+        __m512i counter_lo = _mm512_loadu_si512(lo);
+        __m512i e = _mm512_mul_epu32(counter_lo, m0), o = _mm512_mul_epu32(_mm512_srli_epi64(counter_lo, 32), m0);
+        counter_hi[j] = _mm512_loadu_si512(hi);
+        p_hi[j] = _mm512_permutex2var_epi32(e, hi_idx, o);
+        p_lo[j] = _mm512_permutex2var_epi32(e, lo_idx, o);
+    }
     for (int j = 0; j < J; j++) {
-        c0[j] = _mm512_xor_si512(counter_hi, keys[20 * j]);
+        const __m512i *k = keys + 20 * (kstep ? j : 0);
+        int c = step ? j : 0;
+        c0[j] = _mm512_xor_si512(counter_hi[c], k[0]);
         c1[j] = _mm512_setzero_si512();
-        c2[j] = _mm512_xor_si512(p_hi, keys[20 * j + 1]);
-        c3[j] = p_lo;
+        c2[j] = _mm512_xor_si512(p_hi[c], k[1]);
+        c3[j] = p_lo[c];
     }
     for (int r = 1; r < 10; r++) {
         for (int j = 0; j < J; j++) {
+            const __m512i *k = keys + 20 * (kstep ? j : 0);
             __m512i e0 = _mm512_mul_epu32(c0[j], m0), o0 = _mm512_mul_epu32(_mm512_srli_epi64(c0[j], 32), m0);
             __m512i e1 = _mm512_mul_epu32(c2[j], m1), o1 = _mm512_mul_epu32(_mm512_srli_epi64(c2[j], 32), m1);
             __m512i hi0 = _mm512_permutex2var_epi32(e0, hi_idx, o0), lo0 = _mm512_permutex2var_epi32(e0, lo_idx, o0);
             __m512i hi1 = _mm512_permutex2var_epi32(e1, hi_idx, o1), lo1 = _mm512_permutex2var_epi32(e1, lo_idx, o1);
-            c0[j] = _mm512_ternarylogic_epi32(hi1, c1[j], keys[20 * j + 2 * r], 0x96);  /* hi1 ^ c1 ^ k0 */
-            c2[j] = _mm512_ternarylogic_epi32(hi0, c3[j], keys[20 * j + 2 * r + 1], 0x96);
+            c0[j] = _mm512_ternarylogic_epi32(hi1, c1[j], k[2 * r], 0x96);  /* hi1 ^ c1 ^ k0 */
+            c2[j] = _mm512_ternarylogic_epi32(hi0, c3[j], k[2 * r + 1], 0x96);
             c1[j] = lo1;
             c3[j] = lo0;
         }
@@ -84,31 +112,15 @@ static inline __attribute__((always_inline)) void philox_rounds(__m512i counter_
     for (int j = 0; j < J; j++) { out[j][0] = c0[j]; out[j][1] = c1[j]; out[j][2] = c2[j]; out[j][3] = c3[j]; }
 }
 
-/* philox() of the 16 consecutive blocks first.. (lane i: block first + i) under J <= 4 keys (one slot each), the J
- * chains interleaved so that the multiplies' latency overlaps: for few slots the calls vectorize across runs, not
- * slots. The first round is folded (counter words 2 and 3 are 0, so it has one product). Same integer function. */
-static inline __attribute__((always_inline)) void philox_runs(uint64_t first, const uint64_t *seeds, int J,
+/* philox() of the 16 consecutive blocks first.. (lane i: block first + i) under min(n, 4) seeds (one slot each). */
+static inline __attribute__((always_inline)) void philox_runs(uint64_t first, const uint64_t *seeds, int n,
                                                               __m512i out[4][4]) {
-    const __m512i m0 = _mm512_set1_epi64(M0);
-    const __m512i lo_idx = _mm512_setr_epi32(0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30);
-    const __m512i hi_idx = _mm512_setr_epi32(1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
-    uint32_t lo[16], hi[16];
-    for (int i = 0; i < 16; i++) {
-        uint64_t block = first + (uint64_t)i;
-        lo[i] = (uint32_t)block; hi[i] = (uint32_t)(block >> 32);
+    switch (n >= 4 ? 4 : n) {  /* constant J, so each case's loops unroll */
+        case 4: philox_chains(first, 0, seeds, 1, 4, out); break;
+        case 3: philox_chains(first, 0, seeds, 1, 3, out); break;
+        case 2: philox_chains(first, 0, seeds, 1, 2, out); break;
+        default: philox_chains(first, 0, seeds, 1, 1, out); break;
     }
-    __m512i counter_lo = _mm512_loadu_si512(lo), counter_hi = _mm512_loadu_si512(hi);
-    __m512i e = _mm512_mul_epu32(counter_lo, m0), o = _mm512_mul_epu32(_mm512_srli_epi64(counter_lo, 32), m0);
-    __m512i p_hi = _mm512_permutex2var_epi32(e, hi_idx, o), p_lo = _mm512_permutex2var_epi32(e, lo_idx, o);
-    __m512i keys[4 * 20];
-    for (int j = 0; j < J; j++) {
-        uint32_t k0 = (uint32_t)seeds[j], k1 = (uint32_t)(seeds[j] >> 32);
-        for (int r = 0; r < 10; r++) {
-            keys[20 * j + 2 * r] = _mm512_set1_epi32((int)(k0 + (uint32_t)r * W0));
-            keys[20 * j + 2 * r + 1] = _mm512_set1_epi32((int)(k1 + (uint32_t)r * W1));
-        }
-    }
-    philox_rounds(counter_hi, p_hi, p_lo, keys, J, out);
 }
 
 /* 1 to 16 whole aligned Rademacher runs (128 elements each, from Philox block `first`) over m <= 4 slots, with
@@ -119,12 +131,7 @@ static void rademacher_runs(float *dst, const float *src, uint64_t first, const 
                             const float *coeffs, int m, int runs, int accumulate, int stream) {
     __m512i out[4][4];
     uint32_t words[4][4][16] __attribute__((aligned(64)));  /* [slot][word][run] */
-    switch (m) {  /* constant J, so each case's loops unroll */
-        case 4: philox_runs(first, seeds, 4, out); break;
-        case 3: philox_runs(first, seeds, 3, out); break;
-        case 2: philox_runs(first, seeds, 2, out); break;
-        default: philox_runs(first, seeds, 1, out); break;
-    }
+    philox_runs(first, seeds, m, out);
     for (int j = 0; j < m; j++)
         for (int q = 0; q < 4; q++) _mm512_store_si512(words[j][q], out[j][q]);
     const __m512i sign = _mm512_set1_epi32((int)0x80000000u);
@@ -156,6 +163,55 @@ static void rademacher_runs(float *dst, const float *src, uint64_t first, const 
                 _mm512_storeu_ps(d + 32 * q, lo);
                 _mm512_storeu_ps(d + 32 * q + 16, hi);
             }
+        }
+    }
+}
+
+/* Lane permutations of two-source permutes: interleave the low (high) 8 lanes of a and b; then each pair of lanes of
+ * the first 4 (last 4) pairs of a and of b in turn. Together they turn 4 registers [w][i] into 4 registers of dwords
+ * 4i + w (a 4 x 16 transpose); rademacher_run_tables puts its sums in element order with them too. */
+static const int32_t interleave_low[16] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23};
+static const int32_t interleave_high[16] = {8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+static const int32_t pairs_first[16] = {0, 1, 16, 17, 2, 3, 18, 19, 4, 5, 20, 21, 6, 7, 22, 23};
+static const int32_t pairs_last[16] = {8, 9, 24, 25, 10, 11, 26, 27, 12, 13, 28, 29, 14, 15, 30, 31};
+
+/* coeff * z over one whole aligned Gaussian run (128 elements, 16 Philox blocks) from its blocks' words (w[q] lane b:
+ * word q of block b), in element order: x[k] holds elements 16k..16k + 15. Element 8b + l is uint16 half l % 2 of
+ * word l / 2 of block b, so once the words are in block-major order (a 4 x 16 transpose) their halves are the
+ * table indices in element order; 16 table entries per vgatherdps. The portable loop's multiply, so the same bits. */
+static inline __attribute__((always_inline)) void gaussian_values(const __m512i w[4], float coeff,
+                                                                  const float *table, __m512 x[8]) {
+    const __m512i low = _mm512_loadu_si512(interleave_low), high = _mm512_loadu_si512(interleave_high);
+    const __m512i first = _mm512_loadu_si512(pairs_first), last = _mm512_loadu_si512(pairs_last);
+    const __m512i w01[2] = {_mm512_permutex2var_epi32(w[0], low, w[1]), _mm512_permutex2var_epi32(w[0], high, w[1])};
+    const __m512i w23[2] = {_mm512_permutex2var_epi32(w[2], low, w[3]), _mm512_permutex2var_epi32(w[2], high, w[3])};
+    const __m512 cv = _mm512_set1_ps(coeff);
+    for (int j = 0; j < 4; j++) {  /* blocks 4j..4j + 3: elements 32j..32j + 31 */
+        __m512i idx = _mm512_permutex2var_epi32(w01[j >> 1], j & 1 ? last : first, w23[j >> 1]);
+        x[2 * j] = _mm512_mul_ps(cv, _mm512_i32gather_ps(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(idx)), table, 4));
+        x[2 * j + 1] = _mm512_mul_ps(cv, _mm512_i32gather_ps(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(idx, 1)),
+                                                             table, 4));
+    }
+}
+
+/* 1 to 4 whole aligned Gaussian runs of one slot (the perturbation's case): dst = (src +) coeff * z. Philox of the
+ * runs' 64 blocks as 4 interleaved chains of one seed (`first`: the first run's first block). */
+static void gaussian_runs(float *dst, const float *src, uint64_t first, uint64_t seed, float coeff,
+                          const float *table, int runs, int accumulate, int stream) {
+    __m512i words[4][4];
+    switch (runs) {  /* constant J, so each case's loops unroll */
+        case 4: philox_chains(first, 16, &seed, 0, 4, words); break;
+        case 3: philox_chains(first, 16, &seed, 0, 3, words); break;
+        case 2: philox_chains(first, 16, &seed, 0, 2, words); break;
+        default: philox_chains(first, 16, &seed, 0, 1, words); break;
+    }
+    for (int r = 0; r < runs; r++) {
+        __m512 x[8];
+        gaussian_values(words[r], coeff, table, x);
+        for (int k = 0; k < 8; k++) {
+            float *d = dst + 128 * r + 16 * k;
+            __m512 y = accumulate ? _mm512_add_ps(_mm512_loadu_ps(src + 128 * r + 16 * k), x[k]) : x[k];
+            if (stream) _mm512_stream_ps(d, y); else _mm512_storeu_ps(d, y);
         }
     }
 }
@@ -264,8 +320,8 @@ static inline __attribute__((always_inline)) void octet_sums(const __m512i w[4],
  * group_tables), so a lookup gives exactly the group's sum; each octet's two groups are added and the octets' sums
  * accumulated in order (octet_sums): slot_sum's bits. Philox runs 4 octets (32 slots) at a time.
  * `keys`: octet_keys of each 8 slots. */
-static void rademacher_run_tables(float *dst, const float *src, uint64_t block, const __m512i *keys,
-                                  const float *tables, int m, int accumulate, int stream) {
+static NOT_INLINED void rademacher_run_tables(float *dst, const float *src, uint64_t block, const __m512i *keys,
+                                              const float *tables, int m, int accumulate, int stream) {
     __m512 acc[8] = {0};  /* the first octet sets it (octet_sums' `first`); zeroed for the compiler's sake */
     __m512i words[4][4];
     const __m512i octet_idx = octet_index();
@@ -299,12 +355,8 @@ static void rademacher_run_tables(float *dst, const float *src, uint64_t block, 
     /* Back to element order: element 64h + 16n + t is acc[4h + t % 4] lane 4n + t / 4. Interleave lanes of
      * acc[4h] with acc[4h + 1] (low: P0, high: P1) and of acc[4h + 2] with acc[4h + 3] (Q0, Q1), then each 16
      * elements are one two-source permute of P and Q. */
-    static const int32_t low_lanes[16] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23};
-    static const int32_t high_lanes[16] = {8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
-    static const int32_t gather[2][16] = {{0, 1, 16, 17, 2, 3, 18, 19, 4, 5, 20, 21, 6, 7, 22, 23},
-                                          {8, 9, 24, 25, 10, 11, 26, 27, 12, 13, 28, 29, 14, 15, 30, 31}};
-    const __m512i low = _mm512_loadu_si512(low_lanes), high = _mm512_loadu_si512(high_lanes);
-    const __m512i even = _mm512_loadu_si512(gather[0]), odd = _mm512_loadu_si512(gather[1]);
+    const __m512i low = _mm512_loadu_si512(interleave_low), high = _mm512_loadu_si512(interleave_high);
+    const __m512i even = _mm512_loadu_si512(pairs_first), odd = _mm512_loadu_si512(pairs_last);
     for (int h = 0; h < 2; h++) {
         __m512 p[2] = {_mm512_permutex2var_ps(acc[4 * h], low, acc[4 * h + 1]),
                        _mm512_permutex2var_ps(acc[4 * h], high, acc[4 * h + 1])};
@@ -514,8 +566,8 @@ static void rademacher_run_octets(float *dst, const float *src, uint64_t block, 
  * by_lane (terms[16 * lane + block] is element 8 * block + lane), stored (fresh) or added: Philox for the 16 blocks
  * as 2 chains of 8 under the slot's round keys (`keys`, round_keys8 with spread), and 8 table entries per
  * vgatherdps. */
-static void gaussian_terms_avx2(uint64_t first, const __m256i *keys, float coeff, const float *table, float *terms,
-                                int fresh) {
+static NOT_INLINED void gaussian_terms_avx2(uint64_t first, const __m256i *keys, float coeff, const float *table,
+                                            float *terms, int fresh) {
     __m256i c[4][4];
     counters8(first, c[0]);
     counters8(first + 8, c[1]);
@@ -561,6 +613,13 @@ static void close_slot(float *group, float *pair, float *total, int s, int m, in
     }
 }
 
+/* Whole Gaussian runs' terms: lane-major (by_lane) but with AVX-512, which writes them in element order. */
+#ifdef HAVE_RUN_AVX512
+#define GAUSSIAN_LANE_MAJOR 0
+#else
+#define GAUSSIAN_LANE_MAJOR 1
+#endif
+
 #if defined(HAVE_RUN_TABLES) || defined(HAVE_RUN_AVX2)
 /* The 16 sums of each group of 4 slots for every sign pattern b (bit i set: slot 4j+i's z is -1), in slot_sum's
  * order; bits of slots past the last are ignored (their entries repeat). */
@@ -586,6 +645,9 @@ void noise_sum(float *dst, const float *src, int64_t n, uint64_t offset, const u
                const float *coeffs, int m, int gaussian_dist, const float *table, int accumulate) {
     float group[128], pair[128], acc[128], by_lane[8][16];
     int64_t i = 0;
+#ifdef HAVE_RUN_AVX512
+    __m512i gauss_words[4][4];  /* a whole Gaussian run's Philox words of 4 slots */
+#endif
 #ifdef HAVE_RUN_TABLES
     float *tables = NULL;
     __m512i *keys = NULL;
@@ -667,6 +729,13 @@ void noise_sum(float *dst, const float *src, int64_t n, uint64_t offset, const u
         }
 #endif
 #ifdef HAVE_RUN_AVX512
+        if (gaussian_dist && count == 128 && m == 1) {
+            int stream = dst != src && ((uintptr_t)(dst + i) & 63) == 0;
+            int runs = n - i >= 4 * 128 ? 4 : (int)((n - i) / 128);
+            gaussian_runs(dst + i, src + i, g0 >> 3, seeds[0], coeffs[0], table, runs, accumulate, stream);
+            i += 128 * (int64_t)runs;
+            continue;
+        }
         if (!gaussian_dist && count == 128 && m >= 1) {
             /* A separate destination (a perturbed copy) is written with streaming stores when aligned: no read
              * of lines that are about to be overwritten. For m <= 4, slot_sum is the left-to-right sum. */
@@ -686,8 +755,10 @@ void noise_sum(float *dst, const float *src, int64_t n, uint64_t offset, const u
 #endif
         }
 #endif
-        /* by_lane's layout for a whole Gaussian run, natural otherwise: the same for all three partial sums. */
-        float *terms = gaussian_dist && count == 128 ? &by_lane[0][0] : group;
+        /* by_lane's layout for a whole Gaussian run (AVX-512 writes its terms in element order), natural
+         * otherwise: the same for all three partial sums. */
+        int lane_major = GAUSSIAN_LANE_MAJOR && gaussian_dist && count == 128;
+        float *terms = lane_major ? &by_lane[0][0] : group;
         for (int s = 0; s < m; s++) {
             union { float f; uint32_t u; } c = {coeffs[s]};
             uint32_t w[4];
@@ -712,6 +783,16 @@ void noise_sum(float *dst, const float *src, int64_t n, uint64_t offset, const u
                     float v = signed_coeff(c.u, (w[b >> 5] >> (b & 31)) & 1u);
                     terms[j] = fresh ? v : terms[j] + v;
                 }
+#ifdef HAVE_RUN_AVX512
+            } else if (count == 128) {  /* Philox of 4 slots at once, then each slot's terms in element order */
+                if ((s & 3) == 0) philox_runs(g0 >> 3, seeds + s, m - s, gauss_words);
+                __m512 x[8];
+                gaussian_values(gauss_words[s & 3], coeffs[s], table, x);
+                for (int k = 0; k < 8; k++) {
+                    float *t = terms + 16 * k;
+                    _mm512_storeu_ps(t, fresh ? x[k] : _mm512_add_ps(_mm512_loadu_ps(t), x[k]));
+                }
+#endif
 #ifdef HAVE_RUN_AVX2
             } else if (count == 128 && gauss_keys) {
                 gaussian_terms_avx2(g0 >> 3, gauss_keys + 20 * s, coeffs[s], table, terms, fresh);
@@ -743,7 +824,7 @@ void noise_sum(float *dst, const float *src, int64_t n, uint64_t offset, const u
             }
             close_slot(terms, pair, acc, s, m, count == 128 ? 128 : count);
         }
-        if (gaussian_dist && count == 128) {
+        if (lane_major) {
             float natural[128];
             for (int j = 0; j < 128; j++) natural[j] = acc[(j & 7) * 16 + (j >> 3)];
             for (int j = 0; j < 128; j++) acc[j] = natural[j];
