@@ -14,7 +14,7 @@
 
 /* Built as a shared library (-fPIC), GCC inlines a static function called once into noise_sum, and two of them
  * then ran slower there, one thread, 131072 elements: rademacher_run_tables (64 slots 0.168 ms against 0.152 ms on
- * its own) and gaussian_terms_avx2 (1 slot 0.207 against 0.168 ms). */
+ * its own) and gaussian_terms_avx2 (1 slot 0.17 against 0.13 ms, 5 slots 0.78 against 0.57 ms). */
 #define NOT_INLINED __attribute__((noinline))
 
 #define M0 0xD2511F53u
@@ -562,10 +562,10 @@ static void rademacher_run_octets(float *dst, const float *src, uint64_t block, 
     }
 }
 
-/* One slot's terms coeff * z over a whole aligned Gaussian run (16 blocks), lane-major as the portable loop's
- * by_lane (terms[16 * lane + block] is element 8 * block + lane), stored (fresh) or added: Philox for the 16 blocks
- * as 2 chains of 8 under the slot's round keys (`keys`, round_keys8 with spread), and 8 table entries per
- * vgatherdps. */
+/* One slot's terms coeff * z over a whole aligned Gaussian run (16 blocks), in element order, stored (fresh) or
+ * added: Philox for the 16 blocks as 2 chains of 8 under the slot's round keys (`keys`, round_keys8 with spread),
+ * each chain's words put in block-major order (a 4 x 8 transpose: 128-bit lane h of row k holds block k + 4h's 4
+ * words), whose 8 uint16 halves are that block's table indices in element order, and 8 entries per vgatherdps. */
 static NOT_INLINED void gaussian_terms_avx2(uint64_t first, const __m256i *keys, float coeff, const float *table,
                                             float *terms, int fresh) {
     __m256i c[4][4];
@@ -573,15 +573,19 @@ static NOT_INLINED void gaussian_terms_avx2(uint64_t first, const __m256i *keys,
     counters8(first + 8, c[1]);
     philox8(c, keys, 0, 2, 0);
     const __m256 cv = _mm256_set1_ps(coeff);
-    const __m256i low16 = _mm256_set1_epi32(0xFFFF);
-    for (int j = 0; j < 2; j++)
-        for (int q = 0; q < 4; q++)
-            for (int half = 0; half < 2; half++) {  /* lane 2q + half: word q's low or high 16 bits */
-                __m256i idx = half ? _mm256_srli_epi32(c[j][q], 16) : _mm256_and_si256(c[j][q], low16);
-                __m256 x = _mm256_mul_ps(cv, _mm256_i32gather_ps(table, idx, 4));
-                float *t = terms + 16 * (2 * q + half) + 8 * j;
+    for (int j = 0; j < 2; j++) {
+        __m256i w01l = _mm256_unpacklo_epi32(c[j][0], c[j][1]), w01h = _mm256_unpackhi_epi32(c[j][0], c[j][1]);
+        __m256i w23l = _mm256_unpacklo_epi32(c[j][2], c[j][3]), w23h = _mm256_unpackhi_epi32(c[j][2], c[j][3]);
+        const __m256i rows[4] = {_mm256_unpacklo_epi64(w01l, w23l), _mm256_unpackhi_epi64(w01l, w23l),
+                                 _mm256_unpacklo_epi64(w01h, w23h), _mm256_unpackhi_epi64(w01h, w23h)};
+        for (int k = 0; k < 4; k++)
+            for (int h = 0; h < 2; h++) {
+                __m128i idx = h ? _mm256_extracti128_si256(rows[k], 1) : _mm256_castsi256_si128(rows[k]);
+                __m256 x = _mm256_mul_ps(cv, _mm256_i32gather_ps(table, _mm256_cvtepu16_epi32(idx), 4));
+                float *t = terms + 8 * (8 * j + k + 4 * h);
                 _mm256_storeu_ps(t, fresh ? x : _mm256_add_ps(_mm256_loadu_ps(t), x));
             }
+    }
 }
 #endif /* AVX2 */
 
@@ -612,13 +616,6 @@ static void close_slot(float *group, float *pair, float *total, int s, int m, in
         for (int64_t j = 0; j < n; j++) total[j] += pair[j];
     }
 }
-
-/* Whole Gaussian runs' terms: lane-major (by_lane) but with AVX-512, which writes them in element order. */
-#ifdef HAVE_RUN_AVX512
-#define GAUSSIAN_LANE_MAJOR 0
-#else
-#define GAUSSIAN_LANE_MAJOR 1
-#endif
 
 #if defined(HAVE_RUN_TABLES) || defined(HAVE_RUN_AVX2)
 /* The 16 sums of each group of 4 slots for every sign pattern b (bit i set: slot 4j+i's z is -1), in slot_sum's
@@ -706,6 +703,11 @@ void noise_sum(float *dst, const float *src, int64_t n, uint64_t offset, const u
         if (posix_memalign((void **)&gauss_keys, 32, sizeof(__m256i) * 20 * (size_t)m)) gauss_keys = NULL;
         if (gauss_keys) round_keys8(seeds, m, 1, gauss_keys);
     }
+    int vector_gaussian = gauss_keys != NULL;
+#elif defined(HAVE_RUN_AVX512)
+    const int vector_gaussian = 1;
+#else
+    const int vector_gaussian = 0;
 #endif
     while (i < n) {
         uint64_t g0 = offset + (uint64_t)i;
@@ -755,9 +757,9 @@ void noise_sum(float *dst, const float *src, int64_t n, uint64_t offset, const u
 #endif
         }
 #endif
-        /* by_lane's layout for a whole Gaussian run (AVX-512 writes its terms in element order), natural
-         * otherwise: the same for all three partial sums. */
-        int lane_major = GAUSSIAN_LANE_MAJOR && gaussian_dist && count == 128;
+        /* by_lane's layout for a whole Gaussian run of the portable loop, natural otherwise (the vector paths
+         * write their terms in element order): the same for all three partial sums. */
+        int lane_major = gaussian_dist && count == 128 && !vector_gaussian;
         float *terms = lane_major ? &by_lane[0][0] : group;
         for (int s = 0; s < m; s++) {
             union { float f; uint32_t u; } c = {coeffs[s]};
