@@ -112,15 +112,21 @@ static inline __attribute__((always_inline)) void philox_chains(uint64_t first, 
     for (int j = 0; j < J; j++) { out[j][0] = c0[j]; out[j][1] = c1[j]; out[j][2] = c2[j]; out[j][3] = c3[j]; }
 }
 
+/* philox_chains of min(n, 4) chains, with J a constant in each case so that its loops unroll. */
+static inline __attribute__((always_inline)) void philox_up_to_4(uint64_t first, int step, const uint64_t *seeds,
+                                                                 int kstep, int n, __m512i out[4][4]) {
+    switch (n >= 4 ? 4 : n) {
+        case 4: philox_chains(first, step, seeds, kstep, 4, out); break;
+        case 3: philox_chains(first, step, seeds, kstep, 3, out); break;
+        case 2: philox_chains(first, step, seeds, kstep, 2, out); break;
+        default: philox_chains(first, step, seeds, kstep, 1, out); break;
+    }
+}
+
 /* philox() of the 16 consecutive blocks first.. (lane i: block first + i) under min(n, 4) seeds (one slot each). */
 static inline __attribute__((always_inline)) void philox_runs(uint64_t first, const uint64_t *seeds, int n,
                                                               __m512i out[4][4]) {
-    switch (n >= 4 ? 4 : n) {  /* constant J, so each case's loops unroll */
-        case 4: philox_chains(first, 0, seeds, 1, 4, out); break;
-        case 3: philox_chains(first, 0, seeds, 1, 3, out); break;
-        case 2: philox_chains(first, 0, seeds, 1, 2, out); break;
-        default: philox_chains(first, 0, seeds, 1, 1, out); break;
-    }
+    philox_up_to_4(first, 0, seeds, 1, n, out);
 }
 
 /* 1 to 16 whole aligned Rademacher runs (128 elements each, from Philox block `first`) over m <= 4 slots, with
@@ -199,12 +205,7 @@ static inline __attribute__((always_inline)) void gaussian_values(const __m512i 
 static void gaussian_runs(float *dst, const float *src, uint64_t first, uint64_t seed, float coeff,
                           const float *table, int runs, int accumulate, int stream) {
     __m512i words[4][4];
-    switch (runs) {  /* constant J, so each case's loops unroll */
-        case 4: philox_chains(first, 16, &seed, 0, 4, words); break;
-        case 3: philox_chains(first, 16, &seed, 0, 3, words); break;
-        case 2: philox_chains(first, 16, &seed, 0, 2, words); break;
-        default: philox_chains(first, 16, &seed, 0, 1, words); break;
-    }
+    philox_up_to_4(first, 16, &seed, 0, runs, words);
     for (int r = 0; r < runs; r++) {
         __m512 x[8];
         gaussian_values(words[r], coeff, table, x);
