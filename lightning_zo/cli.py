@@ -259,20 +259,13 @@ def _app(cfg: DictConfig) -> None:
         run(cfg)
 
 
-def _release_process_group() -> None:
-    """The process is about to end: release torch.distributed's group now, not in its destructors at interpreter
-    exit, where rank 1 of a 2-rank torchrun run once aborted after finishing its work ("terminate called without an
-    active exception", tests/test_reliability.py; the strategy does the same for spawned ranks). Here, not in the
-    strategy's teardown: a script of the user's may go on to use the group after fit."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
 def main() -> None:
     """`lightning-zo [OVERRIDES]`: Hydra's command line (--help, -m, --cfg job, ...) with one-line errors."""
     with user_errors():
         precheck(sys.argv[1:])
     _app()
-    _release_process_group()
+    # Here, not in the strategy's teardown: under torchrun or Lightning's popen launcher the process ends with the
+    # command, while a user's own script may go on to use the group after fit.
+    from .integration.strategy import release_process_group
+
+    release_process_group()

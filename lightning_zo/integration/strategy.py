@@ -41,6 +41,14 @@ def module_settings(trainer: "pl.Trainer", module: "pl.LightningModule") -> dict
     return settings
 
 
+def release_process_group() -> None:
+    """Release torch.distributed's group now that the process's work is done, not in its destructors at interpreter
+    exit, where one rank of a 2-rank run (spawned, and once under torchrun) aborted after finishing its work
+    ("terminate called without an active exception")."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 class ZOStrategy(DDPStrategy):
     strategy_name = "zo"
 
@@ -189,11 +197,8 @@ class ZOStrategy(DDPStrategy):
         while self._restore:
             self._restore.pop()()
         super().teardown()
-        if self._start_method != "popen" and dist.is_available() and dist.is_initialized():
-            # A spawned rank's process ends right after fit: release the gloo group here, not in its destructors at
-            # interpreter exit, where one rank of a 2-rank spawn run once aborted ("terminate called without an
-            # active exception") after finishing its work.
-            dist.destroy_process_group()
+        if self._start_method != "popen":  # a spawned rank's process ends right after fit
+            release_process_group()
 
     @classmethod
     @override
