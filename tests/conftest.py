@@ -32,7 +32,7 @@ def _quiet_env(monkeypatch):
 
 
 # A test that starts training processes (through these helpers, a launcher or SLURM) is slow.
-_STARTS_PROCESSES = re.compile(r"\b(train|fit|_two_nodes|sbatch|subprocess\.(run|Popen)|Popen)\(")
+_STARTS_PROCESSES = re.compile(r"\b(train|fit|python|_two_nodes|sbatch|subprocess\.(run|Popen)|Popen)\(")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import select
+import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -91,12 +95,85 @@ def env() -> dict:
 TINY = ["model=tiny", "trainer.accelerator=cpu", "trainer.val_check_interval=1000", "trainer.enable_progress_bar=false"]
 
 
+class ForkServer:
+    """The client of tests/forkserver.py: runs `python script args...` as a child forked from a server that has
+    already imported the training stack (one server per pytest worker, started on first use)."""
+
+    _server: subprocess.Popen | None = None
+    _env: dict | None = None
+
+    @staticmethod
+    def _comparable(e: dict) -> dict:
+        return {k: v for k, v in e.items() if k != "PYTEST_CURRENT_TEST"}
+
+    @classmethod
+    def usable(cls, run_env: dict) -> bool:
+        """Starts the server (again) where it is not running, or was started with another environment: an import
+        may have read any variable (a server costs one import, as much as the plain subprocess it replaces)."""
+        if os.environ.get("LIGHTNING_ZO_TEST_FORKSERVER", "1") == "0":
+            return False
+        running = cls._server is not None and cls._server.poll() is None
+        if not running or cls._comparable(run_env) != cls._comparable(cls._env):
+            cls._start(run_env)
+        return cls._server is not None
+
+    @classmethod
+    def _start(cls, run_env: dict) -> None:
+        if cls._server is not None:
+            cls._server.kill()
+            cls._server.wait()
+        cls._server, cls._env = None, dict(run_env)
+        server = subprocess.Popen([sys.executable, str(REPO / "tests" / "forkserver.py")], cwd=REPO, env=run_env,
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
+        if cls._reply(server, 120).get("ready"):
+            cls._server = server
+            atexit.register(server.kill)
+        else:
+            server.kill()
+
+    @staticmethod
+    def _reply(server: subprocess.Popen, timeout: float) -> dict:
+        ready, _, _ = select.select([server.stdout], [], [], timeout)
+        line = server.stdout.readline() if ready else b""
+        return json.loads(line) if line else {}
+
+    @classmethod
+    def run(cls, cmd: list[str], cwd: Path, run_env: dict, timeout: float) -> subprocess.CompletedProcess:
+        with tempfile.TemporaryDirectory() as d:
+            out, err = Path(d) / "stdout", Path(d) / "stderr"
+            request = {"argv": cmd[1:], "cwd": str(cwd), "env": run_env, "stdout": str(out), "stderr": str(err)}
+            cls._server.stdin.write(json.dumps(request).encode() + b"\n")
+            cls._server.stdin.flush()
+            pid = cls._reply(cls._server, 60).get("pid")
+            if pid is None:
+                raise RuntimeError(f"tests/forkserver.py did not start {cmd[1:]} (exit code {cls._server.poll()})")
+            reply = cls._reply(cls._server, timeout)
+            if "returncode" not in reply:
+                os.killpg(pid, signal.SIGKILL)
+                cls._reply(cls._server, 60)
+                raise subprocess.TimeoutExpired(cmd, timeout, out.read_text(), err.read_text())
+            return subprocess.CompletedProcess(cmd, reply["returncode"], out.read_text(), err.read_text())
+
+
+def python(*args: str, cwd: Path = REPO, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python *args` (a script or -m module) with the tests' environment, its output captured: forked from the
+    ForkServer where it can, else a plain subprocess."""
+    cmd, run_env = [sys.executable, *args], env()
+    if ForkServer.usable(run_env):
+        return ForkServer.run(cmd, cwd, run_env, timeout)
+    return subprocess.run(cmd, cwd=cwd, env=run_env, capture_output=True, text=True, timeout=timeout)
+
+
 def train(run_dir: Path, *overrides: str, launcher: list[str] | None = None, timeout: int = 300,
           check: bool = True) -> subprocess.CompletedProcess:
-    cmd = [*(launcher or [sys.executable]), str(REPO / "train.py"), *TINY, f"hydra.run.dir={run_dir}", *overrides]
-    proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
+    args = [str(REPO / "train.py"), *TINY, f"hydra.run.dir={run_dir}", *overrides]
+    if launcher is None:
+        proc = python(*args, timeout=timeout)
+    else:
+        proc = subprocess.run([*launcher, *args], cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+        raise AssertionError(f"{' '.join(proc.args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-5000:]}")
     return proc
 
 

@@ -13,22 +13,20 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, env, logged_steps, summaries
+from helpers import REPO, env, logged_steps, python, summaries
 
 SCRIPT = REPO / "tests" / "plain_module.py"
 
 
 def fit(run_dir: Path, *args: str, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, str(SCRIPT), str(run_dir), *args], cwd=REPO / "tests", env=env(),
-                          capture_output=True, text=True, timeout=timeout)
+    proc = python(str(SCRIPT), str(run_dir), *args, cwd=REPO / "tests", timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"plain_module.py {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return proc
 
 
 def replay(run_dir: Path, *args: str) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "lightning_zo.replay", str(run_dir), *args], cwd=REPO, env=env(),
-                          capture_output=True, text=True, timeout=300)
+    proc = python("-m", "lightning_zo.replay", str(run_dir), *args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 

@@ -4,7 +4,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from helpers import REPO, summaries, train
+from helpers import REPO, python, summaries, train
 
 CONF = REPO / "lightning_zo" / "conf"
 GROUPS = {g.name: sorted(p.stem for p in g.glob("*.yaml")) for g in CONF.iterdir() if g.is_dir()}
@@ -157,44 +157,26 @@ def test_precheck_lets_valid_command_lines_through(argv):
 
 
 def test_command_line_errors_exit_2_with_one_line(tmp_path):
-    import subprocess
-    import sys
-
-    from helpers import env
-
     for argv, message in [(["task=sst3"], "error: unknown task 'sst3'; choose one of cb, copa, rte, sentiment, sst2, "
                                            "sst5, trec"),
                           (["model=tiny", "trainer.max_steps=0"], "error: trainer.max_steps=0: nothing would be "
                                                                   "trained")]:
-        proc = subprocess.run([sys.executable, "-m", "lightning_zo", *argv, f"hydra.run.dir={tmp_path}"], cwd=REPO,
-                              env=env(), capture_output=True, text=True, timeout=300)
+        proc = python("-m", "lightning_zo", *argv, f"hydra.run.dir={tmp_path}")
         assert proc.returncode == 2, proc.stderr[-2000:]
         assert proc.stderr.strip().startswith(message) and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert not (tmp_path / "trajectory.zot").exists()
 
 
 def test_help_lists_groups_and_names_nothing_outside_the_repository():
-    import subprocess
-    import sys
-
-    from helpers import env
-
-    proc = subprocess.run([sys.executable, "-m", "lightning_zo", "--help"], cwd=REPO, env=env(), capture_output=True,
-                          text=True, timeout=120)
+    proc = python("-m", "lightning_zo", "--help", timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "model: hf, smollm2, tiny" in proc.stdout and "logger: csv, tensorboard, wandb" in proc.stdout
     assert "../" not in proc.stdout and "shared" not in proc.stdout
 
 
 def test_slurm_sweep_launcher_ties_tasks_to_devices(tmp_path):
-    import subprocess
-    import sys
-
-    from helpers import env
-
-    proc = subprocess.run([sys.executable, str(REPO / "train.py"), "hydra/launcher=slurm", "model=tiny",
-                           "trainer=multi_node", "trainer.devices=4", "trainer.num_nodes=3", "--cfg", "all",
-                           "--resolve"], cwd=REPO, env=env(), capture_output=True, text=True, timeout=120)
+    proc = python(str(REPO / "train.py"), "hydra/launcher=slurm", "model=tiny", "trainer=multi_node",
+                  "trainer.devices=4", "trainer.num_nodes=3", "--cfg", "all", "--resolve", timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = proc.stdout
     assert "SlurmLauncher" in out

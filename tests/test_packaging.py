@@ -9,7 +9,7 @@ import zipfile
 
 import pytest
 
-from helpers import REPO, env
+from helpers import REPO, env, python
 
 LOAD = "import warnings; warnings.simplefilter('always'); from lightning_zo.core import cpu_kernel; " \
        "lib = cpu_kernel.load(); print('LOADED' if lib is not None else 'NONE')"
@@ -94,8 +94,7 @@ def test_a_missing_optional_package_names_its_extra_and_a_real_import_bug_is_not
 
 
 def test_a_required_value_left_unset_is_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "lightning_zo", "model=hf", f"hydra.run.dir={tmp_path}"], cwd=REPO,
-                          env=env(), capture_output=True, text=True, timeout=300)
+    proc = python("-m", "lightning_zo", "model=hf", f"hydra.run.dir={tmp_path}")
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "error: model.name is required (??? in the config): set it on the command line, model.name=..."]

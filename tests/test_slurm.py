@@ -17,7 +17,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 
-from helpers import REPO, TINY, env, summaries
+from helpers import REPO, TINY, env, python, summaries
 from lightning_zo.core import trajectory
 
 CLUSTER = REPO / "scripts" / "slurm_cluster.sh"
@@ -256,8 +256,7 @@ def test_hydra_sweep_through_the_submitit_launcher(slurm, tmp_path):
     points = [json.loads((sweep / str(i) / "summary.rank0.json").read_text()) for i in range(2)]
     assert [p["steps"] for p in points] == [5, 5] and [p["world_size"] for p in points] == [1, 1]
     assert points[0]["weights_sha256"] != points[1]["weights_sha256"]
-    report = subprocess.run([sys.executable, "-m", "lightning_zo.report", str(sweep), "--out", str(tmp_path / "r")],
-                            cwd=REPO, env=env(), capture_output=True, text=True, timeout=120)
+    report = python("-m", "lightning_zo.report", str(sweep), "--out", str(tmp_path / "r"), timeout=120)
     assert report.returncode == 0, report.stderr[-3000:]
     table = (tmp_path / "r" / "report.md").read_text()
     for p in points:  # one row per sweep point

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from helpers import REPO, env, train
+from helpers import REPO, python, train
 from lightning_zo.recipe.data import dirichlet_partition, encode, label_word_ids
 from lightning_zo.recipe.models import tiny_tokenizer
 from lightning_zo.recipe.tasks import TASKS, PromptTask, k_shot_split, read_tsv
@@ -84,21 +84,17 @@ def test_dirichlet_partition_is_deterministic_disjoint_and_skewed():
 
 
 def test_two_job_multirun_and_report(tmp_path):
-    import subprocess
-    import sys
-
     sweep = tmp_path / "sweep"
-    proc = subprocess.run([sys.executable, str(REPO / "train.py"), "-m", "model=tiny", "trainer.max_steps=4",
-                           "trainer.enable_progress_bar=false", "trainer.strategy=zo_spawn",
-                           "optimizer.lr=1e-5,1e-3", f"hydra.sweep.dir={sweep}"], cwd=REPO, env=env(),
-                          capture_output=True, text=True, timeout=600)
+    proc = python(str(REPO / "train.py"), "-m", "model=tiny", "trainer.max_steps=4",
+                  "trainer.enable_progress_bar=false", "trainer.strategy=zo_spawn", "optimizer.lr=1e-5,1e-3", f"hydra.sweep.dir={sweep}", timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     runs = sorted(p.parent for p in sweep.rglob("summary.rank0.json"))
     assert [r.name for r in runs] == ["0", "1"]
     lrs = [json.loads((r / "summary.rank0.json").read_text())["steps"] for r in runs]
     assert lrs == [4, 4]
-    out = subprocess.run([sys.executable, "-m", "lightning_zo.report", str(sweep), "--out", str(tmp_path / "rep")],
-                         cwd=REPO, env=env(), capture_output=True, text=True, check=True).stdout
+    report = python("-m", "lightning_zo.report", str(sweep), "--out", str(tmp_path / "rep"))
+    assert report.returncode == 0, report.stderr[-3000:]
+    out = report.stdout
     assert "| lr=1e-05 |" in out and "| lr=0.001 |" in out  # legends: what differs, not override strings
     for png in ("accuracy_vs_steps.png", "accuracy_vs_bytes.png"):
         assert (tmp_path / "rep" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

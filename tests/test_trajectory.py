@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, TINY, children, env, logged_steps, summaries, train
+from helpers import REPO, TINY, children, env, logged_steps, python, summaries, train
 from lightning_zo.core import trajectory
 from lightning_zo.core.errors import UserError
 from lightning_zo.core.optimizer import StepRecord
@@ -59,8 +59,8 @@ def test_bf16_true_run_replays_exactly(tmp_path):
 
 def test_replay_cli_prints_the_hash_last_and_exports(tmp_path):
     train(tmp_path, "trainer.max_steps=6", "optimizer.lr=1e-3")
-    out = subprocess.run([sys.executable, "-m", "lightning_zo.replay", str(tmp_path), "--to-step", "6", "--out",
-                          str(tmp_path / "hf")], cwd=REPO, env=env(), capture_output=True, text=True, check=True)
+    out = python("-m", "lightning_zo.replay", str(tmp_path), "--to-step", "6", "--out", str(tmp_path / "hf"))
+    assert out.returncode == 0, out.stderr[-3000:]
     info = json.loads(out.stdout.strip().splitlines()[-1])
     assert info["weights_sha256"] == summaries(tmp_path)[0]["weights_sha256"] and info["steps"] == 6
     assert (tmp_path / "hf" / "config.json").exists() and (tmp_path / "hf" / "model.safetensors").exists()
@@ -137,8 +137,7 @@ def test_corrupt_middle_record_reports_last_good_step(logged_run, tmp_path):
     with pytest.raises(trajectory.CorruptLog, match="the last good record is step 3") as e:
         trajectory.read(copy / "trajectory.zot")
     assert e.value.last_good_step == 3
-    proc = subprocess.run([sys.executable, "-m", "lightning_zo.replay", str(copy)], cwd=REPO, env=env(),
-                          capture_output=True, text=True)
+    proc = python("-m", "lightning_zo.replay", str(copy))
     assert proc.returncode == 2 and "fails its checksum; the last good record is step 3" in proc.stderr
 
 
@@ -256,6 +255,5 @@ def test_resume_and_replay_refuse_a_damaged_log_and_leave_it_untouched(logged_ru
     proc = train(copy, "trainer.max_steps=12", "optimizer.lr=1e-3", check=False)
     assert proc.returncode == 2 and "the last good record is step 4" in proc.stderr, proc.stderr[-2000:]
     assert path.read_bytes() == bytes(data)
-    proc = subprocess.run([sys.executable, "-m", "lightning_zo.replay", str(copy)], cwd=REPO, env=env(),
-                          capture_output=True, text=True)
+    proc = python("-m", "lightning_zo.replay", str(copy))
     assert proc.returncode == 2 and "not a torn final record" in proc.stderr and "step 4" in proc.stderr
