@@ -46,3 +46,8 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.slow)
         if item.module.__name__ == "test_slurm":
             item.add_marker(pytest.mark.xdist_group("slurm"))  # one local cluster: its jobs run one at a time
+    # The longest units first (measured on 2 cores: the SLURM group about 250 s, one after another on one worker;
+    # the Triton interpreter's run of every case about 200 s): started last, either kept one worker busy for
+    # minutes while the other had nothing left. A stable sort, the same on every xdist worker.
+    items.sort(key=lambda item: item.module.__name__ != "test_slurm"
+               and item.name != "test_interpreter_matches_cpu_reference")
