@@ -86,7 +86,8 @@ def test_dirichlet_partition_is_deterministic_disjoint_and_skewed():
 def test_two_job_multirun_and_report(tmp_path):
     sweep = tmp_path / "sweep"
     proc = python(str(REPO / "train.py"), "-m", "model=tiny", "trainer.max_steps=4",
-                  "trainer.enable_progress_bar=false", "trainer.strategy=zo_spawn", "optimizer.lr=1e-5,1e-3", f"hydra.sweep.dir={sweep}", timeout=600)
+                  "trainer.enable_progress_bar=false", "trainer.strategy=zo_spawn", "optimizer.lr=1e-5,1e-3",
+                  f"hydra.sweep.dir={sweep}", timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     runs = sorted(p.parent for p in sweep.rglob("summary.rank0.json"))
     assert [r.name for r in runs] == ["0", "1"]
