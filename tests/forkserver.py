@@ -1,6 +1,6 @@
 """A process that imports the training stack once and forks one child per command (test infrastructure only).
 
-Importing Lightning, torch and transformers takes 6-9 s of CPU per process on our 2-core CI machine, more than
+Importing Lightning, torch and transformers takes 8-9 s of CPU per process on our 2-core CI machine, more than
 most of the tiny training runs the tests start (about 80 `train.py` runs per suite). tests/helpers.py starts this
 server once per pytest worker and sends it the commands `train()` would run; each one runs in a child forked from
 the already imported server, as a process of its own: its own pid and session, working directory, environment,
@@ -9,8 +9,7 @@ Lightning's popen launcher and Hydra see what `python train.py ...` shows them).
 launches are fresh interpreters as usual. `LIGHTNING_ZO_TEST_FORKSERVER=0` turns it off.
 
 Protocol, one JSON line each way: {"argv": [script, *args] or ["-m", module, *args], "cwd", "env", "stdout",
-"stderr"} -> {"pid"}, then
-{"returncode"} (negative: killed by that signal, as subprocess reports it).
+"stderr"} -> {"pid"}, then {"returncode"} (negative: killed by that signal, as subprocess reports it).
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ import sys
 
 
 def _child(request: dict) -> None:
-    """Becomes the command's process; never returns into the server's loop (SystemExit ends the interpreter)."""
+    """Becomes the command's process; never returns into the server's loop."""
     os.setsid()  # the client kills the whole group on a timeout, ranks included
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
@@ -41,22 +40,14 @@ def _child(request: dict) -> None:
     argv = request["argv"]
     if argv[0] == "-m":  # `python -m module args`: the module's file as argv[0], the working directory on the path
         sys.argv, sys.path[0] = argv[1:], os.getcwd()
-        run = lambda: runpy.run_module(argv[1], run_name="__main__", alter_sys=True)  # noqa: E731
+        runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
     else:  # `python script.py args`: the script's directory on the path
         script = os.path.abspath(argv[0])
         sys.argv, sys.path[0] = [script, *argv[1:]], os.path.dirname(script)
-        run = lambda: runpy.run_path(script, run_name="__main__")  # noqa: E731
-    code: object = 0
-    try:
-        run()
-    except SystemExit as e:
-        code = e.code
-    except BaseException:
-        import traceback
-
-        traceback.print_exc()
-        code = 1
-    sys.exit(code)  # the interpreter's usual exit: atexit handlers, logging flushed, threads joined
+        runpy.run_path(script, run_name="__main__")
+    # An exception or SystemExit leaves through serve()'s loop, which catches nothing, and ends the interpreter as it
+    # would end `python script.py`: traceback and exit code 1, or the code; atexit handlers, logging flushed.
+    sys.exit(0)
 
 
 def serve() -> None:
@@ -68,7 +59,6 @@ def serve() -> None:
 
     import lightning_zo.cli  # noqa: F401  what every train.py run imports first
     import helpers  # noqa: F401  the test callbacks that runs load through Hydra overrides
-    import plain_module  # noqa: F401
 
     replies.write(b'{"ready": true}\n')
     for line in requests:
