@@ -24,7 +24,7 @@ fi
 stage() {  # stage NAME SECONDS COMMAND...: the command under its limit; its exit code and time into stages.txt
   # In a session of its own, so that the limit also ends what the harness started under timeouts of its own (each
   # `timeout` makes a process group), and nothing of a stage runs on into the next one. Over the limit: rc=124.
-  local name=$1 limit=$2 start=$SECONDS rc pid
+  local name=$1 limit=$2 start=$SECONDS pid over=
   shift 2
   echo "=== $name (limit ${limit} s) $(date +%T)"
   setsid "$@" &
@@ -32,14 +32,13 @@ stage() {  # stage NAME SECONDS COMMAND...: the command under its limit; its exi
   while kill -0 "$pid" 2>/dev/null && ((SECONDS - start < limit)); do sleep 1; done
   if kill -0 "$pid" 2>/dev/null; then
     echo "$name: over its limit of $limit s"
+    over=124
     pkill -TERM -s "$pid"
     sleep 5
   fi
   pkill -KILL -s "$pid"
   wait "$pid"
-  rc=$?
-  ((SECONDS - start >= limit)) && rc=124
-  echo "$name rc=$rc seconds=$((SECONDS - start))" | tee -a "$O/stages.txt"
+  echo "$name rc=${over:-$?} seconds=$((SECONDS - start))" | tee -a "$O/stages.txt"
 }
 
 stage env 30 bash .gpu/check.sh env  # also installs the carried wheels (hydra-core, omegaconf) into /tmp/site
