@@ -7,7 +7,8 @@
 #   1. bits: the CUDA tests (the Triton kernel, the engine's side stream, the update) against the CPU reference;
 #   2. speed: the bench for RoBERTa-large and OPT-1.3B in bf16 (bench.jsonl: one JSON line per model);
 #   3. the runs: model=tiny trainer=gpu in fp32 and bf16-true, replayed on the GPU (gpuruns.tgz: replay it on a
-#      CPU, the weights_sha256 must match), and two ranks on gloo, one on the GPU and one on the CPU (hetero.log).
+#      CPU, the weights_sha256 must match), and two ranks on gloo, one on the GPU and one on the CPU (hetero.log;
+#      their summaries, with generator_calls, in logs.tgz).
 #
 # Prepared here as ../shared/gpu/README.md says (.gpu and .whl in the root, both ignored), then:
 #   run(command="bash scripts/gpu_session.sh", carry=[".gpu", ".whl"], timeout_s=540)
@@ -51,6 +52,9 @@ stage bench 190 bash -c "set -o pipefail; python3 -m lightning_zo.bench --model 
   | grep -v Warning | tee '$O/bench.jsonl'"
 stage train 110 bash .gpu/check.sh train
 stage hetero 75 bash .gpu/check.sh hetero
-logs=$(cd "$O" && ls train_*.log hetero?.log 2>/dev/null)
+for f in /tmp/hetero/summary.rank*.json; do  # generator_calls: the GPU rank's Triton launches, the CPU rank's C kernel
+  [ -f "$f" ] && cp "$f" "$O/hetero_$(basename "$f")"
+done
+logs=$(cd "$O" && ls train_*.log hetero?.log hetero_summary.rank*.json 2>/dev/null)
 [ -n "$logs" ] && tar czf "$O/logs.tgz" -C "$O" $logs && (cd "$O" && rm -f $logs)
 cat "$O/stages.txt"

@@ -128,6 +128,7 @@ class RunSummary(pl.Callback):
             self._first_order_summary(trainer, pl_module, out, train_seconds)
             return
         record = opt.last_record
+        engine = opt.forward_hooks.engine
         summary = {
             **self.results,
             "steps": opt.step_count,
@@ -140,6 +141,9 @@ class RunSummary(pl.Callback):
             "trajectory_bytes_per_step": trajectory.record_size(opt.world_size * opt.k, opt.codec.bytes_per_slot),
             "stopped_by_signal": bool(record and record.stop),
             "train_seconds": round(train_seconds, 3),
+            # which generator ran the perturbations and updates (a GPU rank: Triton launches; a CPU rank: C kernel)
+            "generator_calls": {"triton": engine.launches, "cpu_kernel": engine.cpu_calls,
+                                "other": engine.other_calls},
             "weights_sha256": weights_digest(opt.model),
         }
         if self.save_weights and trainer.is_global_zero:
