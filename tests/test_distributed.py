@@ -56,14 +56,15 @@ def test_torchrun_standalone(tmp_path):
     _assert_identical(tmp_path, 2, 20)
 
 
-def _two_nodes(run_dir, steps, node_env=({}, {})):
+def _two_nodes(run_dir, steps, *overrides, node_env=({}, {})):
     """Two torchrun "nodes" of one rank each, rendezvous on loopback; node n's environment adds node_env[n]."""
     port = free_port()
     procs = []
     for node in range(2):
         cmd = [*TORCHRUN, "--nnodes=2", "--nproc-per-node=1", f"--node-rank={node}", "--rdzv-backend=c10d",
                f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=lzo-test", str(REPO / "train.py"), *TINY,
-               f"hydra.run.dir={run_dir}", "trainer.num_nodes=2", "trainer.devices=1", f"trainer.max_steps={steps}"]
+               f"hydra.run.dir={run_dir}", "trainer.num_nodes=2", "trainer.devices=1", f"trainer.max_steps={steps}",
+               *overrides]
         procs.append(subprocess.Popen(cmd, cwd=REPO, env=env() | node_env[node], stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True))
     outs = [p.communicate(timeout=300)[0] for p in procs]
@@ -75,14 +76,17 @@ def test_two_nodes_on_loopback(tmp_path):
     _two_nodes(tmp_path, 15)
 
 
-def test_a_triton_rank_and_a_c_kernel_rank_stay_identical(tmp_path):
+@pytest.mark.parametrize("precision", ["32-true", "bf16-true"])
+def test_a_triton_rank_and_a_cpu_rank_stay_identical(tmp_path, precision):
     """The GPU harness's hetero run, on the CPU: node 0 generates with the Triton kernel (under its interpreter, the
-    source a GPU rank compiles), node 1 with the C kernel; two nodes over gloo end with the same weights."""
+    source a GPU rank compiles), node 1 as a CPU rank does (fp32: the C kernel; bf16: torch ops per tensor, with the
+    same stochastic rounding); two nodes over gloo end with the same weights."""
     pytest.importorskip("triton")
-    s = _two_nodes(tmp_path, 6, ({"TRITON_INTERPRET": "1"}, {}))
+    s = _two_nodes(tmp_path, 3, f"trainer.precision={precision}", node_env=({"TRITON_INTERPRET": "1"}, {}))
     calls = [x["generator_calls"] for x in s]
-    assert calls[0]["triton"] > 0 and calls[0]["cpu_kernel"] == 0, calls
-    assert calls[1]["triton"] == 0 and calls[1]["cpu_kernel"] > 0, calls
+    cpu_path = "cpu_kernel" if precision == "32-true" else "other"
+    assert calls[0]["triton"] > 0 and calls[0]["cpu_kernel"] == calls[0]["other"] == 0, calls
+    assert calls[1]["triton"] == 0 and calls[1][cpu_path] > 0, calls
 
 
 def test_sigterm_to_one_rank_stops_every_rank_cleanly(tmp_path):
