@@ -102,8 +102,8 @@ class PendingUpdate:
 
 class Engine:
     """What one optimizer owns to apply noise: scratch buffers, the Triton launcher (descriptor tables per block),
-    the CPU worker threads, a pending (deferred) update, and counts of kernel calls (tests count them; nothing reads
-    them to decide)."""
+    the CPU worker threads, a pending (deferred) update, and counts of kernel calls (tests and the run summary's
+    generator_calls report them; nothing reads them to decide)."""
 
     def __init__(self, threads: int | None = None):
         self.pending: PendingUpdate | None = None
