@@ -72,15 +72,12 @@ def _two_nodes(run_dir, steps, *overrides, node_env=({}, {})):
     return _assert_identical(run_dir, 2, steps)
 
 
-def test_two_nodes_on_loopback(tmp_path):
-    _two_nodes(tmp_path, 15)
-
-
 @pytest.mark.parametrize("precision", ["32-true", "bf16-true"])
-def test_a_triton_rank_and_a_cpu_rank_stay_identical(tmp_path, precision):
-    """The GPU harness's hetero run, on the CPU: node 0 generates with the Triton kernel (under its interpreter, the
-    source a GPU rank compiles), node 1 as a CPU rank does (fp32: the C kernel; bf16: torch ops per tensor, with the
-    same stochastic rounding); two nodes over gloo end with the same weights."""
+def test_two_nodes_on_loopback_one_generating_with_triton(tmp_path, precision):
+    """Two torchrun nodes of one rank each rendezvous on loopback and end with the same weights, and they stand for
+    the GPU harness's hetero run: node 0 generates with the Triton kernel (under its interpreter, the source a GPU
+    rank compiles), node 1 as a CPU rank does (fp32: the C kernel; bf16: torch ops per tensor, with the same
+    stochastic rounding)."""
     pytest.importorskip("triton")
     s = _two_nodes(tmp_path, 3, f"trainer.precision={precision}", node_env=({"TRITON_INTERPRET": "1"}, {}))
     calls = [x["generator_calls"] for x in s]
