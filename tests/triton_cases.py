@@ -76,8 +76,8 @@ def case_program_boundaries(device: str) -> None:
     a high word): fp32 sums of 1 and 9 slots, and bf16 with stochastic rounding (its Philox block index is rebuilt
     from the program's first element)."""
     torch.manual_seed(4)
-    # Each tensor but the middle one crosses a boundary of every layout's programs (2**35 and 3 * 2**32 + 16384 are
-    # multiples of 16384) a few runs in, so that each launch has few programs: the interpreter's time is per program.
+    # The first and last tensors each cross a program boundary of every layout (2**35 and 3 * 2**32 + 16384 are
+    # multiples of 16384) and are no longer than that needs: the interpreter's time goes per program.
     sizes, offsets = [600, 5, 200], [2**35 - 300, 2**35 + 30000, 3 * 2**32 + 16380]
     seeds = [SEEDS[s % 3] + 104729 * s for s in range(9)]
     coeffs = [(-1) ** s * 1e-3 / (s + 1) for s in range(9)]
