@@ -9,6 +9,7 @@ Layers, each importing only those below it:
 """
 
 from .core.codecs import LinearCodec, LogCodec, NoneCodec, SignCodec
+from .core.coverage import check_coverage
 from .core.layout import weights_digest
 from .core.optimizer import ZOOptimizer
 from .integration.callbacks import ReplicaChecksum, RunSummary, TrajectoryLog
@@ -18,5 +19,5 @@ from .recipe.classifier import ZOClassifier
 register()
 
 __all__ = ["ZOStrategy", "ZOOptimizer", "ZOClassifier", "TrajectoryLog", "RunSummary", "ReplicaChecksum",
-           "LinearCodec", "LogCodec", "SignCodec", "NoneCodec", "weights_digest"]
+           "LinearCodec", "LogCodec", "SignCodec", "NoneCodec", "weights_digest", "check_coverage"]
 __version__ = "0.2.0"

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
@@ -39,6 +40,8 @@ import numpy as np
 import torch
 
 from . import cpu_kernel, triton_kernel
+from .coverage import Coverage, ParameterReads, refuse_aliases
+from .errors import UserError
 from .layout import ParamLayout, ParamSlot
 from .noise import add_noise, add_noise_sum, fill_many, fill_rows, round_to_bfloat16
 
@@ -451,6 +454,12 @@ class PerturbedForward:
         self._order: list[Block] = []  # blocks in the order this perturbed forward materialised them
         self._next: dict[Block, Block] = {}  # each block's successor in the last perturbed forward
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
+        # Coverage (core/coverage.py): what the first perturbed forward found read outside its block, held
+        # perturbed for every whole perturbation from then on.
+        self.coverage: Coverage | None = None  # None until the first `evaluate` has checked
+        self.held: list[ParamSlot] = []
+        self._held_saved: tuple[list, list] | None = None
+        self._reads: ParameterReads | None = None  # the check, while it runs
         self._handles = []
         for block in self.blocks:
             for i, member in enumerate(block.members):
@@ -664,9 +673,17 @@ class PerturbedForward:
 
     # -- hooks
 
+    def _unchecked(self):
+        """The engine's own reads of the master weights (making perturbed copies) are not the forward's."""
+        return contextlib.nullcontext() if self._reads is None else self._reads.paused()
+
     def _enter(self, block: Block, module, args) -> None:
         if self._active is None:
             return
+        with self._unchecked():
+            self._enter_active(block)
+
+    def _enter_active(self, block: Block) -> None:
         if block not in self._live:
             for other in [b for b in self._live if b.depth == 0]:  # one block at a time (DESIGN I3)
                 self._release(other)
@@ -684,7 +701,8 @@ class PerturbedForward:
             return
         block.depth = max(0, block.depth - 1)
         if last and block.depth == 0:
-            self._release(block)
+            with self._unchecked():
+                self._release(block)
 
     def _rows_out(self, module: torch.nn.Embedding, args, output):
         """The embedding's output recomputed from theta + eps*z at the looked-up rows only: the same bits as a lookup
@@ -697,7 +715,7 @@ class PerturbedForward:
         slot = self.layout.slot_of(p)
         if not isinstance(ids, torch.Tensor) or slot is None:
             return None
-        with torch.profiler.record_function("lightning_zo.perturb_rows"):
+        with torch.profiler.record_function("lightning_zo.perturb_rows"), self._unchecked():
             self.materialized += 1
             dim = p.shape[1]
             flat_ids = ids.reshape(-1)
@@ -724,11 +742,13 @@ class PerturbedForward:
 
     def _wrap_in(self, wrapper: Wrapper, module, args) -> None:
         if self._active is not None:
-            wrapper.stack.append(self._materialize(wrapper, wrapper.params))
+            with self._unchecked():
+                wrapper.stack.append(self._materialize(wrapper, wrapper.params))
 
     def _wrap_out(self, wrapper: Wrapper, module, args, output) -> None:
         if self._active is not None and wrapper.stack:
-            self._restore(*wrapper.stack.pop())
+            with self._unchecked():
+                self._restore(*wrapper.stack.pop())
 
     # -- public
 
@@ -740,6 +760,8 @@ class PerturbedForward:
         devices = {s.param.device for s in self.layout if _fused(s.param.data)}
         self._states = {d: triton_kernel.step_state([seed], [self._active[1]], None, d) for d in devices}
         try:
+            if self.held:  # read outside their blocks (the coverage check): perturbed for the whole perturbation
+                self._held_saved = self._materialize(self, self.held)
             yield
         finally:
             for block in list(self._live):  # the last block, or every live one after a forward that raised
@@ -755,10 +777,54 @@ class PerturbedForward:
             for wrapper in self.wrappers:
                 while wrapper.stack:
                     self._restore(*wrapper.stack.pop())
+            if self._held_saved is not None:
+                self._restore(*self._held_saved)
+                self._held_saved = None
             self._active = None
             self._states = {}
             self._swapped.clear()
             self.engine.flush()  # what this forward did not reach (or all of it, after an error)
+
+    def evaluate(self, seed: int, coeff: float, fn):
+        """`fn()` (a loss) under theta + coeff * z(seed). The first call checks that the forward reads every trainable
+        parameter perturbed (core/coverage.py): a parameter read outside its block is then held perturbed for every
+        whole perturbation, and `fn` runs again, checked again; one the engine cannot cover raises UserError."""
+        if self.coverage is not None:
+            with self.perturb(seed, coeff):
+                return fn()
+        found: dict[str, str] = {}
+        for attempt in (1, 2):
+            value, reads = self._checked(seed, coeff, fn)
+            if not reads.unperturbed:  # (a view of a parameter read unperturbed is an alias too: held, it is not)
+                refuse_aliases(reads.aliased)
+                self.coverage = Coverage(found, _bytes(s.param for s in self.held))
+                if found:
+                    warnings.warn(f"lightning_zo: {self.coverage}", stacklevel=3)
+                return value
+            if attempt == 2:
+                name, func = next(iter(reads.unperturbed.items()))
+                raise UserError(f"cannot perturb {name}: {func} reads it unperturbed even with the parameter held "
+                                "perturbed for the whole forward")
+            found.update(reads.unperturbed)
+            named = {s.name: s for s in self.layout}
+            self.held += [named[name] for name in reads.unperturbed]
+
+    def _checked(self, seed: int, coeff: float, fn) -> tuple[object, ParameterReads]:
+        looking_up: set[int] = set()  # tables whose embedding is doing its own lookup (recomputed from the rows)
+        reads = ParameterReads(self.layout, lambda p: id(p) in self._swapped, lambda p: id(p) in looking_up)
+        handles = [h for m in self.rows for h in (
+            m.register_forward_pre_hook(lambda m, args: looking_up.add(id(m.weight))),
+            m.register_forward_hook(lambda m, args, out: looking_up.discard(id(m.weight))))]
+        self._reads = reads
+        try:
+            with self.perturb(seed, coeff):
+                with reads:
+                    value = fn()
+        finally:
+            self._reads = None
+            for h in handles:
+                h.remove()
+        return value, reads
 
     def remove(self) -> None:
         self.engine.flush()

@@ -206,10 +206,8 @@ class ZOOptimizer(torch.optim.Optimizer):
             slot = self.rank * self.k + j
             seed = self.direction_seed(t, self.aggregation.direction(slot, self.k))
             with self._eval_mode():
-                with self.forward_hooks.perturb(seed, self.eps):
-                    loss_plus = self._loss(loss_fn, j)
-                with self.forward_hooks.perturb(seed, -self.eps):
-                    loss_minus = self._loss(loss_fn, j)
+                loss_plus = self.forward_hooks.evaluate(seed, self.eps, lambda: self._loss(loss_fn, j))
+                loss_minus = self.forward_hooks.evaluate(seed, -self.eps, lambda: self._loss(loss_fn, j))
             g = (loss_plus - loss_minus) / (2 * self.eps)
             losses.append((loss_plus, loss_minus))
             grads.append(g)
