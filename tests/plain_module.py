@@ -2,6 +2,7 @@
 `Trainer(strategy="zo")` and lightning_zo's callbacks. Run as a script by tests/test_bundle.py:
 
     python tests/plain_module.py RUN_DIR [--devices N] [--max-steps N] [--manual] [--scheduler] [--lora] ...
+        [--loader stream|plain|random|distributed]
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import sys
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, RandomSampler
 
 import lightning_zo
 from lightning_zo import ZOOptimizer
@@ -51,7 +52,8 @@ def build_lora_model():
 
 class NextToken(pl.LightningModule):
     def __init__(self, manual: bool = False, scheduler: bool = False, lr: float = 1e-3, k: int = 1,
-                 dropout: float = 0.0, lora: bool = False, hf_dir: str | None = None, optimizer: str = "zo"):
+                 dropout: float = 0.0, lora: bool = False, hf_dir: str | None = None, optimizer: str = "zo",
+                 loader: str = "stream", steps_per_batch: int = 1):
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = not manual
@@ -73,17 +75,25 @@ class NextToken(pl.LightningModule):
             opt.step()
             return None
         chunks = batch.chunk(self.hparams.k)
-        opt.step(loss_fn=lambda j: self.loss(chunks[j]))
+        for _ in range(self.hparams.steps_per_batch):
+            opt.step(loss_fn=lambda j: self.loss(chunks[j]))
         scheduler = self.lr_schedulers()
         if scheduler is not None:
             scheduler.step()
         return None
 
     def train_dataloader(self):
-        # Step-addressable order: after a resume, trainer.global_step is the replayed step count.
-        sampler = ShardStream(EXAMPLES, self.global_rank, self.trainer.world_size, 8, seed=0,
-                              start_step=self.trainer.global_step)
-        return DataLoader(self.data, batch_size=8, sampler=sampler)
+        kind = self.hparams.loader
+        if kind == "stream":  # the recipe's endless sampler
+            sampler = ShardStream(EXAMPLES, self.global_rank, self.trainer.world_size, 8, seed=0)
+            return DataLoader(self.data, batch_size=8, sampler=sampler)
+        if kind == "random":  # a seeded shuffle of one's own, epoch after epoch from one generator
+            return DataLoader(self.data, batch_size=8, sampler=RandomSampler(self.data,
+                                                                             generator=torch.Generator().manual_seed(3)))
+        if kind == "unseeded":
+            return DataLoader(self.data, batch_size=8, shuffle=True)
+        # plain: in order; distributed: shuffled, and Lightning swaps in its DistributedSampler (seed 0, set_epoch)
+        return DataLoader(self.data, batch_size=8, shuffle=kind == "distributed")
 
     def configure_optimizers(self):
         if self.hparams.optimizer == "sgd":
@@ -108,11 +118,15 @@ def main(argv=None) -> None:
     parser.add_argument("--dropout", type=float, default=0.0)
     parser.add_argument("--hf-dir", default=None)
     parser.add_argument("--optimizer", default="zo")
+    parser.add_argument("--loader", default="stream", choices=["stream", "plain", "random", "unseeded", "distributed"])
+    parser.add_argument("--steps-per-batch", type=int, default=1)
     args = parser.parse_args(argv)
     module = NextToken(manual=args.manual, scheduler=args.scheduler, k=args.k, dropout=args.dropout, lora=args.lora,
-                       hf_dir=args.hf_dir, optimizer=args.optimizer)
+                       hf_dir=args.hf_dir, optimizer=args.optimizer, loader=args.loader,
+                       steps_per_batch=args.steps_per_batch)
     trainer = pl.Trainer(accelerator="cpu", devices=args.devices, strategy=args.strategy, max_steps=args.max_steps,
-                         default_root_dir=args.run_dir, logger=False, enable_checkpointing=False, use_distributed_sampler=False,
+                         default_root_dir=args.run_dir, logger=False, enable_checkpointing=False,
+                         use_distributed_sampler=args.loader == "distributed",
                          enable_progress_bar=False, enable_model_summary=False,
                          callbacks=[lightning_zo.TrajectoryLog(), lightning_zo.RunSummary()])
     previous = signal.getsignal(signal.SIGTERM)

@@ -240,8 +240,8 @@ class TrajectoryLog(pl.Callback):
     weights catches up, and how a run continues at another world size: each record keeps its own world size.
 
     On resume the trainer's step counters (and so `trainer.global_step`), the LR schedulers (stepped once per
-    replayed step) and the codec state continue where the log ends; a `train_dataloader()` that reads
-    `trainer.global_step` (the prompt recipe's `ShardStream` does) continues with the same batches. A rerun that
+    replayed step) and the codec state continue where the log ends; under ZOStrategy the training DataLoader continues
+    at the batch an uninterrupted run would see (integration/data_position.py). A rerun that
     changes a setting recorded in the header's `run` section (lr, k, the module's and datamodule's hparams) is refused
     unless `allow_changes=True`; a rerun of a finished run trains nothing and changes nothing.
     """

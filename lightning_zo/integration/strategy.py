@@ -27,6 +27,7 @@ from ..core.codecs import check_received
 from ..core.errors import UserError
 from ..core.layout import weights_digest
 from ..core.optimizer import ZOOptimizer
+from .data_position import continue_at
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,9 @@ class ZOStrategy(DDPStrategy):
         self.exchanges = 0  # training steps exchanged by this process
         self.payload_bytes = 0  # size of every exchanged payload tensor (the all_reduce), summed
         self._restore: list[Callable[[], None]] = []  # undoes what we changed in Lightning, in teardown
+        self._data_positioned = False  # the first training loader of a resumed fit is positioned once
+        self._exchanges_at_batch: int | None = None
+        self._warned_batches = False
 
     @property
     def zo_optimizer(self) -> ZOOptimizer:
@@ -116,6 +120,33 @@ class ZOStrategy(DDPStrategy):
                               for key, ranks in differing.items())
             raise UserError(f"ranks disagree on the step's settings or base weights: {shown}; every rank must run "
                             "the same command on the same base model")
+
+    @override
+    def process_dataloader(self, dataloader: object) -> object:
+        """A resumed run's training data continues at the batch an uninterrupted run would see (data_position.py):
+        resumed from the trajectory log, or from a Lightning checkpoint with a loader Lightning does not restore."""
+        trainer = self.lightning_module.trainer
+        if not trainer.training or self._data_positioned or trainer.global_step == 0:
+            return dataloader
+        if trainer.ckpt_path is not None and callable(getattr(dataloader, "load_state_dict", None)):
+            return dataloader  # a stateful loader: Lightning restores its position from the checkpoint
+        return continue_at(trainer, dataloader, trainer.global_step)
+
+    @override
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        self._data_positioned = True  # once; a reloaded loader starts its epoch as Lightning says
+
+    @override
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """A resume positions the data at one batch per step: say once if a batch did not step exactly once."""
+        super().on_train_batch_start(batch, batch_idx)
+        steps = None if self._exchanges_at_batch is None else self.exchanges - self._exchanges_at_batch
+        if steps not in (None, 1) and not self._warned_batches:
+            self._warned_batches = True
+            log.warning("a training batch stepped the ZO optimizer %d times; a resumed run positions its data at one "
+                        "batch per step, so it would not continue with the batch an uninterrupted run sees", steps)
+        self._exchanges_at_batch = self.exchanges
 
     def wire_device(self) -> torch.device:
         """Where collective tensors must live: the GPU for nccl, the CPU for gloo."""

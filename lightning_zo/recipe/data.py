@@ -152,30 +152,30 @@ class ShardSampler(Sampler):
 
 
 class ShardStream(Sampler):
-    """An endless, step-addressable stream of this rank's training indices.
+    """An endless stream of this rank's training indices.
 
     Data epoch e is one permutation for all ranks (seeded by seed + e, as DistributedSampler), truncated to a
-    multiple of world_size; rank r takes perm[r::N], in whole batches. Starting at `start_step` skips exactly the
-    batches the first start_step steps used, so a resumed run sees what an uninterrupted one would have seen, and
-    N ranks see what one process simulating N machines (k = N micro-batches) sees.
+    multiple of world_size; rank r takes perm[r::N], in whole batches, so N ranks see what one process simulating N
+    machines (k = N micro-batches) sees. A resumed run continues it where an uninterrupted one would be
+    (integration/data_position.py skips the indices of the steps replayed).
     """
 
-    def __init__(self, n: int, rank: int, world_size: int, batch_size: int, seed: int, start_step: int = 0):
+    def __init__(self, n: int, rank: int, world_size: int, batch_size: int, seed: int):
         self.n, self.rank, self.world_size, self.batch_size = n, rank, world_size, batch_size
-        self.seed, self.start_step = seed, start_step
+        self.seed = seed
         self.batches_per_epoch = (n // world_size) // batch_size
         if self.batches_per_epoch == 0:
             raise UserError(f"{n} training examples over {world_size} rank(s) do not fill one batch of {batch_size}")
 
     def __iter__(self):
-        epoch, skip = divmod(self.start_step, self.batches_per_epoch)
+        epoch = 0
         while True:
             g = torch.Generator()
             g.manual_seed(self.seed + epoch)
             perm = torch.randperm(self.n, generator=g)[: self.n - self.n % self.world_size]
             shard = perm[self.rank::self.world_size][: self.batches_per_epoch * self.batch_size]
-            yield from shard[skip * self.batch_size:].tolist()
-            epoch, skip = epoch + 1, 0
+            yield from shard.tolist()
+            epoch += 1
 
 
 def dirichlet_partition(labels: list[int], world_size: int, alpha: float, seed: int) -> list[list[int]]:
@@ -258,9 +258,7 @@ class PromptDataModule(pl.LightningDataModule):
                 raise UserError(f"rank {rank}'s Dirichlet shard has {len(shard)} examples, fewer than "
                                 f"data.batch_size={self.batch_size}; raise data.dirichlet_alpha or add data")
             items, rank, world = [items[i] for i in shard], 0, 1
-        # A resumed run's trainer.global_step is the replayed step count: continue with the batches it would see.
-        start_step = self.trainer.global_step if self.trainer is not None else 0
-        sampler = ShardStream(len(items), rank, world, self.batch_size, self.seed, start_step)
+        sampler = ShardStream(len(items), rank, world, self.batch_size, self.seed)
         return DataLoader(items, batch_size=self.batch_size, sampler=sampler, collate_fn=self.collate)
 
     def _eval_loader(self, items: list[dict]) -> DataLoader:
