@@ -2,7 +2,7 @@
 `Trainer(strategy="zo")` and lightning_zo's callbacks. Run as a script by tests/test_bundle.py:
 
     python tests/plain_module.py RUN_DIR [--devices N] [--max-steps N] [--manual] [--scheduler] [--lora] ...
-        [--loader stream|plain|random|distributed]
+        [--loader stream|plain|random|stateful|unseeded|distributed]
 """
 
 from __future__ import annotations
@@ -90,6 +90,10 @@ class NextToken(pl.LightningModule):
         if kind == "random":  # a seeded shuffle of one's own, epoch after epoch from one generator
             return DataLoader(self.data, batch_size=8, sampler=RandomSampler(self.data,
                                                                              generator=torch.Generator().manual_seed(3)))
+        if kind == "stateful":  # torchdata's StatefulDataLoader (in order; Lightning's DistributedSampler shards it)
+            from torchdata.stateful_dataloader import StatefulDataLoader
+
+            return StatefulDataLoader(self.data, batch_size=8)
         if kind == "unseeded":
             return DataLoader(self.data, batch_size=8, shuffle=True)
         # plain: in order; distributed: shuffled, and Lightning swaps in its DistributedSampler (seed 0, set_epoch)
@@ -118,7 +122,8 @@ def main(argv=None) -> None:
     parser.add_argument("--dropout", type=float, default=0.0)
     parser.add_argument("--hf-dir", default=None)
     parser.add_argument("--optimizer", default="zo")
-    parser.add_argument("--loader", default="stream", choices=["stream", "plain", "random", "unseeded", "distributed"])
+    parser.add_argument("--loader", default="stream", choices=["stream", "plain", "random", "stateful", "unseeded",
+                                                                   "distributed"])
     parser.add_argument("--steps-per-batch", type=int, default=1)
     args = parser.parse_args(argv)
     module = NextToken(manual=args.manual, scheduler=args.scheduler, k=args.k, dropout=args.dropout, lora=args.lora,
@@ -126,7 +131,7 @@ def main(argv=None) -> None:
                        steps_per_batch=args.steps_per_batch)
     trainer = pl.Trainer(accelerator="cpu", devices=args.devices, strategy=args.strategy, max_steps=args.max_steps,
                          default_root_dir=args.run_dir, logger=False, enable_checkpointing=False,
-                         use_distributed_sampler=args.loader == "distributed",
+                         use_distributed_sampler=args.loader in ("distributed", "stateful"),
                          enable_progress_bar=False, enable_model_summary=False,
                          callbacks=[lightning_zo.TrajectoryLog(), lightning_zo.RunSummary()])
     previous = signal.getsignal(signal.SIGTERM)

@@ -74,24 +74,38 @@ def _batches_per_epoch(trainer: "pl.Trainer", loader: DataLoader) -> int | None:
     return min(n, limit) if isinstance(limit, int) else int(n * limit) if limit < 1.0 else n
 
 
+def _random_draws(loader: DataLoader, sampler) -> str | None:
+    """Why the order depends on random draws this module cannot repeat, if it does."""
+    inner = getattr(getattr(sampler, "dataset", None), "_sampler", None)  # inside Lightning's DistributedSamplerWrapper
+    if inner is not None and hasattr(inner, "generator"):
+        return f"Lightning's DistributedSamplerWrapper shuffles the output of a random {type(inner).__name__}"
+    if hasattr(sampler, "generator") and sampler.generator is None:
+        return f"the training sampler ({type(sampler).__name__}) shuffles with the unseeded global generator"
+    if getattr(loader, "generator", None) is not None and getattr(sampler, "generator", None) is loader.generator:
+        return "the sampler shuffles with the DataLoader's generator, which each of its iterators draws from too"
+    if hasattr(sampler, "generator") and not isinstance(sampler, RandomSampler):
+        return f"the training sampler ({type(sampler).__name__}) draws its shuffle when an iterator is made"
+    return None
+
+
 def continue_at(trainer: "pl.Trainer", loader, steps: int):
     """Position the training `loader` (after Lightning's sampler injection) `steps` batches into the data; returns
     it (the same object). Loaders it cannot position are left as they are, with one warning."""
     unsure = None
     if not isinstance(loader, DataLoader) or isinstance(loader.dataset, IterableDataset):
         unsure = "the training data is not a map-style DataLoader (an iterable dataset has no position to return to)"
-    elif type(loader.batch_sampler) is not BatchSampler:
-        unsure = f"the DataLoader's batch sampler ({type(loader.batch_sampler).__name__}) is not torch's BatchSampler"
+    elif not isinstance(loader.batch_sampler, BatchSampler):  # torch's, or a subclass (torchdata's stateful one)
+        unsure = f"the DataLoader's batch sampler ({type(loader.batch_sampler).__name__}) is not a BatchSampler"
     say = log.warning if trainer.is_global_zero else log.debug  # once per run, not once per rank
     if unsure is not None:
         say("resuming at step %d: %s, so the run continues with the data from its start, not with the batch an "
             "uninterrupted run would see", steps, unsure)
         return loader
     sampler = loader.batch_sampler.sampler
-    if isinstance(sampler, RandomSampler) and sampler.generator is None:
-        say("resuming at step %d: the training sampler shuffles with the unseeded global generator, so the resumed "
-            "run's order differs from an uninterrupted run's (pass RandomSampler(generator=...) seeded, or let "
-            "Lightning inject its DistributedSampler)", steps)
+    drawn = _random_draws(loader, sampler)
+    if drawn:
+        say("resuming at step %d: %s, so the resumed run's order differs from an uninterrupted run's (shuffle with "
+            "RandomSampler(generator=<seeded>) alone, or let Lightning inject its DistributedSampler)", steps, drawn)
     n = _batches_per_epoch(trainer, loader)
     epoch, batch = divmod(steps, n) if n else (0, steps)
     size = loader.batch_sampler.batch_size
