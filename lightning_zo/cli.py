@@ -58,8 +58,21 @@ def user_errors():
             message = str(root).strip().split("\n")[0] or type(root).__name__
         else:
             raise
-        print(f"error: {message}", file=sys.stderr)
+        say_error(message)
         sys.exit(2)
+
+
+def say_error(message: str) -> None:
+    """`error: ...` as one write of one whole line: print() writes the text and its newline separately, and the
+    ranks of a run share one stderr, where two such lines came out joined."""
+    line = f"error: {message}\n"
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # a stderr that is no file (captured, redirected in Python)
+        sys.stderr.write(line)
+        return
+    sys.stderr.flush()
+    os.write(fd, line.encode(errors="replace"))
 
 
 def build_model(cfg: DictConfig):

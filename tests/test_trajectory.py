@@ -257,3 +257,22 @@ def test_resume_and_replay_refuse_a_damaged_log_and_leave_it_untouched(logged_ru
     assert path.read_bytes() == bytes(data)
     proc = python("-m", "lightning_zo.replay", str(copy))
     assert proc.returncode == 2 and "not a torn final record" in proc.stderr and "step 4" in proc.stderr
+
+
+def test_every_rank_fails_with_the_same_one_line_error_on_a_damaged_log(tmp_path):
+    """The issue's case: 2 ranks resuming from a log with one flipped byte. Rank 0 read the log and broadcast the
+    error; rank 1 died unpickling it (a TypeError). Every rank now says the same line, each on its own line."""
+    args = ["trainer.devices=2", "trainer.max_steps=6", "optimizer.lr=1e-3"]
+    train(tmp_path, *args, launcher=TORCHRUN)
+    path = tmp_path / "trajectory.zot"
+    data = bytearray(path.read_bytes())
+    data[trajectory.read(path).ends[2] + 10] ^= 0xFF  # inside record 3's body
+    path.write_bytes(bytes(data))
+    proc = train(tmp_path, "trainer.devices=2", "trainer.max_steps=8", "optimizer.lr=1e-3", launcher=TORCHRUN,
+                 check=False)
+    out = proc.stdout + proc.stderr
+    errors = [line for line in out.splitlines() if "error:" in line]
+    assert len(errors) == 2 and errors[0] == errors[1], out[-4000:]
+    assert errors[0].startswith("error: cannot resume: ") and "fails its checksum" in errors[0]
+    assert "the last good record is step 2" in errors[0] and "TypeError" not in out
+    assert path.read_bytes() == bytes(data)

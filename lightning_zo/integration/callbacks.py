@@ -280,10 +280,10 @@ class TrajectoryLog(pl.Callback):
             try:
                 found = trajectory.read(path)
             except UserError as e:
-                found = e
+                found = str(e)  # the message, not the exception: every rank raises the same line from it
         if trainer.world_size > 1:
             found = trainer.strategy.broadcast(found, src=0)
-        if isinstance(found, Exception):
+        if isinstance(found, str):
             raise UserError(f"cannot resume: {found}")
         records = []
         if found is not None:
