@@ -85,8 +85,8 @@ def build_model(cfg: DictConfig):
     return lm
 
 
-def build(cfg: DictConfig):
-    """(trainer, module, datamodule) from a composed config."""
+def build(cfg: DictConfig, extra_callbacks: list = ()):
+    """(trainer, module, datamodule) from a composed config (and callbacks the config does not name)."""
     from hydra.utils import instantiate
 
     from .core.optimizer import validate_hparams
@@ -120,7 +120,7 @@ def build(cfg: DictConfig):
         if isinstance(callback, RunSummary) and callback.tokenizer is None:
             callback.tokenizer = lm.tokenizer
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
+    trainer = instantiate(cfg.trainer, callbacks=[*callbacks, *extra_callbacks], logger=logger)
     if not is_zo(optimizer) and trainer.world_size > 1:
         raise UserError(f"optimizer={cfg.optimizer._target_.rsplit('.', 1)[-1]} is the one-rank first-order "
                         f"reference; this trainer has {trainer.world_size} ranks (trainer.devices=1 "
@@ -128,7 +128,8 @@ def build(cfg: DictConfig):
     return trainer, module, dm
 
 
-def run(cfg: DictConfig) -> None:
+def run(cfg: DictConfig, record: "ConfigRecord | None" = None) -> None:
+    """Fit the composed config; `record` writes the run's configuration once the start is accepted."""
     max_steps = cfg.trainer.get("max_steps", -1)
     if max_steps is None or max_steps < 1:
         raise UserError(f"trainer.max_steps={max_steps}: nothing would be trained (the step stream is endless, "
@@ -156,7 +157,7 @@ def run(cfg: DictConfig) -> None:
         raise UserError("ckpt_path: the trajectory log cannot continue from a Lightning checkpoint; rerun in the "
                         "run's own hydra.run.dir without ckpt_path (the log resumes it exactly), or drop the log "
                         "with ~callbacks.trajectory")
-    trainer, module, dm = build(cfg)
+    trainer, module, dm = build(cfg, [record] if record is not None else [])
     if trainer.is_global_zero:
         print(OmegaConf.to_yaml(cfg, resolve=True) if cfg.get("print_config") else "", end="")
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
@@ -266,10 +267,25 @@ def precheck(argv: list[str]) -> None:
         raise UserError(f"bad override: {str(e).strip().splitlines()[0]}") from None
 
 
+def hydra_record(cfg: DictConfig) -> "ConfigRecord":
+    """The files Hydra writes into RUN_DIR/.hydra (config.yaml, hydra.yaml, overrides.yaml), as Hydra writes them.
+    Our config turns Hydra's own writing off (hydra.output_subdir: null): it happens before any check, so a refused
+    rerun (a changed lr, k or task; a finished run) replaced the run's record with the settings it refused."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from .integration.run_record import ConfigRecord
+
+    hydra_cfg = HydraConfig.get()
+    written = {**OmegaConf.to_container(hydra_cfg), "output_subdir": ".hydra"}  # what Hydra itself would record
+    files = {"config.yaml": OmegaConf.to_yaml(cfg), "hydra.yaml": OmegaConf.to_yaml({"hydra": written}),
+             "overrides.yaml": OmegaConf.to_yaml(hydra_cfg.overrides.task)}
+    return ConfigRecord(files, hydra_cfg.runtime.output_dir, subdir=".hydra")
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def _app(cfg: DictConfig) -> None:
     with user_errors():
-        run(cfg)
+        run(cfg, hydra_record(cfg))  # before run() adds to cfg: the record is the config as composed
 
 
 def main() -> None:

@@ -130,3 +130,34 @@ def test_a_refused_rerun_keeps_the_metrics_and_a_resume_appends_to_them(tmp_path
 
     steps = [int(row["step"]) for row in csv.DictReader(metrics.open()) if row.get("train/loss")]
     assert steps == list(range(7))
+
+
+def _checksums(run_dir: Path) -> dict[str, str]:
+    import hashlib
+
+    return {str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_a_refused_or_finished_rerun_leaves_every_file_byte_identical(tmp_path, shared_data, ranks):
+    """Hydra wrote .hydra/ (and we the lock's pid) before any check: a refused rerun replaced the run's record with
+    the settings it refused (a run trained on `sentiment` was reported as `sst2`). Now only an accepted start
+    writes, and .hydra/ keeps the first accepted start's configuration."""
+    launcher = [*TORCHRUN, "--standalone", "--nproc-per-node=2"] if ranks == 2 else None
+    common = [f"trainer.devices={ranks}"]
+    train(tmp_path, *common, "trainer.max_steps=4", launcher=launcher)
+    before = _checksums(tmp_path)
+    assert {".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml", ".lightning_zo.lock"} <= set(before)
+    for overrides, message in [(["optimizer.lr=1e-3"], "lr: [1e-05, 1e-05] -> [0.001, 0.001]"),
+                               (["optimizer.k=2"], "k: 1 -> 2"),
+                               (["task=sst2", f"task.data_dir={shared_data / 'sst2'}"], "with changed settings"),
+                               (["trainer.max_steps=4"], "already holds a finished run of 4 steps")]:
+        refused = train(tmp_path, *common, "trainer.max_steps=6", *overrides, launcher=launcher, check=False)
+        assert refused.returncode != 0 and message in refused.stderr, (overrides, refused.stderr[-3000:])
+        assert _checksums(tmp_path) == before, overrides
+    train(tmp_path, *common, "trainer.max_steps=6", launcher=launcher)  # accepted: it trains, and keeps the record
+    after = _checksums(tmp_path)
+    assert after["trajectory.zot"] != before["trajectory.zot"]
+    assert all(after[f] == before[f] for f in before if f.startswith(".hydra/"))
+    assert "max_steps: 4" in (tmp_path / ".hydra" / "config.yaml").read_text()

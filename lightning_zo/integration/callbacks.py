@@ -7,7 +7,6 @@ They find the model through the optimizer (`ZOOptimizer.model`), never through a
 from __future__ import annotations
 
 import copy
-import fcntl
 import json
 import logging
 import os
@@ -24,6 +23,7 @@ from ..core import trajectory
 from ..core.errors import UserError
 from ..core.layout import weights_digest
 from ..core.optimizer import ZOOptimizer
+from .run_record import RunLock
 from .strategy import ZOStrategy, module_settings
 
 log = logging.getLogger("lightning_zo")
@@ -205,33 +205,6 @@ def save_model(model: torch.nn.Module, out: Path, tokenizer=None) -> None:
     atomic(out / "model", write)
 
 
-class RunLock:
-    """One run per directory: an exclusive lock that the OS drops when the process ends, however it ends."""
-
-    def __init__(self, run_dir: Path):
-        self.path = run_dir / ".lightning_zo.lock"
-        self._fd: int | None = None
-
-    def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            raise UserError(f"{self.path.parent} is in use by another run (pid {holder}); give this run its own "
-                            "directory (hydra.run.dir=...) or wait for that one to end") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
-        self._fd = fd
-
-    def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-
 class TrajectoryLog(pl.Callback):
     """Writes `trajectory.zot` (rank 0) and resumes from it: rerunning a killed run's command continues exactly.
 
@@ -305,6 +278,8 @@ class TrajectoryLog(pl.Callback):
             else:
                 header = found.header
         if trainer.is_global_zero:
+            if self.lock is not None:
+                self.lock.keep()
             self.writer = trajectory.Writer(path, header, records, fsync=self.fsync, slots=opt.world_size * opt.k)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -316,11 +291,11 @@ class TrajectoryLog(pl.Callback):
         self.close()
 
     def on_exception(self, trainer, pl_module, exception) -> None:
-        self.close()
+        self.teardown(trainer, pl_module, "fit")  # Lightning calls no teardown hook after an exception
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
         self.close()
-        if self.lock is not None:
+        if self.lock is not None:  # a refused start puts the lock file's old content back
             self.lock.release()
             self.lock = None
 
