@@ -1,17 +1,12 @@
 """Trajectory log: replay == live, resume after kill -9, elastic world size, corruption, mismatched base."""
 
-import contextlib
 import json
-import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from helpers import REPO, TINY, children, env, logged_steps, python, summaries, train
+from helpers import REPO, TINY, kill_9_when_logged, python, summaries, train
 from lightning_zo.core import trajectory
 from lightning_zo.core.errors import UserError
 from lightning_zo.core.optimizer import StepRecord
@@ -70,19 +65,7 @@ def test_kill_9_then_rerun_equals_uninterrupted(tmp_path):
     args = ["trainer.devices=2", "trainer.max_steps=150", "optimizer.lr=1e-3"]
     train(tmp_path / "whole", *args, launcher=TORCHRUN)
     run = tmp_path / "killed"
-    cmd = [*TORCHRUN, str(REPO / "train.py"), *TINY, f"hydra.run.dir={run}", *args]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    deadline = time.time() + 120
-    while logged_steps(run / "trajectory.zot") < 40 and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    workers = children(proc.pid)  # torchrun starts each worker in a session of its own: kill -9 them by pid
-    os.killpg(proc.pid, signal.SIGKILL)
-    for pid in workers:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    proc.wait()
-    done = logged_steps(run / "trajectory.zot")
+    done = kill_9_when_logged([*TORCHRUN, str(REPO / "train.py"), *TINY, f"hydra.run.dir={run}", *args], run, 40)
     assert 40 <= done < 150, "the run was not interrupted mid-training"
     assert not list(run.glob("summary.rank*.json"))
     proc = train(run, *args, launcher=TORCHRUN)

@@ -22,7 +22,8 @@ import torch.distributed as dist
 from ..core import trajectory
 from ..core.errors import UserError
 from ..core.layout import weights_digest
-from ..core.optimizer import ZOOptimizer
+from ..core.optimizer import StepRecord, ZOOptimizer
+from .loggers import ResumableCSVLogger
 from .run_record import RunLock
 from .strategy import ZOStrategy, module_settings
 
@@ -225,6 +226,7 @@ class TrajectoryLog(pl.Callback):
         self.model_config = model_config  # how to rebuild the base model (the Hydra `model` config), for replay
         self.allow_changes = allow_changes
         self.writer: trajectory.Writer | None = None
+        self.pending: StepRecord | None = None  # the last step's record, appended when the next step starts
         self.lock: RunLock | None = None
 
     def path(self, trainer) -> Path:
@@ -271,6 +273,10 @@ class TrajectoryLog(pl.Callback):
                 opt.apply(record)
             resume_counters(trainer, opt.step_count)
             if trainer.is_global_zero:
+                for logger in trainer.loggers:  # rows of steps the log does not hold are redone by this run
+                    if isinstance(logger, ResumableCSVLogger):
+                        logger.keep_steps_before(len(records))
+            if trainer.is_global_zero:
                 log.info("resumed from %s: replayed %d steps", path, len(records))
             if changed:  # recorded in the log: the new settings, and at which step they took effect
                 header = {**found.header, "run": header["run"],
@@ -285,7 +291,18 @@ class TrajectoryLog(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         record = zo_optimizer(trainer).last_record
         if self.writer is not None and record is not None and not record.stop:  # a STOP step is not applied
-            self.writer.append(record)
+            self.pending = record
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._append_pending()
+
+    def _append_pending(self) -> None:
+        """A step's record reaches the log once everything of that step is on disk (its metrics rows, its
+        validation), at the next step's start: a resume keeps exactly the metrics of the log's steps and redoes
+        the rest, so the record of a run killed anywhere equals the uninterrupted run's."""
+        if self.writer is not None and self.pending is not None:
+            self.writer.append(self.pending)
+        self.pending = None
 
     def on_train_end(self, trainer, pl_module) -> None:
         self.close()
@@ -300,6 +317,7 @@ class TrajectoryLog(pl.Callback):
             self.lock = None
 
     def close(self) -> None:
+        self._append_pending()
         if self.writer is not None:
             self.writer.close()
             self.writer = None
@@ -318,6 +336,10 @@ def resume_counters(trainer: "pl.Trainer", steps: int) -> None:
                      loop.automatic_optimization.optim_progress.optimizer.step.total):
         progress.ready = progress.completed = steps
     loop._batches_that_stepped = steps
+    # The batch count that val_check_interval counts (check_val_every_n_epoch=None): validation stays at the global
+    # steps of an uninterrupted run (it restarted from 0 at the resume: steps 9, 23, 33 instead of 9, 19, 29).
+    total = loop.batch_progress.total
+    total.ready = total.started = total.processed = total.completed = steps
     for config in trainer.lr_scheduler_configs:
         if config.interval != "step":
             log.warning("LR scheduler %s steps per epoch: not advanced on resume",
