@@ -158,6 +158,10 @@ def run(cfg: DictConfig, record: "ConfigRecord | None" = None) -> None:
                         "run's own hydra.run.dir without ckpt_path (the log resumes it exactly), or drop the log "
                         "with ~callbacks.trajectory")
     trainer, module, dm = build(cfg, [record] if record is not None else [])
+    from .integration.strategy import StartupSigterm, ZOStrategy
+
+    if not isinstance(trainer.strategy, ZOStrategy):  # the first-order reference: Lightning's own SIGTERM handling
+        StartupSigterm.hand_over()
     if trainer.is_global_zero:
         print(OmegaConf.to_yaml(cfg, resolve=True) if cfg.get("print_config") else "", end="")
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
@@ -290,6 +294,10 @@ def _app(cfg: DictConfig) -> None:
 
 def main() -> None:
     """`lightning-zo [OVERRIDES]`: Hydra's command line (--help, -m, --cfg job, ...) with one-line errors."""
+    from .integration.strategy import StartupSigterm
+
+    StartupSigterm.install()  # a preemption while starting stops the run cleanly, as one during training does
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # one that train.py held during the imports
     with user_errors():
         precheck(sys.argv[1:])
     _app()

@@ -232,6 +232,17 @@ class SlowStart(pl.Callback):
         time.sleep(self.seconds)
 
 
+class SlowInit(pl.Callback):
+    """Holds a rank while the CLI builds the run, before fit and its setup (a callback is built with the model and
+    data), printing a marker first, so that a test can signal the rank there."""
+
+    def __init__(self, seconds: float = 6.0):
+        import time
+
+        print(f"slow init rank {os.environ.get('RANK', '0')}", flush=True)
+        time.sleep(seconds)
+
+
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 
 

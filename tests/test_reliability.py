@@ -53,23 +53,28 @@ def test_a_second_run_in_the_same_directory_is_refused(tmp_path):
     assert summaries(tmp_path)[0]["steps"] == done + 2
 
 
+def _sigterm_to_rank_1_at(cmd: list[str], marker: str) -> tuple[subprocess.Popen, str]:
+    """Run a 2-rank torchrun command, SIGTERM its rank 1 once `marker` is printed; (the process, all its output)."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if marker in line:
+            break
+    workers = sorted(children(proc.pid))
+    assert len(workers) == 2, "".join(lines)
+    os.kill(workers[1], signal.SIGTERM)
+    return proc, "".join(lines) + proc.communicate(timeout=120)[0]
+
+
 def test_sigterm_before_the_first_step_stops_every_rank(tmp_path):
     """SIGTERM to one rank while every rank is still before its first step (replay, zero-shot evaluation): no hang,
     every rank ends within seconds, writes its summary and says it stopped by the signal, having trained nothing."""
     cmd = [*TORCHRUN, "--standalone", "--nproc-per-node=2", str(REPO / "train.py"), *TINY,
            f"hydra.run.dir={tmp_path}", "trainer.devices=2", "trainer.max_steps=100000",
            "+callbacks.slow._target_=helpers.SlowStart", "+callbacks.slow.seconds=8"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if "slow start rank 1" in line:
-            break
-    workers = sorted(children(proc.pid))
-    assert len(workers) == 2, "".join(lines)
-    os.kill(workers[1], signal.SIGTERM)
-    out = proc.communicate(timeout=90)[0]
-    assert proc.returncode == 0, "".join(lines) + out[-4000:]
+    proc, out = _sigterm_to_rank_1_at(cmd, "slow start rank 1")
+    assert proc.returncode == 0, out[-4000:]
     s = summaries(tmp_path)
     assert [x["steps"] for x in s] == [0, 0] and all(x["stopped_by_signal"] for x in s)
     assert "stopped by SIGTERM after 0 steps" in out
@@ -161,3 +166,34 @@ def test_a_refused_or_finished_rerun_leaves_every_file_byte_identical(tmp_path, 
     assert after["trajectory.zot"] != before["trajectory.zot"]
     assert all(after[f] == before[f] for f in before if f.startswith(".hydra/"))
     assert "max_steps: 4" in (tmp_path / ".hydra" / "config.yaml").read_text()
+
+
+def test_sigterm_while_starting_stops_cleanly_and_a_rerun_continues(tmp_path):
+    """Before fit reaches setup (imports, building the model and data) a SIGTERM killed the rank (-15, torchrun's
+    ChildFailedError traceback). Now: during the imports (1 rank) or the build (one rank of 2), exit 0, every rank
+    stopped before its first step with one line, and the same command continues the run."""
+    one = tmp_path / "one"
+    proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), *TINY, f"hydra.run.dir={one}",
+                             "trainer.max_steps=5"], cwd=REPO, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    time.sleep(1)  # the imports alone take seconds
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0 and "Traceback" not in out, out[-3000:]
+    assert "received SIGTERM while starting" in out and "stopped by SIGTERM after 0 steps" in out
+    assert [s["steps"] for s in summaries(one)] == [0]
+
+    two = tmp_path / "two"
+    cmd = [*TORCHRUN, "--standalone", "--nproc-per-node=2", str(REPO / "train.py"), *TINY, f"hydra.run.dir={two}",
+           "trainer.devices=2", "trainer.max_steps=5", "+callbacks.slow._target_=helpers.SlowInit",
+           "+callbacks.slow.seconds=6"]
+    proc, out = _sigterm_to_rank_1_at(cmd, "slow init rank 1")
+    assert proc.returncode == 0 and "Traceback" not in out and "ChildFailedError" not in out, out[-4000:]
+    assert "rank 1 received SIGTERM while starting" in out
+    s = summaries(two)
+    assert [x["steps"] for x in s] == [0, 0] and all(x["stopped_by_signal"] for x in s)
+
+    for run, ranks in ((one, 1), (two, 2)):
+        launcher = [*TORCHRUN, "--standalone", "--nproc-per-node=2"] if ranks == 2 else None
+        train(run, f"trainer.devices={ranks}", "trainer.max_steps=5", launcher=launcher)
+        assert [x["steps"] for x in summaries(run)] == [5] * ranks
