@@ -58,14 +58,14 @@ def user_errors():
             message = str(root).strip().split("\n")[0] or type(root).__name__
         else:
             raise
-        say_error(message)
+        say_line(f"error: {message}")
         sys.exit(2)
 
 
-def say_error(message: str) -> None:
-    """`error: ...` as one write of one whole line: print() writes the text and its newline separately, and the
-    ranks of a run share one stderr, where two such lines came out joined."""
-    line = f"error: {message}\n"
+def say_line(text: str) -> None:
+    """One line on stderr in one write: print() writes the text and its newline separately, and the ranks of a run
+    share one stderr, where two ranks' `error:` lines came out joined."""
+    line = f"{text}\n"
     try:
         fd = sys.stderr.fileno()
     except (AttributeError, OSError, ValueError):  # a stderr that is no file (captured, redirected in Python)
@@ -165,9 +165,30 @@ def run(cfg: DictConfig, record: "ConfigRecord | None" = None) -> None:
     if trainer.is_global_zero:
         print(OmegaConf.to_yaml(cfg, resolve=True) if cfg.get("print_config") else "", end="")
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    if _stopped_by_signal(trainer) and _elastic_restarts_left():
+        # torchrun --max-restarts restarts the ranks only when one fails, and the rerun resumes exactly: a SIGTERM to a
+        # rank (not to torchrun, which then ends anyway) continues the run instead of ending it half done.
+        say_line(f"stopped by SIGTERM: exit {EXIT_RESTART} so that torchrun restarts the ranks (--max-restarts)")
+        sys.exit(EXIT_RESTART)
     # The run is complete and its outputs written: a late SIGTERM (a cluster's time limit arriving now) must not turn
     # it into a failed job (exit 143) while the process winds down.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
+
+
+EXIT_RESTART = 75  # EX_TEMPFAIL: stopped cleanly, to be run again
+
+
+def _stopped_by_signal(trainer) -> bool:
+    from .integration.callbacks import find_zo_optimizer
+
+    opt = find_zo_optimizer(trainer)
+    return opt is not None and opt.last_record is not None and opt.last_record.stop
+
+
+def _elastic_restarts_left() -> bool:
+    """Under torchrun with --max-restarts, whether the agent would restart the ranks if this one failed."""
+    restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0)
+    return restarts > int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
 
 
 # Hydra's own flags: a pre-check of the overrides would be in their way (they print, or use another config).

@@ -197,3 +197,24 @@ def test_sigterm_while_starting_stops_cleanly_and_a_rerun_continues(tmp_path):
         launcher = [*TORCHRUN, "--standalone", "--nproc-per-node=2"] if ranks == 2 else None
         train(run, f"trainer.devices={ranks}", "trainer.max_steps=5", launcher=launcher)
         assert [x["steps"] for x in summaries(run)] == [5] * ranks
+
+
+def test_under_torchrun_with_restarts_a_sigterm_to_a_rank_continues_the_run(tmp_path):
+    """With restarts left (--max-restarts) a rank's SIGTERM stops every rank cleanly with exit 75, so that torchrun
+    restarts them and the run resumes from its log: it finishes by itself, as the uninterrupted run."""
+    args = ["trainer.devices=2", "trainer.max_steps=40", "optimizer.lr=1e-3"]
+    launcher = [*TORCHRUN, "--standalone", "--nproc-per-node=2"]
+    train(tmp_path / "whole", *args, launcher=launcher)
+    run = tmp_path / "restarted"
+    cmd = [*launcher, "--max-restarts=2", str(REPO / "train.py"), *TINY, f"hydra.run.dir={run}", *args]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while logged_steps(run / "trajectory.zot") < 10 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    os.kill(sorted(children(proc.pid))[1], signal.SIGTERM)
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0 and "exit 75 so that torchrun restarts the ranks" in out, out[-4000:]
+    whole, restarted = summaries(tmp_path / "whole"), summaries(run)
+    assert [s["steps"] for s in restarted] == [40, 40] and not any(s["stopped_by_signal"] for s in restarted)
+    assert {s["weights_sha256"] for s in restarted} == {whole[0]["weights_sha256"]}
+    assert (run / "trajectory.zot").read_bytes() == (tmp_path / "whole" / "trajectory.zot").read_bytes()

@@ -50,3 +50,19 @@ def test_a_run_killed_twice_leaves_the_uninterrupted_runs_record(tmp_path, ranks
         assert {k: v for k, v in a.items() if k not in LOCAL} == {k: v for k, v in b.items() if k not in LOCAL}
     assert (run / "weights.safetensors").read_bytes() == (tmp_path / "whole" / "weights.safetensors").read_bytes()
     assert (run / "trajectory.zot").read_bytes() == (tmp_path / "whole" / "trajectory.zot").read_bytes()
+
+
+def test_a_resume_keeps_the_rows_of_the_logs_steps_and_drops_a_torn_row(tmp_path):
+    from lightning_zo.integration.loggers import ResumableCSVLogger
+
+    logger = ResumableCSVLogger(save_dir=tmp_path, name="csv", version="")
+    path = tmp_path / "csv" / "metrics.csv"
+    path.parent.mkdir()
+    whole = "epoch,step,train/loss,val/acc\r\n0,0,0.7,\r\n0,1,0.6,\r\n0,1,,0.5\r\n0,2,0.5,\r\n"
+    path.write_bytes((whole + "0,3,0.").encode())  # a kill -9 cut the last row short
+    logger.keep_steps_before(5)
+    assert path.read_bytes() == whole.encode()
+    logger.keep_steps_before(5)  # nothing to drop: the file is not rewritten
+    assert path.read_bytes() == whole.encode()
+    logger.keep_steps_before(2)  # the log holds steps 0 and 1: the rows of step 2 are redone by the resumed run
+    assert path.read_bytes() == whole.rsplit("0,2,", 1)[0].encode()

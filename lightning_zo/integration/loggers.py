@@ -37,7 +37,9 @@ class ResumableCSVLogger(CSVLogger):
         with self._fs.open(path, "r", newline="") as f:
             reader = csv.DictReader(f)
             rows = list(reader)
-        kept = [row for row in rows if not row.get("step", "").isdigit() or int(row["step"]) < steps]
+        # A row with a missing field is one a kill -9 cut short (csv reads its missing fields as None).
+        kept = [row for row in rows if None not in row.values()
+                and (not row.get("step", "").isdigit() or int(row["step"]) < steps)]
         if len(kept) == len(rows):
             return
         tmp = f"{path}.{os.getpid()}"
