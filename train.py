@@ -7,7 +7,12 @@ A thin alias of the `lightning-zo` command (and of `python -m lightning_zo`): th
     python train.py --help                                   # every config group and option
 """
 
-from lightning_zo.cli import main
+import signal
+
+# A SIGTERM during the imports (seconds) waits for the CLI's handler, which stops the run cleanly (cli.main).
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+from lightning_zo.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     main()

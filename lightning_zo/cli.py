@@ -58,8 +58,21 @@ def user_errors():
             message = str(root).strip().split("\n")[0] or type(root).__name__
         else:
             raise
-        print(f"error: {message}", file=sys.stderr)
+        say_line(f"error: {message}")
         sys.exit(2)
+
+
+def say_line(text: str) -> None:
+    """One line on stderr in one write: print() writes the text and its newline separately, and the ranks of a run
+    share one stderr, where two ranks' `error:` lines came out joined."""
+    line = f"{text}\n"
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # a stderr that is no file (captured, redirected in Python)
+        sys.stderr.write(line)
+        return
+    sys.stderr.flush()
+    os.write(fd, line.encode(errors="replace"))
 
 
 def build_model(cfg: DictConfig):
@@ -72,8 +85,8 @@ def build_model(cfg: DictConfig):
     return lm
 
 
-def build(cfg: DictConfig):
-    """(trainer, module, datamodule) from a composed config."""
+def build(cfg: DictConfig, extra_callbacks: list = ()):
+    """(trainer, module, datamodule) from a composed config (and callbacks the config does not name)."""
     from hydra.utils import instantiate
 
     from .core.optimizer import validate_hparams
@@ -107,7 +120,7 @@ def build(cfg: DictConfig):
         if isinstance(callback, RunSummary) and callback.tokenizer is None:
             callback.tokenizer = lm.tokenizer
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
+    trainer = instantiate(cfg.trainer, callbacks=[*callbacks, *extra_callbacks], logger=logger)
     if not is_zo(optimizer) and trainer.world_size > 1:
         raise UserError(f"optimizer={cfg.optimizer._target_.rsplit('.', 1)[-1]} is the one-rank first-order "
                         f"reference; this trainer has {trainer.world_size} ranks (trainer.devices=1 "
@@ -115,7 +128,8 @@ def build(cfg: DictConfig):
     return trainer, module, dm
 
 
-def run(cfg: DictConfig) -> None:
+def run(cfg: DictConfig, record: "ConfigRecord | None" = None) -> None:
+    """Fit the composed config; `record` writes the run's configuration once the start is accepted."""
     max_steps = cfg.trainer.get("max_steps", -1)
     if max_steps is None or max_steps < 1:
         raise UserError(f"trainer.max_steps={max_steps}: nothing would be trained (the step stream is endless, "
@@ -143,13 +157,38 @@ def run(cfg: DictConfig) -> None:
         raise UserError("ckpt_path: the trajectory log cannot continue from a Lightning checkpoint; rerun in the "
                         "run's own hydra.run.dir without ckpt_path (the log resumes it exactly), or drop the log "
                         "with ~callbacks.trajectory")
-    trainer, module, dm = build(cfg)
+    trainer, module, dm = build(cfg, [record] if record is not None else [])
+    from .integration.strategy import StartupSigterm, ZOStrategy
+
+    if not isinstance(trainer.strategy, ZOStrategy):  # the first-order reference: Lightning's own SIGTERM handling
+        StartupSigterm.hand_over()
     if trainer.is_global_zero:
         print(OmegaConf.to_yaml(cfg, resolve=True) if cfg.get("print_config") else "", end="")
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    if _stopped_by_signal(trainer) and _elastic_restarts_left():
+        # torchrun --max-restarts restarts the ranks only when one fails, and the rerun resumes exactly: a SIGTERM to a
+        # rank (not to torchrun, which then ends anyway) continues the run instead of ending it half done.
+        say_line(f"stopped by SIGTERM: exit {EXIT_RESTART} so that torchrun restarts the ranks (--max-restarts)")
+        sys.exit(EXIT_RESTART)
     # The run is complete and its outputs written: a late SIGTERM (a cluster's time limit arriving now) must not turn
     # it into a failed job (exit 143) while the process winds down.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
+
+
+EXIT_RESTART = 75  # EX_TEMPFAIL: stopped cleanly, to be run again
+
+
+def _stopped_by_signal(trainer) -> bool:
+    from .integration.callbacks import find_zo_optimizer
+
+    opt = find_zo_optimizer(trainer)
+    return opt is not None and opt.last_record is not None and opt.last_record.stop
+
+
+def _elastic_restarts_left() -> bool:
+    """Under torchrun with --max-restarts, whether the agent would restart the ranks if this one failed."""
+    restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0)
+    return restarts > int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
 
 
 # Hydra's own flags: a pre-check of the overrides would be in their way (they print, or use another config).
@@ -253,14 +292,33 @@ def precheck(argv: list[str]) -> None:
         raise UserError(f"bad override: {str(e).strip().splitlines()[0]}") from None
 
 
+def hydra_record(cfg: DictConfig) -> "ConfigRecord":
+    """The files Hydra writes into RUN_DIR/.hydra (config.yaml, hydra.yaml, overrides.yaml), as Hydra writes them.
+    Our config turns Hydra's own writing off (hydra.output_subdir: null): it happens before any check, so a refused
+    rerun (a changed lr, k or task; a finished run) replaced the run's record with the settings it refused."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from .integration.run_record import ConfigRecord
+
+    hydra_cfg = HydraConfig.get()
+    written = {**OmegaConf.to_container(hydra_cfg), "output_subdir": ".hydra"}  # what Hydra itself would record
+    files = {"config.yaml": OmegaConf.to_yaml(cfg), "hydra.yaml": OmegaConf.to_yaml({"hydra": written}),
+             "overrides.yaml": OmegaConf.to_yaml(hydra_cfg.overrides.task)}
+    return ConfigRecord(files, hydra_cfg.runtime.output_dir, subdir=".hydra")
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def _app(cfg: DictConfig) -> None:
     with user_errors():
-        run(cfg)
+        run(cfg, hydra_record(cfg))  # before run() adds to cfg: the record is the config as composed
 
 
 def main() -> None:
     """`lightning-zo [OVERRIDES]`: Hydra's command line (--help, -m, --cfg job, ...) with one-line errors."""
+    from .integration.strategy import StartupSigterm
+
+    StartupSigterm.install()  # a preemption while starting stops the run cleanly, as one during training does
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # one that train.py held during the imports
     with user_errors():
         precheck(sys.argv[1:])
     _app()

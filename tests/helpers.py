@@ -232,6 +232,17 @@ class SlowStart(pl.Callback):
         time.sleep(self.seconds)
 
 
+class SlowInit(pl.Callback):
+    """Holds a rank while the CLI builds the run, before fit and its setup (a callback is built with the model and
+    data), printing a marker first, so that a test can signal the rank there."""
+
+    def __init__(self, seconds: float = 6.0):
+        import time
+
+        print(f"slow init rank {os.environ.get('RANK', '0')}", flush=True)
+        time.sleep(seconds)
+
+
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 
 
@@ -264,3 +275,23 @@ def logged_steps(path: Path) -> int:
         return len(trajectory.read(path).records)
     except Exception:
         return 0
+
+
+def kill_9_when_logged(cmd: list[str], run_dir: Path, steps: int, cwd: Path = REPO) -> int:
+    """Start `cmd`, kill -9 it and its workers once `run_dir`'s trajectory log holds `steps` steps (or it ended, or
+    120 s passed); returns the steps the log holds then."""
+    import contextlib
+    import time
+
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 120
+    while logged_steps(run_dir / "trajectory.zot") < steps and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    workers = children(proc.pid)  # torchrun starts each worker in a session of its own: kill -9 them by pid
+    os.killpg(proc.pid, signal.SIGKILL)
+    for pid in workers:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    proc.wait()
+    return logged_steps(run_dir / "trajectory.zot")

@@ -55,7 +55,7 @@ def test_first_load_records_hashes_and_later_loads_verify_them(fake_gguf, recwar
     assert _no_damage_warning(recwarn)
 
 
-@pytest.mark.parametrize("damage", ["flip", "truncate", "no_hashes", "config"])
+@pytest.mark.parametrize("damage", ["flip", "truncate", "no_hashes", "config", "hashes_a_list"])
 def test_a_damaged_cache_is_rebuilt_with_a_warning(fake_gguf, damage):
     target, conversions, reference = fake_gguf
     models.smollm2()
@@ -68,6 +68,8 @@ def test_a_damaged_cache_is_rebuilt_with_a_warning(fake_gguf, damage):
         weights.write_bytes(bytes(data[: len(data) // 3]))
     elif damage == "no_hashes":  # a cache written before hashes were recorded
         (target / models._HASHES).unlink()
+    elif damage == "hashes_a_list":  # valid JSON, not an object: was AttributeError ('list' has no 'items')
+        (target / models._HASHES).write_text("[]")
     else:
         (target / "config.json").write_text((target / "config.json").read_text().replace("32", "33", 1))
     with pytest.warns(UserWarning, match="cannot be used .*rebuilding it"):

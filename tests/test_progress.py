@@ -46,3 +46,26 @@ def test_a_log_file_gets_periodic_step_lines(tmp_path):
 def test_no_progress_lines_when_the_bar_is_disabled(tmp_path):
     train(tmp_path, "trainer.max_steps=3")  # helpers.TINY sets trainer.enable_progress_bar=false
     assert "step 3/3" not in (tmp_path / "train.log").read_text()
+
+
+def test_a_run_stopped_at_step_0_prints_no_step_line(tmp_path):
+    """The STOP step is not applied, though Lightning counts it: a run stopped at step 0 printed `step 1/30`."""
+    import signal
+    import subprocess
+    import sys
+
+    from helpers import REPO, TINY, env
+
+    cmd = [sys.executable, str(REPO / "train.py"), *TINY, f"hydra.run.dir={tmp_path}", "trainer.max_steps=30",
+           "trainer.enable_progress_bar=true", "progress.mode=log", "+callbacks.slow._target_=helpers.SlowInit",
+           "+callbacks.slow.seconds=3"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "slow init rank 0" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    out = "".join(lines) + proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0 and "stopped by SIGTERM after 0 steps" in out, out[-3000:]
+    assert "training: 30 steps" in out and "step 1/30" not in out

@@ -53,23 +53,28 @@ def test_a_second_run_in_the_same_directory_is_refused(tmp_path):
     assert summaries(tmp_path)[0]["steps"] == done + 2
 
 
+def _sigterm_to_rank_1_at(cmd: list[str], marker: str) -> tuple[subprocess.Popen, str]:
+    """Run a 2-rank torchrun command, SIGTERM its rank 1 once `marker` is printed; (the process, all its output)."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if marker in line:
+            break
+    workers = sorted(children(proc.pid))
+    assert len(workers) == 2, "".join(lines)
+    os.kill(workers[1], signal.SIGTERM)
+    return proc, "".join(lines) + proc.communicate(timeout=120)[0]
+
+
 def test_sigterm_before_the_first_step_stops_every_rank(tmp_path):
     """SIGTERM to one rank while every rank is still before its first step (replay, zero-shot evaluation): no hang,
     every rank ends within seconds, writes its summary and says it stopped by the signal, having trained nothing."""
     cmd = [*TORCHRUN, "--standalone", "--nproc-per-node=2", str(REPO / "train.py"), *TINY,
            f"hydra.run.dir={tmp_path}", "trainer.devices=2", "trainer.max_steps=100000",
            "+callbacks.slow._target_=helpers.SlowStart", "+callbacks.slow.seconds=8"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if "slow start rank 1" in line:
-            break
-    workers = sorted(children(proc.pid))
-    assert len(workers) == 2, "".join(lines)
-    os.kill(workers[1], signal.SIGTERM)
-    out = proc.communicate(timeout=90)[0]
-    assert proc.returncode == 0, "".join(lines) + out[-4000:]
+    proc, out = _sigterm_to_rank_1_at(cmd, "slow start rank 1")
+    assert proc.returncode == 0, out[-4000:]
     s = summaries(tmp_path)
     assert [x["steps"] for x in s] == [0, 0] and all(x["stopped_by_signal"] for x in s)
     assert "stopped by SIGTERM after 0 steps" in out
@@ -130,3 +135,86 @@ def test_a_refused_rerun_keeps_the_metrics_and_a_resume_appends_to_them(tmp_path
 
     steps = [int(row["step"]) for row in csv.DictReader(metrics.open()) if row.get("train/loss")]
     assert steps == list(range(7))
+
+
+def _checksums(run_dir: Path) -> dict[str, str]:
+    import hashlib
+
+    return {str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_a_refused_or_finished_rerun_leaves_every_file_byte_identical(tmp_path, shared_data, ranks):
+    """Hydra wrote .hydra/ (and we the lock's pid) before any check: a refused rerun replaced the run's record with
+    the settings it refused (a run trained on `sentiment` was reported as `sst2`). Now only an accepted start
+    writes, and .hydra/ keeps the first accepted start's configuration."""
+    launcher = [*TORCHRUN, "--standalone", "--nproc-per-node=2"] if ranks == 2 else None
+    common = [f"trainer.devices={ranks}"]
+    train(tmp_path, *common, "trainer.max_steps=4", launcher=launcher)
+    before = _checksums(tmp_path)
+    assert {".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml", ".lightning_zo.lock"} <= set(before)
+    for overrides, message in [(["optimizer.lr=1e-3"], "lr: [1e-05, 1e-05] -> [0.001, 0.001]"),
+                               (["optimizer.k=2"], "k: 1 -> 2"),
+                               (["task=sst2", f"task.data_dir={shared_data / 'sst2'}"], "with changed settings"),
+                               (["trainer.max_steps=4"], "already holds a finished run of 4 steps")]:
+        refused = train(tmp_path, *common, "trainer.max_steps=6", *overrides, launcher=launcher, check=False)
+        assert refused.returncode != 0 and message in refused.stderr, (overrides, refused.stderr[-3000:])
+        assert _checksums(tmp_path) == before, overrides
+    train(tmp_path, *common, "trainer.max_steps=6", launcher=launcher)  # accepted: it trains, and keeps the record
+    after = _checksums(tmp_path)
+    assert after["trajectory.zot"] != before["trajectory.zot"]
+    assert all(after[f] == before[f] for f in before if f.startswith(".hydra/"))
+    assert "max_steps: 4" in (tmp_path / ".hydra" / "config.yaml").read_text()
+
+
+def test_sigterm_while_starting_stops_cleanly_and_a_rerun_continues(tmp_path):
+    """Before fit reaches setup (imports, building the model and data) a SIGTERM killed the rank (-15, torchrun's
+    ChildFailedError traceback). Now: during the imports (1 rank) or the build (one rank of 2), exit 0, every rank
+    stopped before its first step with one line, and the same command continues the run."""
+    one = tmp_path / "one"
+    proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), *TINY, f"hydra.run.dir={one}",
+                             "trainer.max_steps=5"], cwd=REPO, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    time.sleep(1)  # the imports alone take seconds
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0 and "Traceback" not in out, out[-3000:]
+    assert "received SIGTERM while starting" in out and "stopped by SIGTERM after 0 steps" in out
+    assert [s["steps"] for s in summaries(one)] == [0]
+
+    two = tmp_path / "two"
+    cmd = [*TORCHRUN, "--standalone", "--nproc-per-node=2", str(REPO / "train.py"), *TINY, f"hydra.run.dir={two}",
+           "trainer.devices=2", "trainer.max_steps=5", "+callbacks.slow._target_=helpers.SlowInit",
+           "+callbacks.slow.seconds=6"]
+    proc, out = _sigterm_to_rank_1_at(cmd, "slow init rank 1")
+    assert proc.returncode == 0 and "Traceback" not in out and "ChildFailedError" not in out, out[-4000:]
+    assert "rank 1 received SIGTERM while starting" in out
+    s = summaries(two)
+    assert [x["steps"] for x in s] == [0, 0] and all(x["stopped_by_signal"] for x in s)
+
+    for run, ranks in ((one, 1), (two, 2)):
+        launcher = [*TORCHRUN, "--standalone", "--nproc-per-node=2"] if ranks == 2 else None
+        train(run, f"trainer.devices={ranks}", "trainer.max_steps=5", launcher=launcher)
+        assert [x["steps"] for x in summaries(run)] == [5] * ranks
+
+
+def test_under_torchrun_with_restarts_a_sigterm_to_a_rank_continues_the_run(tmp_path):
+    """With restarts left (--max-restarts) a rank's SIGTERM stops every rank cleanly with exit 75, so that torchrun
+    restarts them and the run resumes from its log: it finishes by itself, as the uninterrupted run."""
+    args = ["trainer.devices=2", "trainer.max_steps=40", "optimizer.lr=1e-3"]
+    launcher = [*TORCHRUN, "--standalone", "--nproc-per-node=2"]
+    train(tmp_path / "whole", *args, launcher=launcher)
+    run = tmp_path / "restarted"
+    cmd = [*launcher, "--max-restarts=2", str(REPO / "train.py"), *TINY, f"hydra.run.dir={run}", *args]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while logged_steps(run / "trajectory.zot") < 10 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    os.kill(sorted(children(proc.pid))[1], signal.SIGTERM)
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0 and "exit 75 so that torchrun restarts the ranks" in out, out[-4000:]
+    whole, restarted = summaries(tmp_path / "whole"), summaries(run)
+    assert [s["steps"] for s in restarted] == [40, 40] and not any(s["stopped_by_signal"] for s in restarted)
+    assert {s["weights_sha256"] for s in restarted} == {whole[0]["weights_sha256"]}
+    assert (run / "trajectory.zot").read_bytes() == (tmp_path / "whole" / "trajectory.zot").read_bytes()

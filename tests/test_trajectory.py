@@ -1,17 +1,12 @@
 """Trajectory log: replay == live, resume after kill -9, elastic world size, corruption, mismatched base."""
 
-import contextlib
 import json
-import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from helpers import REPO, TINY, children, env, logged_steps, python, summaries, train
+from helpers import REPO, TINY, kill_9_when_logged, python, summaries, train
 from lightning_zo.core import trajectory
 from lightning_zo.core.errors import UserError
 from lightning_zo.core.optimizer import StepRecord
@@ -70,19 +65,7 @@ def test_kill_9_then_rerun_equals_uninterrupted(tmp_path):
     args = ["trainer.devices=2", "trainer.max_steps=150", "optimizer.lr=1e-3"]
     train(tmp_path / "whole", *args, launcher=TORCHRUN)
     run = tmp_path / "killed"
-    cmd = [*TORCHRUN, str(REPO / "train.py"), *TINY, f"hydra.run.dir={run}", *args]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    deadline = time.time() + 120
-    while logged_steps(run / "trajectory.zot") < 40 and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    workers = children(proc.pid)  # torchrun starts each worker in a session of its own: kill -9 them by pid
-    os.killpg(proc.pid, signal.SIGKILL)
-    for pid in workers:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    proc.wait()
-    done = logged_steps(run / "trajectory.zot")
+    done = kill_9_when_logged([*TORCHRUN, str(REPO / "train.py"), *TINY, f"hydra.run.dir={run}", *args], run, 40)
     assert 40 <= done < 150, "the run was not interrupted mid-training"
     assert not list(run.glob("summary.rank*.json"))
     proc = train(run, *args, launcher=TORCHRUN)
@@ -257,3 +240,22 @@ def test_resume_and_replay_refuse_a_damaged_log_and_leave_it_untouched(logged_ru
     assert path.read_bytes() == bytes(data)
     proc = python("-m", "lightning_zo.replay", str(copy))
     assert proc.returncode == 2 and "not a torn final record" in proc.stderr and "step 4" in proc.stderr
+
+
+def test_every_rank_fails_with_the_same_one_line_error_on_a_damaged_log(tmp_path):
+    """The issue's case: 2 ranks resuming from a log with one flipped byte. Rank 0 read the log and broadcast the
+    error; rank 1 died unpickling it (a TypeError). Every rank now says the same line, each on its own line."""
+    args = ["trainer.devices=2", "trainer.max_steps=6", "optimizer.lr=1e-3"]
+    train(tmp_path, *args, launcher=TORCHRUN)
+    path = tmp_path / "trajectory.zot"
+    data = bytearray(path.read_bytes())
+    data[trajectory.read(path).ends[2] + 10] ^= 0xFF  # inside record 3's body
+    path.write_bytes(bytes(data))
+    proc = train(tmp_path, "trainer.devices=2", "trainer.max_steps=8", "optimizer.lr=1e-3", launcher=TORCHRUN,
+                 check=False)
+    out = proc.stdout + proc.stderr
+    errors = [line for line in out.splitlines() if "error:" in line]
+    assert len(errors) == 2 and errors[0] == errors[1], out[-4000:]
+    assert errors[0].startswith("error: cannot resume: ") and "fails its checksum" in errors[0]
+    assert "the last good record is step 2" in errors[0] and "TypeError" not in out
+    assert path.read_bytes() == bytes(data)

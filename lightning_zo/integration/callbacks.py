@@ -7,7 +7,6 @@ They find the model through the optimizer (`ZOOptimizer.model`), never through a
 from __future__ import annotations
 
 import copy
-import fcntl
 import json
 import logging
 import os
@@ -23,7 +22,9 @@ import torch.distributed as dist
 from ..core import trajectory
 from ..core.errors import UserError
 from ..core.layout import weights_digest
-from ..core.optimizer import ZOOptimizer
+from ..core.optimizer import StepRecord, ZOOptimizer
+from .loggers import ResumableCSVLogger
+from .run_record import RunLock
 from .strategy import ZOStrategy, module_settings
 
 log = logging.getLogger("lightning_zo")
@@ -205,33 +206,6 @@ def save_model(model: torch.nn.Module, out: Path, tokenizer=None) -> None:
     atomic(out / "model", write)
 
 
-class RunLock:
-    """One run per directory: an exclusive lock that the OS drops when the process ends, however it ends."""
-
-    def __init__(self, run_dir: Path):
-        self.path = run_dir / ".lightning_zo.lock"
-        self._fd: int | None = None
-
-    def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            raise UserError(f"{self.path.parent} is in use by another run (pid {holder}); give this run its own "
-                            "directory (hydra.run.dir=...) or wait for that one to end") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
-        self._fd = fd
-
-    def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-
 class TrajectoryLog(pl.Callback):
     """Writes `trajectory.zot` (rank 0) and resumes from it: rerunning a killed run's command continues exactly.
 
@@ -252,6 +226,7 @@ class TrajectoryLog(pl.Callback):
         self.model_config = model_config  # how to rebuild the base model (the Hydra `model` config), for replay
         self.allow_changes = allow_changes
         self.writer: trajectory.Writer | None = None
+        self.pending: StepRecord | None = None  # the last step's record, appended when the next step starts
         self.lock: RunLock | None = None
 
     def path(self, trainer) -> Path:
@@ -280,10 +255,10 @@ class TrajectoryLog(pl.Callback):
             try:
                 found = trajectory.read(path)
             except UserError as e:
-                found = e
+                found = str(e)  # the message, not the exception: every rank raises the same line from it
         if trainer.world_size > 1:
             found = trainer.strategy.broadcast(found, src=0)
-        if isinstance(found, Exception):
+        if isinstance(found, str):
             raise UserError(f"cannot resume: {found}")
         records = []
         if found is not None:
@@ -298,6 +273,10 @@ class TrajectoryLog(pl.Callback):
                 opt.apply(record)
             resume_counters(trainer, opt.step_count)
             if trainer.is_global_zero:
+                for logger in trainer.loggers:  # rows of steps the log does not hold are redone by this run
+                    if isinstance(logger, ResumableCSVLogger):
+                        logger.keep_steps_before(len(records))
+            if trainer.is_global_zero:
                 log.info("resumed from %s: replayed %d steps", path, len(records))
             if changed:  # recorded in the log: the new settings, and at which step they took effect
                 header = {**found.header, "run": header["run"],
@@ -305,26 +284,40 @@ class TrajectoryLog(pl.Callback):
             else:
                 header = found.header
         if trainer.is_global_zero:
+            if self.lock is not None:
+                self.lock.keep()
             self.writer = trajectory.Writer(path, header, records, fsync=self.fsync, slots=opt.world_size * opt.k)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         record = zo_optimizer(trainer).last_record
         if self.writer is not None and record is not None and not record.stop:  # a STOP step is not applied
-            self.writer.append(record)
+            self.pending = record
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._append_pending()
+
+    def _append_pending(self) -> None:
+        """A step's record reaches the log once everything of that step is on disk (its metrics rows, its
+        validation), at the next step's start: a resume keeps exactly the metrics of the log's steps and redoes
+        the rest, so the record of a run killed anywhere equals the uninterrupted run's."""
+        if self.writer is not None and self.pending is not None:
+            self.writer.append(self.pending)
+        self.pending = None
 
     def on_train_end(self, trainer, pl_module) -> None:
         self.close()
 
     def on_exception(self, trainer, pl_module, exception) -> None:
-        self.close()
+        self.teardown(trainer, pl_module, "fit")  # Lightning calls no teardown hook after an exception
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
         self.close()
-        if self.lock is not None:
+        if self.lock is not None:  # a refused start puts the lock file's old content back
             self.lock.release()
             self.lock = None
 
     def close(self) -> None:
+        self._append_pending()
         if self.writer is not None:
             self.writer.close()
             self.writer = None
@@ -343,6 +336,10 @@ def resume_counters(trainer: "pl.Trainer", steps: int) -> None:
                      loop.automatic_optimization.optim_progress.optimizer.step.total):
         progress.ready = progress.completed = steps
     loop._batches_that_stepped = steps
+    # The batch count that val_check_interval counts (check_val_every_n_epoch=None): validation stays at the global
+    # steps of an uninterrupted run (it restarted from 0 at the resume: steps 9, 23, 33 instead of 9, 19, 29).
+    total = loop.batch_progress.total
+    total.ready = total.started = total.processed = total.completed = steps
     for config in trainer.lr_scheduler_configs:
         if config.interval != "step":
             log.warning("LR scheduler %s steps per epoch: not advanced on resume",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
@@ -26,3 +27,24 @@ class ResumableCSVLogger(CSVLogger):
             self._fs.makedirs(self.root_dir, exist_ok=True)
             self._experiment = _AppendingWriter(log_dir=self.log_dir)
         return self._experiment
+
+    def keep_steps_before(self, steps: int) -> None:
+        """A resume from a trajectory log of `steps` steps: drop the rows of later steps (written before a kill,
+        while their record had not reached the log yet); the resumed run logs those steps again, as they were."""
+        path = os.path.join(self.log_dir, ExperimentWriter.NAME_METRICS_FILE)
+        if not self._fs.isfile(path):
+            return
+        with self._fs.open(path, "r", newline="") as f:
+            reader = csv.DictReader(f)
+            rows = list(reader)
+        # A row with a missing field is one a kill -9 cut short (csv reads its missing fields as None).
+        kept = [row for row in rows if None not in row.values()
+                and (not row.get("step", "").isdigit() or int(row["step"]) < steps)]
+        if len(kept) == len(rows):
+            return
+        tmp = f"{path}.{os.getpid()}"
+        with self._fs.open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=reader.fieldnames)
+            writer.writeheader()
+            writer.writerows(kept)
+        self._fs.mv(tmp, path)

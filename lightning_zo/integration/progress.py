@@ -16,6 +16,8 @@ import time
 from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.callbacks.progress import ProgressBar
 
+from .callbacks import find_zo_optimizer
+
 log = logging.getLogger("lightning_zo")
 
 MODES = ("auto", "bar", "log")
@@ -80,8 +82,9 @@ class LogProgress(ProgressBar):
                  (f", resuming at step {trainer.global_step}" if trainer.global_step else ""))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if not self._enabled:
-            return
+        opt = find_zo_optimizer(trainer)
+        if not self._enabled or (opt is not None and opt.last_record is not None and opt.last_record.stop):
+            return  # a STOP step is not applied (Lightning counts it): a run stopped at step 0 showed `step 1/N`
         step, total = trainer.global_step, trainer.max_steps
         now = time.monotonic()
         due = step % self._interval(trainer) == 0 or step == total or step == self._start_step + 1

@@ -50,6 +50,32 @@ def release_process_group() -> None:
         dist.destroy_process_group()
 
 
+class StartupSigterm:
+    """SIGTERM from the process's start (the CLI installs this first) until fit's setup, where ZOStrategy takes over:
+    imports and building the model and data take seconds (about 15 s for the default model), and a cluster's
+    preemption then killed the rank (-15, and torchrun's ChildFailedError traceback). The signal is remembered; the
+    strategy then stops every rank before the first step, as for a SIGTERM during replay (exit 0, a rerun resumes)."""
+
+    received = False
+
+    @classmethod
+    def install(cls) -> None:
+        signal.signal(signal.SIGTERM, cls._remember)
+
+    @classmethod
+    def _remember(cls, signum, frame) -> None:
+        cls.received = True
+
+    @classmethod
+    def hand_over(cls) -> None:
+        """For a strategy that handles SIGTERM itself (Lightning's own): the default handling from here on, and a
+        signal already received ends the process now, in one line."""
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if cls.received:
+            log.warning("received SIGTERM while starting: stopped before training; rerun the same command")
+            raise SystemExit(0)
+
+
 class ZOStrategy(DDPStrategy):
     strategy_name = "zo"
 
@@ -193,6 +219,11 @@ class ZOStrategy(DDPStrategy):
         handler only sets a flag, and the next exchange carries it. Undone in teardown."""
         trainer = self.lightning_module.trainer if self.lightning_module is not None else None
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        if StartupSigterm.received:  # before setup (imports, building): STOP at the first step, as any SIGTERM
+            StartupSigterm.received = False
+            self.stop_requested = True
+            log.warning("rank %d received SIGTERM while starting: sending STOP with the first step's codes",
+                        self.global_rank)
 
         def restore_sigterm() -> None:
             signal.signal(signal.SIGTERM, previous)

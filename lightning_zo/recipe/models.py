@@ -139,6 +139,8 @@ def smollm2(dtype: str = "float32", cache_dir: str | None = None) -> LanguageMod
             recorded = json.loads(manifest.read_text())
         except ValueError:
             return f"{_HASHES} is not readable"
+        if not isinstance(recorded, dict):  # valid JSON, but not the {file: sha256} we write
+            return f"{_HASHES} is not a JSON object of file hashes"
         for name, digest in sorted(recorded.items()):
             path = target / name
             if not path.is_file():
