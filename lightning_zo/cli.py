@@ -82,9 +82,11 @@ def build(cfg: DictConfig):
     from .recipe.data import PromptDataModule
 
     optimizer = instantiate(cfg.optimizer)
+    devices, nodes = cfg.trainer.get("devices"), cfg.trainer.get("num_nodes", 1)
+    ranks = devices * nodes if isinstance(devices, int) and isinstance(nodes, int) and devices > 0 else None
     try:  # before the model loads: a bad setting costs one line, not a model's load time
         if is_zo(optimizer):
-            validate_hparams(**optimizer.keywords)
+            validate_hparams(**optimizer.keywords, world_size=ranks)
     except ValueError as e:
         raise UserError(f"optimizer: {e}") from e
     lm = build_model(cfg)

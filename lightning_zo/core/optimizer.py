@@ -63,8 +63,9 @@ def no_decay(name: str) -> bool:
 
 def validate_hparams(lr=1e-5, eps=1e-3, k=1, distribution="rademacher", norm="mean", weight_decay=0.0,
                      aggregation="mean", trim=0.25, rule="sgd", beta=0.9, history=8, beta2=0.99,
-                     estimator="two_sided", population="none", **_):
-    """Raise ValueError for hyperparameters the step cannot use (called early by the CLI, and by __init__)."""
+                     estimator="two_sided", population="none", world_size=None, **_):
+    """Raise ValueError for hyperparameters the step cannot use (called early by the CLI, and by __init__);
+    `world_size` where known (the CLI's trainer config, the step)."""
     if not eps > 0 or not math.isfinite(eps):
         raise ValueError(f"eps must be a positive finite number, got {eps!r}")
     if lr < 0 or not math.isfinite(lr):
@@ -81,7 +82,7 @@ def validate_hparams(lr=1e-5, eps=1e-3, k=1, distribution="rademacher", norm="me
     validate_rule(rule, beta, history, beta2)
     if estimator not in ESTIMATORS:
         raise ValueError(f"unknown estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
-    validate_population(population, aggregation)
+    validate_population(population, aggregation, None if world_size is None else world_size * k)
 
 
 class ZOOptimizer(torch.optim.Optimizer):
@@ -218,9 +219,7 @@ class ZOOptimizer(torch.optim.Optimizer):
                 raise TypeError(LOSS_FN_HELP)
             evaluate, closure = closure, None
             loss_fn = lambda j: evaluate()  # noqa: E731
-        if self.population != "none" and self.world_size * self.k < 2:
-            raise UserError(f"population={self.population} normalises a step's {self.world_size * self.k} "
-                            "estimate(s): it needs at least two (k >= 2, or more ranks)")
+        validate_population(self.population, self.aggregation.name, self.world_size * self.k)
         t, lr = self.step_count, float(self.param_groups[0]["lr"])
         codec = self.codec
         payload = torch.zeros(self.world_size * self.k, dtype=codec.dtype)

@@ -25,13 +25,17 @@ import math
 POPULATIONS = ("none", "zscore", "rank")
 
 
-def validate(population: str = "none", aggregation: str = "mean") -> None:
+def validate(population: str = "none", aggregation: str = "mean", slots: int | None = None) -> None:
+    """`slots`: a step's estimates (world size * k), where known."""
     if population not in POPULATIONS:
         raise ValueError(f"unknown population {population!r}; choose one of {', '.join(POPULATIONS)}")
     if population != "none" and aggregation != "mean":
         raise ValueError(f"population={population} normalises the step's estimates of distinct directions and needs "
                          f"aggregation=mean, not {aggregation} (which combines the ranks' estimates of shared "
                          "directions)")
+    if population != "none" and slots is not None and slots < 2:
+        raise ValueError(f"population={population} normalises a step's {slots} estimate(s): it needs at least two "
+                         "(optimizer.k >= 2, or more ranks)")
 
 
 def normalise(population: str, estimates: list[tuple[int, float]]) -> list[tuple[int, float]]:
