@@ -94,15 +94,17 @@ def build(cfg: DictConfig, extra_callbacks: list = ()):
     from .recipe.classifier import is_zo
     from .recipe.data import PromptDataModule
 
+    optimizer = instantiate(cfg.optimizer)
+    devices, nodes = cfg.trainer.get("devices"), cfg.trainer.get("num_nodes", 1)
+    ranks = devices * nodes if isinstance(devices, int) and isinstance(nodes, int) and devices > 0 else None
+    try:  # before the model loads: a bad setting costs one line, not a model's load time
+        if is_zo(optimizer):
+            validate_hparams(**optimizer.keywords, world_size=ranks)
+    except ValueError as e:
+        raise UserError(f"optimizer: {e}") from e
     lm = build_model(cfg)
     task = instantiate(cfg.task)
     codec = instantiate(cfg.quantization)
-    optimizer = instantiate(cfg.optimizer)
-    try:
-        if is_zo(optimizer):
-            validate_hparams(**optimizer.keywords)
-    except ValueError as e:
-        raise UserError(f"optimizer: {e}") from e
     if codec.breaks_one_byte and is_zo(optimizer):
         warnings.warn(f"quantization={codec.name}: the payload is {codec.bytes_per_slot} bytes per slot; "
                       "this ablation breaks the one-byte-per-step property", stacklevel=1)

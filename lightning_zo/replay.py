@@ -73,11 +73,13 @@ def rule_keywords(header: dict) -> dict:
 
 
 def optimizer_for(model: torch.nn.Module, header: dict) -> ZOOptimizer:
-    """A ZOOptimizer with the logged step rules (lr comes from each record; no `aggregation`: the mean)."""
+    """A ZOOptimizer with the logged step rules (lr comes from each record; logs without `aggregation`, `estimator`
+    or `population`: the mean, two-sided, none)."""
     aggregation = Aggregation.from_config(header.get("aggregation"))
     opt = ZOOptimizer(model, lr=0.0, eps=header["eps"], weight_decay=header["weight_decay"],
                       distribution=header["distribution"], norm=header["norm"], seed=header["seed"],
                       codec=codec_from_config(header["codec"]), aggregation=aggregation.name, trim=aggregation.trim,
+                      estimator=header.get("estimator", "two_sided"), population=header.get("population", "none"),
                       **rule_keywords(header))
     opt.follow_log(header)
     return opt
@@ -106,7 +108,8 @@ def replay(run_dir: Path, to_step: int | None = None, model: torch.nn.Module | N
         opt.apply(record)
     opt.forward_hooks.remove()
     info = {"steps": len(records), "world_sizes": sorted({r.world_size for r in records}),
-            "log_bytes": (run_dir / "trajectory.zot").stat().st_size, "weights_sha256": weights_digest(model)}
+            "forwards": opt.forwards, "log_bytes": (run_dir / "trajectory.zot").stat().st_size,
+            "weights_sha256": weights_digest(model)}
     return model, info | ({"tokenizer": tokenizer} if tokenizer is not None else {})
 
 

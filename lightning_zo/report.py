@@ -1,10 +1,12 @@
-"""Compare runs: a markdown table and plots of accuracy against steps and bytes on the wire, and loss against steps.
+"""Compare runs: a markdown table and plots of accuracy against steps, forward passes and bytes on the wire, and
+loss against steps.
 
     python -m lightning_zo.report RUN_DIR [RUN_DIR ...] [--out DIR] [--bytes-axis auto|linear|log]
 
 A directory holding several runs (a Hydra multirun) is expanded. Runs are labelled by what differs between their
 configs (RUN_DIR/.hydra/config.yaml), e.g. `lr=1e-05, k=4`. Writes DIR/report.md, DIR/accuracy_vs_steps.png,
-DIR/accuracy_vs_bytes.png and, where RUN_DIR/csv/metrics.csv has train/loss, DIR/loss_vs_steps.png. Without
+DIR/accuracy_vs_bytes.png, DIR/accuracy_vs_forwards.png (the runs whose summary counts `forwards`: a forward costs
+the same whatever the update rule) and, where RUN_DIR/csv/metrics.csv has train/loss, DIR/loss_vs_steps.png. Without
 matplotlib the table is still written and one line says why there are no plots.
 """
 
@@ -194,6 +196,15 @@ def _plots(out: Path, series: list[dict], bytes_axis: str) -> list[str]:
          xlabel=f"bytes sent in training steps ({'log10' if scale == 'log' else 'linear'} scale)",
          ylabel="validation accuracy")
 
+    counted = [s for s in series if s["forwards_per_step"]]  # runs made before forwards were counted: not here
+    if counted:
+        fig, ax = plt.subplots(figsize=(7.5, 4.8))
+        for i, s in enumerate(counted):
+            xs, ys = zip(*[(step * s["forwards_per_step"], acc) for step, acc in s["acc"]]) if s["acc"] else ((), ())
+            ax.plot(xs, ys, label=f"{s['label']} ({s['forwards_per_step']:g} forwards/step)", **style(i, n))
+        save(fig, ax, "accuracy_vs_forwards.png", title="Validation accuracy vs forward passes",
+             xlabel="forward passes per rank", ylabel="validation accuracy")
+
     with_loss = [s for s in series if s["loss"]]
     if with_loss:
         window = max(1, max(len(s["loss"]) for s in with_loss) // 25)
@@ -216,19 +227,20 @@ def build_report(runs: list[Path], out: Path, bytes_axis: str = "auto") -> tuple
     summaries = [json.loads((run / "summary.rank0.json").read_text()) for run in runs]
     names = [run.name for run in runs]
     legends = labels([run_config(run) for run in runs], names)
-    rows = ["| run | dir | world size × k | codec | steps | bytes/step | zero-shot acc | final acc | weights_sha256 |",
-            "|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| run | dir | world size × k | codec | steps | forwards | bytes/step | zero-shot acc | final acc | "
+            "weights_sha256 |", "|---|---|---|---|---|---|---|---|---|---|"]
     series = []
     for run, s, legend in zip(runs, summaries, legends):
         zero = s.get("val_acc_zero_shot")
         final = s.get("val_acc_final")
         rows.append(f"| {legend} | `{run}` | {s.get('world_size', '')} × {s.get('k', '')} | {s.get('codec', '')} | "
-                    f"{s['steps']} | {s.get('payload_bytes_per_step', '')} | "
+                    f"{s['steps']} | {s.get('forwards', '')} | {s.get('payload_bytes_per_step', '')} | "
                     f"{'' if zero is None else f'{zero:.3f}'} | {'' if final is None else f'{final:.3f}'} | "
                     f"`{s.get('weights_sha256', '')[:12]}` |")
         metrics = _metrics(run)
         series.append({"label": legend, "acc": accuracy_curve(metrics, s), "loss": loss_curve(metrics),
-                       "bytes_per_step": s.get("payload_bytes_per_step", 0)})
+                       "bytes_per_step": s.get("payload_bytes_per_step", 0),
+                       "forwards_per_step": s["forwards"] / s["steps"] if s.get("forwards") and s["steps"] else None})
     table = "\n".join(rows) + "\n"
     try:
         written, why = _plots(out, series, bytes_axis), None

@@ -8,7 +8,8 @@ import pytest
 from lightning_zo.report import _bytes_scale, build_report, human_bytes, labels, main
 
 
-def _fake_run(path, lr=1e-5, k=1, model="lightning_zo.recipe.models.tiny", payload=1, steps=20, final=0.6):
+def _fake_run(path, lr=1e-5, k=1, model="lightning_zo.recipe.models.tiny", payload=1, steps=20, final=0.6,
+              **summary):
     (path / ".hydra").mkdir(parents=True)
     (path / ".hydra" / "config.yaml").write_text(
         f"model:\n  _target_: {model}\n  hidden_size: {32 if 'tiny' in model else 768}\n"
@@ -16,7 +17,7 @@ def _fake_run(path, lr=1e-5, k=1, model="lightning_zo.recipe.models.tiny", paylo
         f"trainer:\n  max_steps: {steps}\n  default_root_dir: ${{hydra:runtime.output_dir}}\n")
     (path / "summary.rank0.json").write_text(json.dumps({
         "val_acc_zero_shot": 0.5, "val_acc_final": final, "steps": steps, "world_size": 1, "k": k,
-        "codec": "linear", "payload_bytes_per_step": payload, "weights_sha256": "ab" * 32}))
+        "codec": "linear", "payload_bytes_per_step": payload, "weights_sha256": "ab" * 32, **summary}))
     (path / "csv").mkdir()
     rows = ["epoch,step,train/loss,val/acc"] + [f"0,{i},{0.7 - i / 100},{0.55 if i == 9 else ''}" for i in range(steps)]
     (path / "csv" / "metrics.csv").write_text("\n".join(rows) + "\n")
@@ -58,6 +59,17 @@ def test_report_writes_three_plots_and_a_table(tmp_path, capsys):
         assert (tmp_path / "rep" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"({png})" in report
     assert report.count("\n| ") == 2
+    assert not (tmp_path / "rep" / "accuracy_vs_forwards.png").exists()  # neither run counted its forwards
+
+
+def test_runs_that_count_their_forwards_are_plotted_against_them(tmp_path):
+    _fake_run(tmp_path / "runs" / "0", forwards=40)
+    _fake_run(tmp_path / "runs" / "1", k=4, payload=4, forwards=100)  # one-sided, k + 1 = 5 forwards per step
+    _fake_run(tmp_path / "runs" / "2", lr=1e-3)  # made before forwards were counted: in the table, not the plot
+    table, written, _ = build_report([tmp_path / "runs" / str(i) for i in range(3)], tmp_path / "rep")
+    assert "accuracy_vs_forwards.png" in written
+    assert "| linear | 20 | 40 | 1 |" in table and "| linear | 20 | 100 | 4 |" in table
+    assert "| linear | 20 |  | 1 |" in table
 
 
 def test_without_matplotlib_the_table_is_written_and_one_line_says_why(tmp_path, monkeypatch, capsys):

@@ -11,16 +11,17 @@ results = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(results)
 
 
-def _fake_run(out, task, method, seed, accs, steps, seconds, **summary):
+def _fake_run(out, task, method, seed, accs, steps, seconds, every=results.EVERY, tokens=None, **summary):
     where = results.run_dir(out, task, method, seed)
     (where / "csv").mkdir(parents=True)
     with (where / "csv" / "metrics.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, ["epoch", "step", "train/projected_grad", "val/acc"])
+        writer = csv.DictWriter(f, ["epoch", "step", "train/projected_grad", "train/tokens", "val/acc"])
         writer.writeheader()
         for i in range(steps):
-            writer.writerow({"epoch": 0, "step": i, "train/projected_grad": 0.0 if i % 2 else 1.5})
-            if (i + 1) % results.EVERY == 0:
-                writer.writerow({"epoch": 0, "step": i, "val/acc": accs[(i + 1) // results.EVERY - 1]})
+            writer.writerow({"epoch": 0, "step": i, "train/projected_grad": 0.0 if i % 2 else 1.5,
+                             "train/tokens": tokens})
+            if (i + 1) % every == 0:
+                writer.writerow({"epoch": 0, "step": i, "val/acc": accs[(i + 1) // every - 1]})
     (where / "summary.rank0.json").write_text(json.dumps(
         {"val_acc_zero_shot": 0.5, "val_acc_final": accs[-1], "steps": steps, "train_seconds": seconds,
          "payload_bytes_per_step": 1, **summary}))
@@ -34,6 +35,9 @@ def test_the_page_reports_means_spread_and_where_a_rule_reaches_plain_spsa(tmp_p
         _fake_run(out, "sst2", "momentum", seed, [0.6, 0.7 + shift, 0.71], 150, 180.0)
     _fake_run(out, "sst2", "adam", 0, [0.8, 0.85], 100, 150.0, payload_bytes_per_step=0,
               gradient_bytes_per_rank_per_step=538_000_000)
+    # 5 forwards per step (k = 4 one-sided), validated every 20 steps = 100 forwards, as `run` makes it
+    _fake_run(out, "sst2", "one_sided_zscore", 0, [0.58, 0.73, 0.74, 0.75, 0.76, 0.77], 120, 240.0,
+              every=results.validate_every("one_sided_zscore"), tokens=50, forwards=600, payload_bytes_per_step=4)
     page = tmp_path / "RESULTS.md"
     page.write_text("# hand-written intro\n\n<!-- results.py: begin -->\nold\n<!-- results.py: end -->\n\nnotes\n")
     results.main(["page", "--out", str(out), "--page", str(page), "--tasks", "sst2"])
@@ -41,5 +45,20 @@ def test_the_page_reports_means_spread_and_where_a_rule_reaches_plain_spsa(tmp_p
     assert text.startswith("# hand-written intro") and text.rstrip().endswith("notes") and "old" not in text
     assert "| 70.0 ± 2.0 |" in text  # plain SPSA at 300: 68, 70, 72 %
     assert "| 72.0 ± 2.0 |" in text  # momentum at 100: 70, 72, 74 %
-    assert "momentum: plain SPSA's 300-step mean (70.0 %) reached at step 100" in text
+    # the targets in forwards: momentum 2 per step, 72 % at step 100; the one-sided run 73 % at step 40
+    assert "momentum: plain SPSA's best mean (70.0 % at 600 forwards) reached at 200 forwards (3.0x fewer); its " \
+           "best 72.0 % is 13.0 points below Adam's 100-step 85.0 %" in text
+    assert "one_sided_zscore: plain SPSA's best mean (70.0 % at 600 forwards) reached at 200 forwards (3.0x fewer)" \
+        in text
+    # forwards per step, tokens per forward (50 per step over 5 forwards), accuracy at 100, 200, ..., 600 forwards
+    assert "| one-sided, 4 directions, z-scores, lr 1e-3 | 5 | 10 | 4 B | 1 | 50.0 | 58.0 | 73.0 | 74.0 | 75.0 | " \
+           "76.0 | 77.0 | 2.00 |" in text
+    assert "| 1 + backward |  | 0 (one rank" in text  # the first-order reference: 100 forwards at step 100
     assert "data-parallel: 538 MB" in text and "| 1.00 |" in text  # 300 s / 300 steps
+
+
+def test_every_zo_method_runs_plain_spsas_forwards_and_validates_every_100():
+    for method, steps, every in (("spsa", 300, 50), ("normalized", 150, 50), ("one_sided_zscore", 120, 20)):
+        cmd = results.command(REPO, REPO, "sst2", method, 0, results.STEPS_OF.get(method, results.STEPS))
+        assert f"trainer.max_steps={steps}" in cmd and f"trainer.val_check_interval={every}" in cmd
+    assert results.forwards_per_step("one_sided_rank") == 5 and results.forwards_per_step("spsa") == 2

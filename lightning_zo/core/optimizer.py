@@ -23,9 +23,13 @@ from .layout import ParamLayout
 from .errors import UserError
 from .noise import DISTRIBUTIONS, GENERATOR_VERSION, GROUP
 from .philox import derive_seed
+from .population import normalise, validate as validate_population
 from .rules import UpdateRule, validate as validate_rule
 
 NORMS = ("mean", "sqrt")
+# two_sided: (f(theta + eps z) - f(theta - eps z)) / 2 eps, 2k forwards per rank and step (the paper's estimate);
+# one_sided: (f(theta + eps z_j) - f(theta)) / eps around one shared unperturbed forward, k + 1 (FZOO, issue 44)
+ESTIMATORS = ("two_sided", "one_sided")
 ROUNDING_STREAM = 1  # derive_seed stream for stochastic rounding of low-precision weights
 
 
@@ -38,7 +42,7 @@ class StepRecord:
     k: int
     lr: float
     codes: list  # the whole exchanged payload, slot order
-    local_losses: list = field(default_factory=list)  # (loss+, loss-) per own slot
+    local_losses: list = field(default_factory=list)  # (loss+, loss-) per own slot; one_sided: (loss+, f(theta))
     local_grads: list = field(default_factory=list)
     stop: bool = False  # a rank sent STOP: this step is not applied (a resumed run redoes it with every rank)
 
@@ -58,8 +62,10 @@ def no_decay(name: str) -> bool:
 
 
 def validate_hparams(lr=1e-5, eps=1e-3, k=1, distribution="rademacher", norm="mean", weight_decay=0.0,
-                     aggregation="mean", trim=0.25, rule="sgd", beta=0.9, history=8, beta2=0.99, **_):
-    """Raise ValueError for hyperparameters the step cannot use (called early by the CLI, and by __init__)."""
+                     aggregation="mean", trim=0.25, rule="sgd", beta=0.9, history=8, beta2=0.99,
+                     estimator="two_sided", population="none", world_size=None, **_):
+    """Raise ValueError for hyperparameters the step cannot use (called early by the CLI, and by __init__);
+    `world_size` where known (the CLI's trainer config, the step)."""
     if not eps > 0 or not math.isfinite(eps):
         raise ValueError(f"eps must be a positive finite number, got {eps!r}")
     if lr < 0 or not math.isfinite(lr):
@@ -74,6 +80,9 @@ def validate_hparams(lr=1e-5, eps=1e-3, k=1, distribution="rademacher", norm="me
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
     validate_aggregation(aggregation, trim)
     validate_rule(rule, beta, history, beta2)
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"unknown estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
+    validate_population(population, aggregation, None if world_size is None else world_size * k)
 
 
 class ZOOptimizer(torch.optim.Optimizer):
@@ -81,8 +90,10 @@ class ZOOptimizer(torch.optim.Optimizer):
     adapter such as peft's LoRA, to train only part of it).
 
     Per step and rank: k perturbations z_j = noise(seed(step, rank * k + j)); loss(theta +- eps z_j) from
-    `loss_fn(j)` (or the closure); one code per perturbation through `codec`; after the exchange every rank applies
-    every rank's update, so replicas stay bit-identical. The perturbed forwards run with the model in eval mode
+    `loss_fn(j)` (or the closure), or with `estimator="one_sided"` loss(theta + eps z_j) against one unperturbed loss
+    (k + 1 forwards); one code per perturbation through `codec`; after the exchange every rank applies every rank's
+    update (its estimates normalised as a population first, if `population` says so: core/population.py), so
+    replicas stay bit-identical. The perturbed forwards run with the model in eval mode
     (both must compute one function: no dropout); its modules' modes are restored afterwards.
 
     `fuse_update=True`: the update waits for the next step's first perturbation, which applies it in the same pass
@@ -100,8 +111,9 @@ class ZOOptimizer(torch.optim.Optimizer):
                  k: int = 1, distribution: str = "rademacher", norm: str = "mean", seed: int = 0,
                  codec: Optional[Codec] = None, aggregation: str = "mean", trim: float = 0.25, rule: str = "sgd",
                  beta: float = 0.9, history: int = 8, beta2: float = 0.99, fuse_update: bool = False,
-                 prefetch: bool = False):
-        validate_hparams(lr, eps, k, distribution, norm, weight_decay, aggregation, trim, rule, beta, history, beta2)
+                 prefetch: bool = False, estimator: str = "two_sided", population: str = "none"):
+        validate_hparams(lr, eps, k, distribution, norm, weight_decay, aggregation, trim, rule, beta, history, beta2,
+                         estimator, population)
         layout = ParamLayout(model)
         if layout.numel == 0:
             raise ValueError("the model has no trainable parameters")
@@ -119,6 +131,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.codec = codec if codec is not None else LinearCodec()
         self.aggregation = Aggregation(aggregation, trim)  # how a step's N*k estimates combine (core/aggregation.py)
         self.rule = UpdateRule(rule, beta, history, beta2)  # how they move the weights, given history (core/rules.py)
+        self.estimator, self.population = estimator, population  # how g is measured; how a step's g are normalised
+        self.forwards = 0  # per rank, of the applied steps (replayed ones included): the cost axis of issue 44
         self.forward_hooks = PerturbedForward(model, layout, distribution, prefetch=prefetch)
         self.fuse_update = bool(fuse_update)
         self.rank, self.world_size = 0, 1
@@ -135,6 +149,7 @@ class ZOOptimizer(torch.optim.Optimizer):
                 "distribution": self.distribution, "norm": self.norm, "eps": self.eps,
                 "seed": self.seed, "weight_decay": self.weight_decay, "codec": self.codec.config(),
                 "aggregation": self.aggregation.config(), "rule": self.rule.config(),
+                "estimator": self.estimator, "population": self.population,
                 "payload_dtype": str(self.codec.dtype).replace("torch.", ""), "numel": self.layout.numel,
                 "param_dtype": str(self.layout.slots[0].param.dtype).replace("torch.", "")}
 
@@ -185,6 +200,10 @@ class ZOOptimizer(torch.optim.Optimizer):
             raise TypeError(LOSS_FN_HELP + " (the loss function returned None)")
         return float(loss)
 
+    def forwards_per_step(self, k: int) -> int:
+        """Forward passes one rank runs per step of k directions: 2k two-sided, k + 1 one-sided."""
+        return k + 1 if self.estimator == "one_sided" else 2 * k
+
     @torch.no_grad()
     def step(self, closure: Optional[Callable] = None, loss_fn: Optional[Callable[[int], torch.Tensor]] = None):
         """One ZO step. `loss_fn(j)` returns the loss of micro-batch j under the current (perturbed) weights.
@@ -192,32 +211,41 @@ class ZOOptimizer(torch.optim.Optimizer):
         Without `loss_fn`, `closure()` is the loss, evaluated on the whole batch for each of the k perturbations
         (torch's closure contract; Lightning's automatic optimization under ZOStrategy). With `loss_fn`, `closure`
         (Lightning's hook closure in manual optimization) runs once, after the exchange and before the update.
+        `estimator="one_sided"` compares every direction with one unperturbed `loss_fn(0)`, so `loss_fn(j)` must
+        evaluate the same batch for every j (the closure does).
         """
         if loss_fn is None:
             if closure is None:
                 raise TypeError(LOSS_FN_HELP)
             evaluate, closure = closure, None
             loss_fn = lambda j: evaluate()  # noqa: E731
+        validate_population(self.population, self.aggregation.name, self.world_size * self.k)
         t, lr = self.step_count, float(self.param_groups[0]["lr"])
         codec = self.codec
         payload = torch.zeros(self.world_size * self.k, dtype=codec.dtype)
-        losses, grads = [], []
-        for j in range(self.k):
+        seeds = [self.direction_seed(t, self.aggregation.direction(self.rank * self.k + j, self.k))
+                 for j in range(self.k)]
+        one_sided = self.estimator == "one_sided"
+        with self._eval_mode():
+            if one_sided:
+                plus = [self._perturbed_loss(loss_fn, j, seeds[j], self.eps) for j in range(self.k)]
+                # after the perturbed forwards: the first of them applied a pending (fused) update on its way
+                baseline = self._loss(loss_fn, 0)
+                losses = [(loss_plus, baseline) for loss_plus in plus]
+            else:
+                losses = [(self._perturbed_loss(loss_fn, j, seeds[j], self.eps),
+                           self._perturbed_loss(loss_fn, j, seeds[j], -self.eps)) for j in range(self.k)]
+        divisor = self.eps if one_sided else 2 * self.eps
+        grads = [(a - b) / divisor for a, b in losses]
+        for j, g in enumerate(grads):
             slot = self.rank * self.k + j
-            seed = self.direction_seed(t, self.aggregation.direction(slot, self.k))
-            with self._eval_mode():
-                loss_plus = self.forward_hooks.evaluate(seed, self.eps, lambda: self._loss(loss_fn, j))
-                loss_minus = self.forward_hooks.evaluate(seed, -self.eps, lambda: self._loss(loss_fn, j))
-            g = (loss_plus - loss_minus) / (2 * self.eps)
-            losses.append((loss_plus, loss_minus))
-            grads.append(g)
             if math.isfinite(g):
                 payload[slot] = codec.encode(g, t, slot)
             else:
                 payload[slot] = codec.skip
                 warnings.warn(f"step {t}: non-finite loss on rank {self.rank} slot {slot} "
-                              f"(loss+={loss_plus}, loss-={loss_minus}); this slot contributes no update",
-                              RuntimeWarning, stacklevel=2)
+                              f"(loss+={losses[j][0]}, {'loss0' if one_sided else 'loss-'}="
+                              f"{losses[j][1]}); this slot contributes no update", RuntimeWarning, stacklevel=2)
         payload = self.exchange(payload)
         codes = payload.tolist()
         check_received(codec, codes, t)  # a sum outside the codec's range is an error on every rank (DESIGN I7)
@@ -228,15 +256,20 @@ class ZOOptimizer(torch.optim.Optimizer):
         if not record.stop:  # a STOP step changes nothing: resuming redoes it with every rank's estimate (exact)
             self.apply(record)
         self.last_record = record
+        if one_sided:
+            return torch.tensor(baseline)  # the loss at theta itself
         return torch.tensor(sum(a + b for a, b in losses) / (2 * len(losses)))
+
+    def _perturbed_loss(self, loss_fn: Callable[[int], object], j: int, seed: int, coeff: float) -> float:
+        return self.forward_hooks.evaluate(seed, coeff, lambda: self._loss(loss_fn, j))
 
     def apply(self, record: StepRecord) -> None:
         """Decode a step's codes and update the weights; advances the codec and the step counter. Used by replay."""
         codec = self.codec
         check_received(codec, record.codes, record.step)
         aggregation = self.aggregation
-        estimates = [(self.direction_seed(record.step, direction), value)
-                     for direction, value in aggregation.estimates(codec, record.codes, record.k)]
+        estimates = [(self.direction_seed(record.step, direction), value) for direction, value in
+                     normalise(self.population, aggregation.estimates(codec, record.codes, record.k))]
         terms = self.rule.terms(estimates, aggregation.scale(len(record.codes), record.k, self.norm), record.lr)
         if self.generator_version == 1 and len(terms) > GROUP:
             raise UserError(f"step {record.step} adds {len(terms)} slots, but its log was written by generator "
@@ -258,6 +291,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             apply_update(self.layout, seeds, coeffs, self.distribution, decay, rounding_seed,
                          self.forward_hooks.engine)
         self.step_count = record.step + 1
+        self.forwards += self.forwards_per_step(record.k)
 
     def flush(self) -> None:
         """Apply a pending update (`fuse_update`) now: the parameters then hold every applied step."""
@@ -267,7 +301,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.flush()  # a checkpoint holds the weights after every step it counts
         state = super().state_dict()
         state["zo"] = {"step_count": self.step_count, "codec": self.codec.state_dict(), "seed": self.seed,
-                       "rule": self.rule.config(), "rule_state": self.rule.state_dict()}
+                       "rule": self.rule.config(), "rule_state": self.rule.state_dict(),
+                       "forwards": self.forwards}
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -277,6 +312,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         if zo is not None:
             self.step_count = zo["step_count"]
             self.codec.load_state_dict(zo["codec"])
+            self.forwards = zo.get("forwards", self.step_count * self.forwards_per_step(self.k))  # older: as if k
             saved = zo.get("rule", {"name": "sgd"})
             if saved != self.rule.config():
                 raise ValueError(f"the checkpoint's update rule {saved} is not this optimizer's {self.rule.config()}")

@@ -136,6 +136,9 @@ class RunSummary(pl.Callback):
             "world_size": trainer.world_size,
             "rank": trainer.global_rank,
             "k": opt.k,
+            "estimator": opt.estimator,
+            "population": opt.population,
+            "forwards": opt.forwards,  # this rank's, of the steps the weights hold: the cost of ZO (issue 44)
             "codec": opt.codec.name,
             "distribution": opt.distribution,
             "payload_bytes_per_step": _payload_per_step(trainer.strategy, opt),
@@ -165,7 +168,8 @@ class RunSummary(pl.Callback):
         the wire is every gradient, 4 bytes per trainable parameter per rank per step (0 on one rank)."""
         model = getattr(pl_module, "model", pl_module)  # the module's own model, as ZOOptimizer.model is
         numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        summary = {**self.results, "steps": trainer.global_step, "world_size": trainer.world_size,
+        summary = {**self.results, "steps": trainer.global_step, "forwards": trainer.global_step,  # and a backward
+                   "world_size": trainer.world_size,
                    "rank": trainer.global_rank,
                    "optimizer": ", ".join(type(getattr(o, "optimizer", o)).__name__ for o in trainer.optimizers),
                    "payload_bytes_per_step": 4 * numel * trainer.world_size if trainer.world_size > 1 else 0,
@@ -356,9 +360,10 @@ def check_compatible(logged: dict, current: dict, path, allow_changes: bool = Fa
         raise UserError(f"{path} was written for base weights {logged['base_weights_sha256'][:16]}… "
                         f"({logged.get('base_model')}), but the loaded base model has "
                         f"{current['base_weights_sha256'][:16]}… ({current.get('base_model')}): refusing to replay")
-    defaults = {"aggregation": {"name": "mean"}, "rule": {"name": "sgd"}}  # what logs before the keys used
+    defaults = {"aggregation": {"name": "mean"}, "rule": {"name": "sgd"}, "estimator": "two_sided",
+                "population": "none"}  # what logs before the keys used
     keys = ("generator", "distribution", "norm", "eps", "seed", "weight_decay", "codec", "aggregation", "rule",
-            "payload_dtype", "numel")
+            "estimator", "population", "payload_dtype", "numel")
     diff = [f"{k}: log {logged.get(k, defaults.get(k))!r} != run {current.get(k)!r}" for k in keys
             if logged.get(k, defaults.get(k)) != current.get(k)]
     if diff:

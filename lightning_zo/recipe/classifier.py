@@ -168,13 +168,22 @@ class ZOClassifier(pl.LightningModule):
             return self._backprop_step(batch)
         opt = self.optimizers()
         zo: ZOOptimizer = opt.optimizer
-        chunks = self.micro_batches(batch, zo.k)
-        loss = opt.step(loss_fn=lambda j: self.loss(chunks[j]))
+        # one_sided compares every direction with one unperturbed forward, so every direction sees the whole batch
+        chunks = [batch] * zo.k if zo.estimator == "one_sided" else self.micro_batches(batch, zo.k)
+        tokens = []  # what this step's forwards read (padding excluded): the cost beside the forward count
+
+        def loss_fn(j: int) -> torch.Tensor:
+            tokens.append(int(chunks[j]["attention_mask"].sum()))
+            return self.loss(chunks[j])
+
+        loss = opt.step(loss_fn=loss_fn)
         record = zo.last_record
         valid = sum(1 for c in record.codes if zo.codec.is_estimate(c))
         # Local metrics only (DESIGN I2): no sync_dist, nothing crosses the wire for logging.
         self.log_dict({"train/loss": loss, "train/projected_grad": torch.tensor(record.local_grads[0]),
-                       "train/lr": torch.tensor(record.lr), "train/contributions": torch.tensor(float(valid))},
+                       "train/lr": torch.tensor(record.lr), "train/contributions": torch.tensor(float(valid)),
+                       "train/tokens": torch.tensor(float(sum(tokens))),
+                       "forwards": torch.tensor(float(zo.forwards))},  # this rank's so far: curves against cost
                       prog_bar=False, on_step=True, on_epoch=False)
         self.log("loss", loss, prog_bar=True, logger=False)
         scheduler = self.lr_schedulers()
