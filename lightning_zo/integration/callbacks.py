@@ -243,54 +243,26 @@ class TrajectoryLog(pl.Callback):
             self.lock.acquire()
 
     def header(self, trainer, pl_module, opt: ZOOptimizer) -> dict:
-        run = {"lr": [g["lr"] for g in opt.param_groups], "k": opt.k, **module_settings(trainer, pl_module)}
-        model = {"config": self.model_config, **describe_model(opt.model)}
-        described = opt.describe()
-        return {"format_version": trajectory.format_version(described), **described,
-                "base_model": model["name_or_path"] or model["class"], "model": model,
-                "base_weights_sha256": weights_digest(opt.model), "run": run}
+        return log_header(opt, module_settings(trainer, pl_module), self.model_config)
 
     def on_fit_start(self, trainer, pl_module) -> None:
         opt = zo_optimizer(trainer)
-        header = self.header(trainer, pl_module, opt)
         path = self.path(trainer)
-        found: object = None
-        if trainer.is_global_zero and path.exists():
-            try:
-                found = trajectory.read(path)
-            except UserError as e:
-                found = str(e)  # the message, not the exception: every rank raises the same line from it
-        if trainer.world_size > 1:
-            found = trainer.strategy.broadcast(found, src=0)
-        if isinstance(found, str):
-            raise UserError(f"cannot resume: {found}")
-        records = []
-        if found is not None:
-            changed = check_compatible(found.header, header, path, allow_changes=self.allow_changes)
-            records = found.records
-            opt.follow_log(found.header)
-            if trainer.max_steps >= 0 and len(records) >= trainer.max_steps:
-                raise RunComplete(f"{path.parent} already holds a finished run of {len(records)} steps "
-                                  f"(trainer.max_steps={trainer.max_steps}): nothing to train. Raise "
-                                  "trainer.max_steps to continue it, or use another run directory")
-            for record in records:
-                opt.apply(record)
+        broadcast = trainer.strategy.broadcast if trainer.world_size > 1 else None
+        records, header = resume_from_log(opt, path, self.header(trainer, pl_module, opt), trainer.is_global_zero,
+                                          broadcast, trainer.max_steps, "trainer.max_steps", self.allow_changes)
+        if records is not None:
             resume_counters(trainer, opt.step_count)
             if trainer.is_global_zero:
                 for logger in trainer.loggers:  # rows of steps the log does not hold are redone by this run
                     if isinstance(logger, ResumableCSVLogger):
                         logger.keep_steps_before(len(records))
-            if trainer.is_global_zero:
                 log.info("resumed from %s: replayed %d steps", path, len(records))
-            if changed:  # recorded in the log: the new settings, and at which step they took effect
-                header = {**found.header, "run": header["run"],
-                          "changes": [*found.header.get("changes", []), {"step": len(records), "changed": changed}]}
-            else:
-                header = found.header
         if trainer.is_global_zero:
             if self.lock is not None:
                 self.lock.keep()
-            self.writer = trajectory.Writer(path, header, records, fsync=self.fsync, slots=opt.world_size * opt.k)
+            self.writer = trajectory.Writer(path, header, records or [], fsync=self.fsync,
+                                            slots=opt.world_size * opt.k)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         record = zo_optimizer(trainer).last_record
@@ -325,6 +297,50 @@ class TrajectoryLog(pl.Callback):
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+
+
+def log_header(opt: ZOOptimizer, settings: dict, model_config: dict | None = None) -> dict:
+    """The trajectory log's header: the step's rules (`opt.describe()`), the base model and its weights' digest, and
+    the run's settings (lr, k, and `settings`: e.g. the module's hyperparameters), which a resume compares."""
+    run = {"lr": [g["lr"] for g in opt.param_groups], "k": opt.k, **settings}
+    model = {"config": model_config, **describe_model(opt.model)}
+    described = opt.describe()
+    return {"format_version": trajectory.format_version(described), **described,
+            "base_model": model["name_or_path"] or model["class"], "model": model,
+            "base_weights_sha256": weights_digest(opt.model), "run": run}
+
+
+def resume_from_log(opt: ZOOptimizer, path: Path, header: dict, is_zero: bool, broadcast, max_steps: int,
+                    max_steps_name: str, allow_changes: bool = False) -> tuple[list | None, dict]:
+    """Continue the run whose log is at `path`, if there is one: rank 0 reads it and `broadcast(obj, src=0)` (None
+    on one rank) shares it, every rank checks that it continues this run and replays it onto `opt`. Returns the
+    replayed records (None without a log) and the header to write on (the log's, with changed settings recorded)."""
+    found: object = None
+    if is_zero and path.exists():
+        try:
+            found = trajectory.read(path)
+        except UserError as e:
+            found = str(e)  # the message, not the exception: every rank raises the same line from it
+    if broadcast is not None:
+        found = broadcast(found, src=0)
+    if isinstance(found, str):
+        raise UserError(f"cannot resume: {found}")
+    if found is None:
+        return None, header
+    changed = check_compatible(found.header, header, path, allow_changes=allow_changes)
+    records = found.records
+    opt.follow_log(found.header)
+    if max_steps >= 0 and len(records) >= max_steps:
+        raise RunComplete(f"{path.parent} already holds a finished run of {len(records)} steps ({max_steps_name}="
+                          f"{max_steps}): nothing to train. Raise {max_steps_name} to continue it, or use another "
+                          "run directory")
+    for record in records:
+        opt.apply(record)
+    if not changed:
+        return records, found.header
+    # recorded in the log: the new settings, and at which step they took effect
+    return records, {**found.header, "run": header["run"],
+                     "changes": [*found.header.get("changes", []), {"step": len(records), "changed": changed}]}
 
 
 class RunComplete(UserError):

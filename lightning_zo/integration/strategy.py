@@ -76,6 +76,39 @@ class StartupSigterm:
             raise SystemExit(0)
 
 
+def verify_agreement(mine: dict, world_size: int) -> None:
+    """One all_gather_object of every rank's `mine` (DESIGN I6): every rank raises the same one-line error naming the
+    differing keys and ranks."""
+    every: list = [None] * world_size
+    dist.all_gather_object(every, mine)
+    reference = every[0]
+    differing: dict[str, list[int]] = {}
+    for rank, other in enumerate(every[1:], start=1):
+        for key in sorted(set(reference) | set(other)):
+            if reference.get(key) != other.get(key):
+                differing.setdefault(key, []).append(rank)
+    if differing:
+        shown = "; ".join(f"{key}: rank 0 has {reference.get(key)!r}, rank(s) {ranks} differ"
+                          + ("" if len(ranks) > 1 else f" ({every[ranks[0]].get(key)!r})")
+                          for key, ranks in differing.items())
+        raise UserError(f"ranks disagree on the step's settings or base weights: {shown}; every rank must run "
+                        "the same command on the same base model")
+
+
+def all_reduce_codes(payload: torch.Tensor, opt: ZOOptimizer, rank: int, device: torch.device) -> torch.Tensor:
+    """The step's one collective: an all_reduce(SUM) of the int8 payload, in which rank r wrote only its own slots.
+    Every rank then checks that its own slots came back as it sent them (DESIGN I7: a peer that writes into another
+    rank's slot wraps the int8 sum, e.g. 21 - 128 = -107, or -127, which would read as STOP): an ExchangeError naming
+    the step and slot, raised before anything is applied or logged."""
+    own = slice(rank * opt.k, (rank + 1) * opt.k)
+    sent = payload.clone()  # the all_reduce may work in place (gloo on CPU: .to() returns payload itself)
+    wire = payload.to(device)
+    dist.all_reduce(wire, op=dist.ReduceOp.SUM)
+    received = wire.cpu()
+    check_received(opt.codec, received, opt.step_count, sent=sent, own=own)
+    return received
+
+
 class ZOStrategy(DDPStrategy):
     strategy_name = "zo"
 
@@ -127,25 +160,9 @@ class ZOStrategy(DDPStrategy):
         return {**described, **module_settings(trainer, self.lightning_module)}
 
     def verify_agreement(self, trainer: "pl.Trainer") -> None:
-        """One all_gather_object at setup: without DDP nothing broadcasts rank 0's weights or settings, so they must
-        already agree; every rank raises the same one-line error naming the differing keys and ranks."""
-        if self.world_size == 1:
-            return
-        mine = self.agreement(trainer)
-        every: list = [None] * self.world_size
-        dist.all_gather_object(every, mine)
-        reference = every[0]
-        differing: dict[str, list[int]] = {}
-        for rank, other in enumerate(every[1:], start=1):
-            for key in sorted(set(reference) | set(other)):
-                if reference.get(key) != other.get(key):
-                    differing.setdefault(key, []).append(rank)
-        if differing:
-            shown = "; ".join(f"{key}: rank 0 has {reference.get(key)!r}, rank(s) {ranks} differ"
-                              + ("" if len(ranks) > 1 else f" ({every[ranks[0]].get(key)!r})")
-                              for key, ranks in differing.items())
-            raise UserError(f"ranks disagree on the step's settings or base weights: {shown}; every rank must run "
-                            "the same command on the same base model")
+        """Without DDP nothing broadcasts rank 0's weights or settings, so they must already agree."""
+        if self.world_size > 1:
+            verify_agreement(self.agreement(trainer), self.world_size)
 
     @override
     def process_dataloader(self, dataloader: object) -> object:
@@ -179,24 +196,15 @@ class ZOStrategy(DDPStrategy):
         return self.root_device if dist.get_backend() == "nccl" else torch.device("cpu")
 
     def exchange(self, payload: torch.Tensor) -> torch.Tensor:
-        """The step's one collective. A stopping rank overwrites its own slots with the STOP code. Every rank then
-        checks that its own slots came back as it sent them (DESIGN I7: a peer that writes into another rank's slot
-        wraps the int8 sum, e.g. 21 - 128 = -107, or -127, which would read as STOP): an ExchangeError naming the
-        step and slot, raised before anything is applied or logged."""
+        """The step's one collective (`all_reduce_codes`). A stopping rank overwrites its own slots with STOP."""
         opt = self.zo_optimizer
-        own = slice(self.global_rank * opt.k, (self.global_rank + 1) * opt.k)
         if self.stop_requested:
-            payload[own] = opt.codec.stop
+            payload[self.global_rank * opt.k:(self.global_rank + 1) * opt.k] = opt.codec.stop
         self.exchanges += 1
         self.payload_bytes += payload.numel() * payload.element_size()
         if self.world_size == 1:
             return payload
-        sent = payload.clone()  # the all_reduce may work in place (gloo on CPU: .to() returns payload itself)
-        wire = payload.to(self.wire_device())
-        dist.all_reduce(wire, op=dist.ReduceOp.SUM)
-        received = wire.cpu()
-        check_received(opt.codec, received, opt.step_count, sent=sent, own=own)
-        return received
+        return all_reduce_codes(payload, opt, self.global_rank, self.wire_device())
 
     @override
     def backward(self, closure_loss: torch.Tensor, optimizer, *args: Any, **kwargs: Any) -> torch.Tensor:
