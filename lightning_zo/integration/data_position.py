@@ -7,8 +7,10 @@ batch b = steps % n for n batches per epoch (an endless sampler: b = steps). `co
 DataLoader there, without reading the skipped data: its batch sampler's index sampler is wrapped so that it starts
 at epoch e (`set_epoch(e)` where the sampler has it, as DistributedSampler does; otherwise the e earlier epochs'
 indices are drawn and dropped, which advances a seeded generator as they did) and drops the first b batches'
-indices. The fit loop's epoch counter is set to e. An order that cannot be reproduced (a shuffle drawn
-from the unseeded global generator, an iterable dataset) is said in one warning.
+indices. The fit loop's epoch counter is set to e. An order that this cannot reproduce is said in one warning: a
+shuffle drawn from the unseeded global generator or from the DataLoader's own generator (which its iterators also
+draw worker seeds from), a sampler that draws its shuffle when an iterator is made (torchdata's RandomSampler), an
+iterable dataset.
 """
 
 from __future__ import annotations
