@@ -106,7 +106,7 @@ def replay(run_dir: Path, to_step: int | None = None, model: torch.nn.Module | N
         raise UserError(f"--to-step {to_step}: the log holds {len(log.records)} steps")
     for record in tqdm(records, desc="replay", unit="step", disable=not progress, file=sys.stderr):
         opt.apply(record)
-    opt.forward_hooks.remove()
+    opt.close()
     info = {"steps": len(records), "world_sizes": sorted({r.world_size for r in records}),
             "forwards": opt.forwards, "log_bytes": (run_dir / "trajectory.zot").stat().st_size,
             "weights_sha256": weights_digest(model)}

@@ -136,10 +136,14 @@ def main(argv=None) -> None:
                          callbacks=[lightning_zo.TrajectoryLog(), lightning_zo.RunSummary()])
     previous = signal.getsignal(signal.SIGTERM)
     trainer.fit(module)
-    # What the strategy changed in Lightning and in the process is undone once fit returns.
+    # What the strategy changed in Lightning and in the process, and the optimizer's hooks on the model, are undone
+    # once fit returns.
     left = [name for name in ("_broadcast_sigterm_tensor",) if name in vars(trainer.fit_loop.epoch_loop)]
     left += [name for name in ("_sigterm_notifier_fn",) if name in vars(trainer._signal_connector)]
     left += ["SIGTERM handler"] if signal.getsignal(signal.SIGTERM) is not previous else []
+    left += [f"hooks on {name or 'the model'}" for name, m in module.named_modules()
+             if m._forward_pre_hooks or m._forward_hooks or m._state_dict_pre_hooks or m._load_state_dict_pre_hooks]
+    left += ["global forward hooks"] if torch.nn.modules.module._global_forward_pre_hooks else []
     print(f"patches left after fit: {left}")
 
 

@@ -135,6 +135,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.forwards = 0  # per rank, of the applied steps (replayed ones included): the cost axis of issue 44
         self.forward_hooks = PerturbedForward(model, layout, distribution, prefetch=prefetch)
         self.fuse_update = bool(fuse_update)
+        self.closed = False
         self.rank, self.world_size = 0, 1
         self.exchange: Callable[[torch.Tensor], torch.Tensor] = lambda payload: payload
         self.step_count = 0
@@ -219,6 +220,8 @@ class ZOOptimizer(torch.optim.Optimizer):
                 raise TypeError(LOSS_FN_HELP)
             evaluate, closure = closure, None
             loss_fn = lambda j: evaluate()  # noqa: E731
+        if self.closed:
+            raise UserError("this ZOOptimizer was closed (its hooks are off the model); make a new one to train on")
         validate_population(self.population, self.aggregation.name, self.world_size * self.k)
         t, lr = self.step_count, float(self.param_groups[0]["lr"])
         codec = self.codec
@@ -292,6 +295,12 @@ class ZOOptimizer(torch.optim.Optimizer):
                          self.forward_hooks.engine)
         self.step_count = record.step + 1
         self.forwards += self.forwards_per_step(record.k)
+
+    def close(self) -> None:
+        """Apply a pending update and take this optimizer's hooks off the model (and its worker threads down):
+        the model is the user's own again. A closed optimizer steps no more."""
+        self.forward_hooks.remove()
+        self.closed = True
 
     def flush(self) -> None:
         """Apply a pending update (`fuse_update`) now: the parameters then hold every applied step."""

@@ -125,7 +125,7 @@ class ZOFabric:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
-        self.opt.flush()
+        self.opt.close()  # every step applied, our hooks off the model
         summary = {"steps": self.opt.step_count, "world_size": self.world_size, "k": self.opt.k,
                    "rank": self.rank, "forwards": self.opt.forwards,
                    "payload_bytes_per_step": self.world_size * self.opt.k * self.opt.codec.bytes_per_slot,

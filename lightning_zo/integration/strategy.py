@@ -263,7 +263,7 @@ class ZOStrategy(DDPStrategy):
     @override
     def teardown(self) -> None:
         if self.optimizers and isinstance(self.optimizers[0], ZOOptimizer):
-            self.zo_optimizer.flush()  # the model leaves fit with every step applied (fuse_update)
+            self.zo_optimizer.close()  # the model leaves fit with every step applied and none of our hooks
         while self._restore:
             self._restore.pop()()
         super().teardown()
