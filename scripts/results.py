@@ -102,20 +102,30 @@ def command(data: Path, out: Path, task: str, method: str, seed: int, steps: int
     return [sys.executable, str(ROOT / "train.py"), *overrides]
 
 
+def finished(where: Path, steps: int) -> bool:
+    """A run that reached its steps; one stopped by a signal, or asked for more steps now, continues from its log."""
+    summary = where / "summary.rank0.json"
+    if not summary.exists():
+        return False
+    done = json.loads(summary.read_text())
+    return not done.get("stopped_by_signal") and done.get("steps", 0) >= steps
+
+
 def run(args) -> None:
     jobs = [(t, m, s) for t, m, s in PLAN if t in args.tasks and m in args.methods and s in args.seeds]
     for i, (task, method, seed) in enumerate(jobs, 1):
         where = run_dir(args.out, task, method, seed)
-        if (where / "summary.rank0.json").exists():
+        if finished(where, args.steps[method]):
             print(f"[{i}/{len(jobs)}] {task} {method} seed {seed}: done before, skipped", flush=True)
             continue
         where.mkdir(parents=True, exist_ok=True)
         started = time.monotonic()
-        with (where / "stdout.log").open("w") as log:
+        with (where / "stdout.log").open("a") as log:  # a continued run appends
             rc = subprocess.call(command(args.data, args.out, task, method, seed, args.steps[method]), stdout=log,
                                  stderr=subprocess.STDOUT, cwd=ROOT)
         wall = time.monotonic() - started
-        (where / "wall.json").write_text(json.dumps({"wall_s": round(wall, 1), "rc": rc}))
+        before = json.loads((where / "wall.json").read_text())["wall_s"] if (where / "wall.json").exists() else 0
+        (where / "wall.json").write_text(json.dumps({"wall_s": round(before + wall, 1), "rc": rc}))  # every start's
         print(f"[{i}/{len(jobs)}] {task} {method} seed {seed}: rc {rc}, {wall:.0f} s", flush=True)
         if rc:
             sys.exit(f"{where}: the run failed (rc {rc}); see {where / 'stdout.log'}")
