@@ -165,6 +165,21 @@ def test_layers_import_only_downwards(layer):
                     assert name.split(".")[1] in LAYERS[layer] | {layer}, f"{path}: imports {name}"
 
 
+def test_the_core_loads_without_lightning_and_the_face_registers_the_strategy():
+    """In fresh interpreters: every core module (and the package's face) loads no Lightning, Hydra or torchmetrics;
+    `Trainer(strategy="zo")` then works whether lightning_zo or Lightning was imported first."""
+    core = sorted(f"lightning_zo.core.{p.stem}" for p in (REPO / "lightning_zo" / "core").glob("*.py"))
+    heavy = "sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'hydra', 'omegaconf', 'torchmetrics'))"
+    code = f"import sys, lightning_zo, {', '.join(core)}; print({heavy})"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out
+    for first, second in (("lightning_zo", "lightning"), ("lightning", "lightning_zo")):
+        code = (f"import {first}, {second}; from lightning.pytorch.strategies import StrategyRegistry; "
+                "print(sorted(n for n in ('zo', 'zo_spawn') if n in StrategyRegistry))")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+        assert out.strip() == "['zo', 'zo_spawn']", (first, out)
+
+
 def test_the_run_directory_loads_with_from_pretrained(tmp_path):
     from helpers import train
     from transformers import AutoModelForCausalLM, AutoTokenizer

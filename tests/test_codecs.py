@@ -8,7 +8,7 @@ import torch
 
 from lightning_zo.core.codecs import (QMAX, SKIP, STOP, ExchangeError, LinearCodec, LogCodec, NoneCodec, SignCodec,
                                       check_received, codec_from_config, is_stop)
-from lightning_zo.core.engine import apply_update
+from lightning_zo.core.update import apply_update
 from lightning_zo.core.layout import ParamLayout
 
 VALUES = [0.0, 1e-9, -3e-4, 0.02, -0.7, 1.0, 5.5, -42.0, 1e3, -1e6]

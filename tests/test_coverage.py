@@ -12,7 +12,7 @@ from torch import nn
 
 from lightning_zo import ZOOptimizer
 from lightning_zo.core.coverage import check_coverage
-from lightning_zo.core.engine import PerturbedForward
+from lightning_zo.core.perturbation import PerturbedForward
 from lightning_zo.core.errors import UserError
 from lightning_zo.core.layout import ParamLayout, weights_digest
 from lightning_zo.core.noise import scaled_noise
@@ -139,7 +139,7 @@ def test_a_weight_read_through_a_kept_view_is_refused_by_name():
 
 def test_check_coverage_finds_nothing_to_hold_in_transformers_models():
     """No false alarm on Hugging Face models (tied input/output embeddings, RoBERTa's shared lm_head bias)."""
-    from test_engine import _ids, _roberta, _tiny_llama
+    from test_perturbed_forward import _ids, _roberta, _tiny_llama
 
     for build in (_roberta, _tiny_llama):
         model = build()

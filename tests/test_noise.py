@@ -35,7 +35,7 @@ def test_seeds_are_distinct_and_stable():
     assert derive_seed(7, 3, 5) == derive_seed(7, 3, 5) != derive_seed(8, 3, 5)
 
 
-@pytest.mark.parametrize("backend", ["numpy", "kernel"])
+@pytest.mark.parametrize("backend", ["kernel"])
 @pytest.mark.parametrize("distribution", ["rademacher", "gaussian"])
 @pytest.mark.parametrize("offset,n", [(0, 1000), (77, 5000), (2**33 + 5, 300), (2**40 + 3, 1000), (130, 1),
                                       (1000, 129), (5, 300_001)])
@@ -45,7 +45,7 @@ def test_cpu_backends_match_torch_reference(backend, distribution, offset, n):
     assert a.dtype == torch.float32 and torch.equal(a, b)
 
 
-@pytest.mark.parametrize("backend", ["numpy", "kernel", "torch"])
+@pytest.mark.parametrize("backend", ["kernel", "torch"])
 @pytest.mark.parametrize("distribution", ["rademacher", "gaussian"])
 def test_fused_add_is_one_product_and_one_sum(backend, distribution):
     src = torch.randn(200_003)
@@ -123,7 +123,7 @@ def test_slot_sum_groups_four_slots_and_adds_pairs_of_groups():
         slot_sum([])
 
 
-@pytest.mark.parametrize("backend", ["kernel", "numpy", "torch"])
+@pytest.mark.parametrize("backend", ["kernel", "torch"])
 @pytest.mark.parametrize("distribution", ["rademacher", "gaussian"])
 @pytest.mark.parametrize("m", [1, 3, 8, 13])
 def test_all_slots_in_one_pass_equal_the_slot_by_slot_sum(backend, distribution, m):
@@ -143,16 +143,16 @@ def test_all_slots_in_one_pass_equal_the_slot_by_slot_sum(backend, distribution,
 def test_kernel_many_slots_and_zero_coefficients(distribution, m):
     """The C kernel's vectorized paths (up to 4 slots: Philox of 16 runs at once, blocks of 128 in registers;
     beyond 4 slots the group tables, Philox of 4 octets of slots interleaved, whole groups of 32 slots, partial
-    groups and chunks) against numpy, bit for bit, with +0.0 and -0.0 coefficients (the signs of zero sums)."""
+    groups and chunks) against torch ops, bit for bit, with +0.0 and -0.0 coefficients (the signs of zero sums)."""
     seeds = [derive_seed(1, 2, s) for s in range(m)]
     coeffs = [0.0 if s % 5 == 0 else -0.0 if s % 5 == 1 else (-1) ** s * 1e-3 / (s + 1) for s in range(m)]
     src = torch.randn(40_000)
     for offset in (0, 3, 2**35 + 100):
-        want = add_noise_sum(torch.empty_like(src), src, seeds, coeffs, offset, distribution, backend="numpy")
+        want = add_noise_sum(torch.empty_like(src), src, seeds, coeffs, offset, distribution, backend="torch")
         got = add_noise_sum(torch.empty_like(src), src, seeds, coeffs, offset, distribution, backend="kernel")
         assert torch.equal(got.view(torch.int32), want.view(torch.int32)), (m, offset)
         zeros = [-0.0, 0.0, -0.0][:m]  # dst = the sum alone: the signs of zero sums are the reference's
-        want = add_noise_sum(torch.empty_like(src), None, seeds[:3], zeros, offset, distribution, backend="numpy")
+        want = add_noise_sum(torch.empty_like(src), None, seeds[:3], zeros, offset, distribution, backend="torch")
         got = add_noise_sum(torch.empty_like(src), None, seeds[:3], zeros, offset, distribution, backend="kernel")
         assert torch.equal(got.view(torch.int32), want.view(torch.int32)), (m, offset)
 
@@ -161,14 +161,14 @@ def test_kernel_many_slots_and_zero_coefficients(distribution, m):
 def test_kernel_takes_any_number_of_whole_runs(distribution):
     """The kernel's vector paths take whole 128-element runs several at a time (Philox of 4 or 16 runs at once, or
     of 4 slots): 1 to 17 whole runs, with a partial run after them, also where the 64-bit block counters carry into
-    their high word (Gaussian at 2**35, Rademacher at 2**39), equal numpy bit for bit, for one slot and several."""
+    their high word (Gaussian at 2**35, Rademacher at 2**39), equal torch ops bit for bit, for one slot and several."""
     for m in (1, 2, 5):
         seeds = [derive_seed(9, 3, s) for s in range(m)]
         coeffs = [(-1) ** s * 1e-3 / (s + 1) for s in range(m)]
         for runs in (1, 2, 3, 4, 5, 16, 17):
             src = torch.randn(128 * runs + 17)
             for offset in (128 * 5, 2**35 - 128 * 2, 2**39 - 128 * 2):
-                want = add_noise_sum(torch.empty_like(src), src, seeds, coeffs, offset, distribution, "numpy")
+                want = add_noise_sum(torch.empty_like(src), src, seeds, coeffs, offset, distribution, "torch")
                 got = add_noise_sum(torch.empty_like(src), src, seeds, coeffs, offset, distribution, "kernel")
                 assert torch.equal(got.view(torch.int32), want.view(torch.int32)), (m, runs, offset)
 
@@ -176,7 +176,7 @@ def test_kernel_takes_any_number_of_whole_runs(distribution):
 @pytest.mark.parametrize("cap", ["1", "avx2", "portable"])
 def test_every_instruction_set_path_gives_the_reference_bits(monkeypatch, request, cap):
     """The kernel built for this CPU, capped at AVX2, and without either vector extension (LIGHTNING_ZO_CPU_KERNEL):
-    each of its paths (AVX-512, AVX2, the portable loops, whichever the cap leaves) equals numpy bit for bit, for
+    each of its paths (AVX-512, AVX2, the portable loops, whichever the cap leaves) equals torch ops bit for bit, for
     few and many slots, partial groups, whole and partial runs, with and without src."""
     request.addfinalizer(cpu_kernel.load.cache_clear)
     monkeypatch.setenv("LIGHTNING_ZO_CPU_KERNEL", cap)
@@ -188,7 +188,7 @@ def test_every_instruction_set_path_gives_the_reference_bits(monkeypatch, reques
             seeds = [derive_seed(4, 7, s) for s in range(m)]
             coeffs = [0.0 if s == 3 else (-1) ** s * 1e-3 / (s + 1) for s in range(m)]
             for offset, base in ((0, src), (5, src), (2**36 + 128 * 3, None)):
-                want = add_noise_sum(torch.empty_like(src), base, seeds, coeffs, offset, distribution, "numpy")
+                want = add_noise_sum(torch.empty_like(src), base, seeds, coeffs, offset, distribution, "torch")
                 got = add_noise_sum(torch.empty_like(src), base, seeds, coeffs, offset, distribution, "kernel")
                 assert torch.equal(got.view(torch.int32), want.view(torch.int32)), (cap, distribution, m, offset)
 
@@ -227,27 +227,27 @@ def test_one_pass_over_many_pieces_in_shares(monkeypatch, request, openmp, distr
         assert calls == (1 if openmp else 3)
         for i, (d, s, o) in enumerate(zip(dsts, srcs, offsets)):
             want = add_noise_sum(torch.empty_like(s), s if i % 2 == 0 else None, seeds, coeffs, o, distribution,
-                                 backend="numpy")
+                                 backend="torch")
             assert torch.equal(d.view(torch.int32), want.view(torch.int32)), (i, o)
         table, rows = torch.randn(300, 576), torch.tensor([0, 3, 4, 150, 299])
         got = torch.empty(len(rows), 576)
         fill_rows(got, table[rows], 1000 + rows * 576, seeds, coeffs, distribution, executor, workers=2)
         for i, r in enumerate(rows.tolist()):
-            want = add_noise_sum(torch.empty(576), table[r], seeds, coeffs, 1000 + r * 576, distribution, "numpy")
+            want = add_noise_sum(torch.empty(576), table[r], seeds, coeffs, 1000 + r * 576, distribution, "torch")
             assert torch.equal(got[i], want), r
 
 
-@pytest.mark.parametrize("backend", ["openmp", "threads", "numpy"])
+@pytest.mark.parametrize("backend", ["openmp", "threads", "torch"])
 @pytest.mark.parametrize("distribution", ["rademacher", "gaussian"])
 def test_an_update_fused_into_a_pass_gives_the_two_passes_bits(monkeypatch, request, backend, distribution):
     """fill_many(update=...) updates each src in place and writes dst from the updated values in one pass (chunk by
     chunk in the C kernel): the bits of the update pass followed by the perturbation pass, at offsets and lengths
-    that cross the kernel's chunks, shares and pieces; numpy (no kernel) runs the two passes."""
+    that cross the kernel's chunks, shares and pieces; torch ops (no kernel) run the two passes."""
     from concurrent.futures import ThreadPoolExecutor
 
     from lightning_zo.core.noise import fill_many
 
-    if backend == "numpy":
+    if backend == "torch":
         monkeypatch.setattr(cpu_kernel, "load", lambda: None)
     elif backend == "openmp" and not cpu_kernel.uses_openmp():
         pytest.skip("this build does not share torch's OpenMP runtime")
@@ -257,9 +257,9 @@ def test_an_update_fused_into_a_pass_gives_the_two_passes_bits(monkeypatch, requ
     seeds, coeffs = [derive_seed(5, 3, 0)], [1e-3]
     sizes, offsets = [70_001, 5, 40_000, 129], [16_384 * 3 - 100, 0, 2**33 + 5, 128 * 3]
     thetas = [torch.randn(n) for n in sizes]
-    want_theta = [add_noise_sum(t.clone(), t, useeds, ucoeffs, o, distribution, "numpy")
+    want_theta = [add_noise_sum(t.clone(), t, useeds, ucoeffs, o, distribution, "torch")
                   for t, o in zip(thetas, offsets)]
-    want = [add_noise_sum(torch.empty_like(t), t, seeds, coeffs, o, distribution, "numpy")
+    want = [add_noise_sum(torch.empty_like(t), t, seeds, coeffs, o, distribution, "torch")
             for t, o in zip(want_theta, offsets)]
     request.addfinalizer(functools.partial(torch.set_num_threads, torch.get_num_threads()))
     torch.set_num_threads(3)
@@ -276,19 +276,19 @@ def test_an_update_fused_into_a_pass_gives_the_two_passes_bits(monkeypatch, requ
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_a_forked_child_with_one_thread_runs_the_kernel():
-    """A data-loader-like forked child sets torch to one thread: the engine's passes then open no OpenMP region,
+    """A data-loader-like forked child sets torch to one thread: the backend's passes then open no OpenMP region,
     which would wait forever for the parent's threads."""
-    from lightning_zo.core.engine import Engine
+    from lightning_zo.core.backend import Backend, Piece, Terms
 
-    engine = Engine(threads=2)
+    backend = Backend(threads=2)
     dst, src = torch.empty(1 << 20), torch.randn(1 << 20)
-    engine.fill_cpu([(dst, src, 0)], [1], [1e-3], "rademacher")  # the parent's threads exist now
+    backend.apply([Piece(src, 0, dst)], Terms([1], [1e-3], "rademacher"))  # the parent's threads exist now
     want = dst.clone()
     pid = os.fork()
     if pid == 0:  # the child: exit code 0 only if the pass finishes with the same bits
         torch.set_num_threads(1)
         out = torch.empty_like(src)
-        engine.fill_cpu([(out, src, 0)], [1], [1e-3], "rademacher")
+        backend.apply([Piece(src, 0, out)], Terms([1], [1e-3], "rademacher"))
         os._exit(0 if torch.equal(out, want) else 1)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:

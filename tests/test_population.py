@@ -48,7 +48,7 @@ def test_one_sided_runs_k_plus_one_forwards_against_one_unperturbed_loss():
         expected_base = float(loss())
         expected = []
         for j in range(3):
-            with opt.forward_hooks.perturb(opt.direction_seed(0, j), opt.eps):
+            with opt.perturbed_forward.perturb(opt.direction_seed(0, j), opt.eps):
                 expected.append((float(loss()) - expected_base) / opt.eps)
     calls = []
     returned = opt.step(loss_fn=lambda j: calls.append(j) or loss())

@@ -2,7 +2,7 @@
 
 import torch
 
-from lightning_zo.core.engine import apply_update
+from lightning_zo.core.update import apply_update
 from lightning_zo.core.layout import ParamLayout
 from lightning_zo.core.noise import round_to_bfloat16, scaled_noise
 

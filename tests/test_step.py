@@ -49,7 +49,7 @@ def test_perturbed_forward_equals_materialized_weights(tiny_lm):
         for s in layout:
             s.param.add_(scaled_noise(77, s.offset, s.param.numel(), 1e-2, "rademacher").view_as(s.param))
         expected = ZOClassifier(reference, module.label_ids.tolist()).class_logits(batch)
-        with opt.forward_hooks.perturb(77, 1e-2):
+        with opt.perturbed_forward.perturb(77, 1e-2):
             got = module.class_logits(batch)
         plain = module.class_logits(batch)
     assert torch.equal(got, expected)

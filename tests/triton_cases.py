@@ -17,7 +17,8 @@ from unittest import mock
 import torch
 
 from lightning_zo.core import triton_kernel
-from lightning_zo.core.engine import PerturbedForward, apply_update
+from lightning_zo.core.perturbation import PerturbedForward
+from lightning_zo.core.update import apply_update
 from lightning_zo.core.layout import ParamLayout
 from lightning_zo.core.noise import add_noise_sum, round_to_bfloat16
 
@@ -223,7 +224,7 @@ def case_fused_update(device: str) -> None:
                     closure = lambda: model(x).float().square().mean()  # noqa: E731
                     losses[name] = [float(opt.step(closure)) for _ in range(2)]
                     if name == "dev":
-                        engine, hooks = opt.forward_hooks.engine, opt.forward_hooks
+                        engine, hooks = opt.backend, opt.perturbed_forward
                         assert engine.pending is not None
                         launches, materialized = engine.launches, hooks.materialized
                         losses[name].append(float(opt.step(closure)))
@@ -258,7 +259,7 @@ def case_prefetch(device: str) -> None:
             losses[name] = [float(opt.step(closure)) for _ in range(2)]
             opt.flush()
             if name == "dev":
-                hooks = opt.forward_hooks
+                hooks = opt.perturbed_forward
                 assert hooks.prefetched >= 3 * (len(hooks.blocks) - 1) > 0, hooks.prefetched
         models[name] = model
     assert losses["ref"] == losses["dev"], losses

@@ -27,9 +27,9 @@ import math
 from dataclasses import dataclass
 
 from .codecs import Codec
+from .philox import DIRECTION_STREAM, VOTE_STREAM
 
 AGGREGATIONS = ("mean", "trimmed_mean", "median", "sign_vote")
-VOTE_STREAM = 3  # derive_seed stream of the directions the robust rules share between ranks
 
 
 def validate(aggregation: str = "mean", trim: float = 0.25) -> None:
@@ -62,7 +62,7 @@ class Aggregation:
 
     @property
     def seed_stream(self) -> int:
-        return VOTE_STREAM if self.shared_directions else 0
+        return VOTE_STREAM if self.shared_directions else DIRECTION_STREAM
 
     def config(self) -> dict:
         """For the trajectory header (what replay needs); `trim` only where it matters."""

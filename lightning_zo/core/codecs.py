@@ -16,11 +16,10 @@ import math
 
 import torch
 
-from .philox import derive_seed, philox_blocks_numpy
+from .philox import CODEC_STREAM, derive_seed, philox_blocks_numpy
 
 SKIP, STOP = -128, -127
 QMAX = 126
-CODEC_STREAM = 2  # derive_seed stream for stochastic rounding of codes
 
 
 def _uniform(step: int, slot: int) -> float:

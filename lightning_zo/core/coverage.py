@@ -70,10 +70,10 @@ class ParameterReads(TorchFunctionMode):
         for t in tree_leaves((args, kwargs)):
             if not isinstance(t, torch.Tensor):
                 continue
-            slot = self.layout.slot_of(t)
-            if slot is not None:
+            span = self.layout.span_of(t)
+            if span is not None:
                 if not self.perturbed(t) and not self.allowed(t):
-                    self.unperturbed.setdefault(slot.name, _name(func))
+                    self.unperturbed.setdefault(span.name, _name(func))
             elif t.numel() and t.device.type != "meta":
                 name = self._masters.get(t.untyped_storage().data_ptr())
                 if name is not None:
@@ -110,7 +110,7 @@ def check_coverage(model: torch.nn.Module, forward: Callable[[], object], distri
     """Run `forward()` (e.g. `lambda: model(batch)`) once under a perturbation, as ZOOptimizer's first step does, and
     say which trainable parameters the engine must hold perturbed for the whole forward; raises UserError, naming
     the parameter, for one it cannot cover. The model's weights are unchanged afterwards."""
-    from .engine import PerturbedForward  # the engine uses this module's check
+    from .perturbation import PerturbedForward  # which uses this module's check
 
     hooks = PerturbedForward(model, ParamLayout(model), distribution)
     try:

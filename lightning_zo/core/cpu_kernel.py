@@ -163,11 +163,6 @@ def _one_openmp_runtime() -> bool:
     return len(runtimes) == 1
 
 
-@functools.cache
-def _pool() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads()))
-
-
 def fill_pieces(dsts: np.ndarray, srcs: np.ndarray, counts: np.ndarray, offsets: np.ndarray, seeds: list[int],
                 coeffs: list[float], distribution: str, table: np.ndarray, workers: int,
                 executor: ThreadPoolExecutor | None, update: tuple[list[int], list[float]] | None = None) -> int:
@@ -218,7 +213,7 @@ def fill_sum(dst: torch.Tensor, src: torch.Tensor | None, seeds: list[int], coef
     """dst = (src if given) + sum_s coeffs[s] * z(seeds[s]), summed in slot_sum's order, in one pass."""
     fill_pieces(np.array([dst.data_ptr()]), np.array([0 if src is None else src.data_ptr()]),
                 np.array([dst.numel()]), np.array([offset]), seeds, coeffs, distribution, table,
-                torch.get_num_threads(), None if uses_openmp() else _pool())
+                torch.get_num_threads() if uses_openmp() else 1, None)  # one-off calls: no threads to keep
 
 
 def fill(dst: torch.Tensor, src: torch.Tensor | None, seed: int, offset: int, coeff: np.float32, distribution: str,

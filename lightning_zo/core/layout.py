@@ -9,7 +9,9 @@ import torch
 
 
 @dataclass(frozen=True)
-class ParamSlot:
+class ParamSpan:
+    """A trainable parameter's span of the flat space: elements offset .. offset + numel - 1."""
+
     name: str
     param: torch.nn.Parameter
     offset: int  # start of this parameter in the flat trainable-parameter space
@@ -19,20 +21,20 @@ class ParamLayout:
     """The flat order of trainable parameters: `named_parameters()` order, tied weights counted once."""
 
     def __init__(self, module: torch.nn.Module):
-        slots, offset = [], 0
+        spans, offset = [], 0
         for name, p in module.named_parameters():  # named_parameters() already skips tied duplicates
             if p.requires_grad:
-                slots.append(ParamSlot(name, p, offset))
+                spans.append(ParamSpan(name, p, offset))
                 offset += p.numel()
-        self.slots: list[ParamSlot] = slots
+        self.spans: list[ParamSpan] = spans
         self.numel = offset
-        self._by_id = {id(s.param): s for s in slots}
+        self._by_id = {id(s.param): s for s in spans}
 
-    def slot_of(self, param: torch.nn.Parameter) -> ParamSlot | None:
+    def span_of(self, param: torch.nn.Parameter) -> ParamSpan | None:
         return self._by_id.get(id(param))
 
     def __iter__(self):
-        return iter(self.slots)
+        return iter(self.spans)
 
 
 def weights_digest(model: torch.nn.Module) -> str:

@@ -20,7 +20,7 @@ import torch
 
 from . import cpu_kernel, triton_kernel
 from .gaussian import gaussian_table
-from .philox import philox_blocks_numpy, philox_blocks_torch
+from .philox import philox_blocks_torch
 
 DISTRIBUTIONS = ("rademacher", "gaussian")
 CHUNK = 1 << 22  # elements generated at a time: bounds the temporaries, not the result
@@ -38,18 +38,6 @@ def _check_distribution(distribution: str) -> None:
         raise ValueError(f"unknown distribution {distribution!r}; choose one of {', '.join(DISTRIBUTIONS)}")
 
 
-def _numpy_chunk(seed: int, start: int, n: int, coeff: np.float32, distribution: str) -> np.ndarray:
-    if distribution == "rademacher":
-        first, last = start >> 7, (start + n - 1) >> 7
-        raw = philox_blocks_numpy(first, last - first + 1, seed).reshape(-1)
-        table = _sign_bits() * coeff  # exact: +-coeff
-        return np.take(table, raw, axis=0).reshape(-1)[start - (first << 7):][:n]
-    first, last = start >> 3, (start + n - 1) >> 3
-    lanes = philox_blocks_numpy(first, last - first + 1, seed).reshape(-1).view("<u2")
-    z = np.take(gaussian_table(), lanes[start - (first << 3):][:n])
-    return z * coeff
-
-
 def _torch_chunk(seed: int, start: int, n: int, coeff: float, distribution: str, device) -> torch.Tensor:
     c = torch.tensor(coeff, dtype=torch.float32, device=device)
     if distribution == "rademacher":
@@ -64,17 +52,22 @@ def _torch_chunk(seed: int, start: int, n: int, coeff: float, distribution: str,
     return z * c
 
 
-BACKENDS = ("auto", "kernel", "numpy", "torch", "triton")
+BACKENDS = ("auto", "kernel", "torch", "triton")
+
+
+def generator_for(device: torch.device) -> str:
+    """The fastest implementation on `device` (the one place that chooses; core/backend.py asks it too): the C
+    kernel on the CPU, Triton on CUDA, torch ops where neither is available."""
+    if device.type == "cpu":
+        return "kernel" if cpu_kernel.load() is not None else "torch"
+    return "triton" if triton_kernel.available(device) else "torch"
 
 
 def _resolve(backend: str, device: torch.device) -> str:
-    """"auto": the fused C kernel on the CPU (numpy without a compiler), Triton on CUDA (torch ops without it)."""
     if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}")
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend == "auto":
-        if device.type == "cpu":
-            return "kernel" if cpu_kernel.load() is not None else "numpy"
-        return "triton" if triton_kernel.available(device) else "torch"
+        return generator_for(device)
     if backend == "kernel" and cpu_kernel.load() is None:
         raise RuntimeError("the CPU noise kernel is not available (no C compiler?)")
     if backend == "triton" and not triton_kernel.available(device):
@@ -87,7 +80,7 @@ def add_noise(dst: torch.Tensor, src: torch.Tensor | None, seed: int, offset: in
     """dst = src + coeff * z (or dst = coeff * z without src) over flat elements offset..offset+dst.numel()-1.
 
     dst and src are flat contiguous float32 on one device. Backends give identical bits: "kernel" (fused C, CPU),
-    "numpy" (CPU), "torch" (any device), "triton" (CUDA); "auto" picks the fused one for the device.
+    "torch" (any device, the reference), "triton" (CUDA); "auto" picks the fastest for the device.
     """
     _check_distribution(distribution)
     c32 = np.float32(coeff)
@@ -100,10 +93,7 @@ def add_noise(dst: torch.Tensor, src: torch.Tensor | None, seed: int, offset: in
         return dst
     for lo in range(0, dst.numel(), CHUNK):
         n = min(CHUNK, dst.numel() - lo)
-        if backend == "numpy":
-            cz = torch.from_numpy(_numpy_chunk(seed, offset + lo, n, c32, distribution))
-        else:
-            cz = _torch_chunk(seed, offset + lo, n, float(c32), distribution, dst.device)
+        cz = _torch_chunk(seed, offset + lo, n, float(c32), distribution, dst.device)
         if src is None:
             dst[lo:lo + n] = cz
         else:
@@ -185,7 +175,7 @@ def fill_many(pieces: list[tuple[torch.Tensor, torch.Tensor | None, int]], seeds
     `workers` contiguous shares (whole 128-element runs), so many small tensors cost no more than one large one
     (see `cpu_kernel.fill_pieces` for the threads). `update` = (seeds, coeffs): first src += slot_sum of those, in
     place, in the same pass (the bits of an update pass, then this one; every piece needs a src). Returns the number
-    of kernel calls made (numpy: one per piece)."""
+    of kernel calls made (without the C kernel: one per piece, in torch ops)."""
     _check_distribution(distribution)
     if not seeds:
         raise ValueError("fill_many needs at least one seed")
@@ -194,8 +184,8 @@ def fill_many(pieces: list[tuple[torch.Tensor, torch.Tensor | None, int]], seeds
     if cpu_kernel.load() is None:
         for dst, src, offset in pieces:
             if update is not None:
-                add_noise_sum(src, src, list(update[0]), list(update[1]), offset, distribution, "numpy")
-            add_noise_sum(dst, src, seeds, coeffs, offset, distribution, "numpy")
+                add_noise_sum(src, src, list(update[0]), list(update[1]), offset, distribution, "torch")
+            add_noise_sum(dst, src, seeds, coeffs, offset, distribution, "torch")
         return len(pieces)
     if not pieces:
         return 0
@@ -239,9 +229,6 @@ def random_uint16(seed: int, offset: int, numel: int, device: torch.device | str
     if numel == 0:
         return torch.zeros(0, dtype=torch.int32, device=device)
     first, last = offset >> 3, (offset + numel - 1) >> 3
-    if device.type == "cpu":
-        lanes = philox_blocks_numpy(first, last - first + 1, seed).reshape(-1).view("<u2")
-        return torch.from_numpy(lanes[offset - (first << 3):][:numel].astype(np.int32))
     raw = philox_blocks_torch(first, last - first + 1, seed, device).reshape(-1, 2).int()
     return (raw[:, 0] | (raw[:, 1] << 8))[offset - (first << 3):][:numel]
 
@@ -259,5 +246,5 @@ def round_to_bfloat16(x: torch.Tensor, seed: int, offset: int) -> torch.Tensor:
 
 
 def reference_noise(seed: int, offset: int, numel: int, coeff: float, distribution: str) -> torch.Tensor:
-    """The torch-op implementation on the CPU: the cross-check for the kernel, numpy (and CUDA) paths."""
+    """The torch-op implementation on the CPU: the cross-check for the C kernel's and Triton's bits."""
     return scaled_noise(seed, offset, numel, coeff, distribution, backend="torch")

@@ -18,19 +18,20 @@ import torch
 
 from .aggregation import Aggregation, validate as validate_aggregation
 from .codecs import Codec, LinearCodec, check_received, is_stop
-from .engine import PerturbedForward, apply_update
+from .backend import Backend, Terms
 from .layout import ParamLayout
+from .perturbation import PerturbedForward
 from .errors import UserError
 from .noise import DISTRIBUTIONS, GENERATOR_VERSION, GROUP
-from .philox import derive_seed
+from .philox import ROUNDING_STREAM, derive_seed
 from .population import normalise, validate as validate_population
 from .rules import UpdateRule, validate as validate_rule
+from .update import Updater
 
 NORMS = ("mean", "sqrt")
 # two_sided: (f(theta + eps z) - f(theta - eps z)) / 2 eps, 2k forwards per rank and step (the paper's estimate);
 # one_sided: (f(theta + eps z_j) - f(theta)) / eps around one shared unperturbed forward, k + 1 (FZOO, issue 44)
 ESTIMATORS = ("two_sided", "one_sided")
-ROUNDING_STREAM = 1  # derive_seed stream for stochastic rounding of low-precision weights
 
 
 @dataclass
@@ -102,16 +103,13 @@ class ZOOptimizer(torch.optim.Optimizer):
     is pending: a forward of the model or of any of its modules outside a step, `model.state_dict()`,
     `model.load_state_dict()`, `weights_digest`, this optimizer's `state_dict()` and `flush()` apply it first; code
     that reads the parameters directly calls `flush()` first.
-
-    `prefetch=True`: each block's perturbed copy is computed while the block before it runs its forward, on a side
-    stream on CUDA (`PerturbedForward`'s `prefetch`; the same bits, one more block of scratch memory).
     """
 
     def __init__(self, model: torch.nn.Module, lr: float = 1e-5, eps: float = 1e-3, weight_decay: float = 0.0,
                  k: int = 1, distribution: str = "rademacher", norm: str = "mean", seed: int = 0,
                  codec: Optional[Codec] = None, aggregation: str = "mean", trim: float = 0.25, rule: str = "sgd",
                  beta: float = 0.9, history: int = 8, beta2: float = 0.99, fuse_update: bool = False,
-                 prefetch: bool = False, estimator: str = "two_sided", population: str = "none"):
+                 estimator: str = "two_sided", population: str = "none"):
         validate_hparams(lr, eps, k, distribution, norm, weight_decay, aggregation, trim, rule, beta, history, beta2,
                          estimator, population)
         layout = ParamLayout(model)
@@ -133,7 +131,12 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.rule = UpdateRule(rule, beta, history, beta2)  # how they move the weights, given history (core/rules.py)
         self.estimator, self.population = estimator, population  # how g is measured; how a step's g are normalised
         self.forwards = 0  # per rank, of the applied steps (replayed ones included): the cost axis of issue 44
-        self.forward_hooks = PerturbedForward(model, layout, distribution, prefetch=prefetch)
+        # What applies the noise (core/backend.py), the updates (core/update.py) and the perturbed forward
+        # (core/perturbation.py): this optimizer's own, closed by `close()`.
+        self.backend = Backend()
+        self.updater = Updater(model, self.backend)
+        self.perturbed_forward = PerturbedForward(model, layout, distribution, backend=self.backend,
+                                                  updater=self.updater)
         self.fuse_update = bool(fuse_update)
         self.closed = False
         self.rank, self.world_size = 0, 1
@@ -152,7 +155,7 @@ class ZOOptimizer(torch.optim.Optimizer):
                 "aggregation": self.aggregation.config(), "rule": self.rule.config(),
                 "estimator": self.estimator, "population": self.population,
                 "payload_dtype": str(self.codec.dtype).replace("torch.", ""), "numel": self.layout.numel,
-                "param_dtype": str(self.layout.slots[0].param.dtype).replace("torch.", "")}
+                "param_dtype": str(self.layout.spans[0].param.dtype).replace("torch.", "")}
 
     def follow_log(self, header: dict) -> None:
         """Replay or continue the log with this header: its generator version (1 for headers without the key)."""
@@ -264,7 +267,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         return torch.tensor(sum(a + b for a, b in losses) / (2 * len(losses)))
 
     def _perturbed_loss(self, loss_fn: Callable[[int], object], j: int, seed: int, coeff: float) -> float:
-        return self.forward_hooks.evaluate(seed, coeff, lambda: self._loss(loss_fn, j))
+        return self.perturbed_forward.evaluate(seed, coeff, lambda: self._loss(loss_fn, j))
 
     def apply(self, record: StepRecord) -> None:
         """Decode a step's codes and update the weights; advances the codec and the step counter. Used by replay."""
@@ -279,32 +282,32 @@ class ZOOptimizer(torch.optim.Optimizer):
                             "version 1 (one left-to-right sum of all slots), which this release reproduces for at "
                             f"most {GROUP}; version {GENERATOR_VERSION} adds them in groups of {GROUP}. Replay or "
                             "continue it with the release that wrote it, or start a new run")
-        seeds = [seed for seed, _ in terms]
-        coeffs = [coefficient for _, coefficient in terms]
         codec.advance(record.codes)
         decay = {}
         for group in self.param_groups:
             if group["weight_decay"] > 0 and record.lr > 0:
                 factor = 1.0 - record.lr * group["weight_decay"]
                 decay.update({id(p): factor for p in group["params"]})
-        rounding_seed = derive_seed(self.seed, record.step, 0, ROUNDING_STREAM)
+        update = Terms([seed for seed, _ in terms], [coefficient for _, coefficient in terms], self.distribution,
+                       derive_seed(self.seed, record.step, 0, ROUNDING_STREAM))
         if self.fuse_update:  # applied by the next perturbation's pass, or by flush()
-            self.forward_hooks.defer(self.layout, seeds, coeffs, self.distribution, decay, rounding_seed)
+            self.updater.defer(self.layout, update, decay)
         else:
-            apply_update(self.layout, seeds, coeffs, self.distribution, decay, rounding_seed,
-                         self.forward_hooks.engine)
+            self.updater.apply(self.layout, update, decay)
         self.step_count = record.step + 1
         self.forwards += self.forwards_per_step(record.k)
 
     def close(self) -> None:
         """Apply a pending update and take this optimizer's hooks off the model (and its worker threads down):
         the model is the user's own again. A closed optimizer steps no more."""
-        self.forward_hooks.remove()
+        self.updater.close()
+        self.perturbed_forward.remove()
+        self.backend.close()
         self.closed = True
 
     def flush(self) -> None:
         """Apply a pending update (`fuse_update`) now: the parameters then hold every applied step."""
-        self.forward_hooks.engine.flush()
+        self.updater.flush()
 
     def state_dict(self) -> dict:
         self.flush()  # a checkpoint holds the weights after every step it counts

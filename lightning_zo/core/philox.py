@@ -25,7 +25,14 @@ def splitmix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
-def derive_seed(run_seed: int, step: int, slot: int, stream: int = 0) -> int:
+# The streams of shared randomness (derive_seed's `stream`), all declared here: one value, one use.
+DIRECTION_STREAM = 0  # the perturbation of payload slot rank * k + j
+ROUNDING_STREAM = 1  # stochastic rounding of low-precision weights in an update
+CODEC_STREAM = 2  # stochastic rounding of codes
+VOTE_STREAM = 3  # the directions that the robust aggregation rules share between ranks
+
+
+def derive_seed(run_seed: int, step: int, slot: int, stream: int = DIRECTION_STREAM) -> int:
     """The 64-bit seed of perturbation `slot` (= rank * k + j) at `step`.
 
     Keyed by the global slot rather than (rank, j) so that one rank simulating k machines draws exactly the seeds

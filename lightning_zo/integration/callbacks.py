@@ -129,7 +129,7 @@ class RunSummary(pl.Callback):
             self._first_order_summary(trainer, pl_module, out, train_seconds)
             return
         record = opt.last_record
-        engine = opt.forward_hooks.engine
+        backend = opt.backend
         summary = {
             **self.results,
             "steps": opt.step_count,
@@ -146,8 +146,8 @@ class RunSummary(pl.Callback):
             "stopped_by_signal": bool(record and record.stop),
             "train_seconds": round(train_seconds, 3),
             # which generator ran the perturbations and updates (a GPU rank: Triton launches; a CPU rank: C kernel)
-            "generator_calls": {"triton": engine.launches, "cpu_kernel": engine.cpu_calls,
-                                "other": engine.other_calls},
+            "generator_calls": {"triton": backend.launches, "cpu_kernel": backend.cpu_calls,
+                                "other": backend.other_calls},
             "weights_sha256": weights_digest(opt.model),
         }
         if self.save_weights and trainer.is_global_zero:

@@ -282,5 +282,8 @@ class ZOStrategy(DDPStrategy):
 
 
 def register() -> None:
-    """Makes `Trainer(strategy="zo")` and `"zo_spawn"` known to Lightning (called by `import lightning_zo`)."""
+    """Makes `Trainer(strategy="zo")` and `"zo_spawn"` known to Lightning (idempotent)."""
     ZOStrategy.register_strategies(StrategyRegistry)
+
+
+register()  # on load: `import lightning_zo` loads this module as soon as Lightning is loaded

@@ -1,4 +1,4 @@
-"""The perturbed forward (engine.PerturbedForward): every trainable parameter perturbed exactly once per forward,
+"""The perturbed forward (core/perturbation.py): every trainable parameter perturbed exactly once per forward,
 however modules share or nest it (DESIGN I5), and bit-identical to theta + eps*z written into the weights."""
 
 import copy
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lightning_zo.core import cpu_kernel
-from lightning_zo.core.engine import PerturbedForward
+from lightning_zo.core.perturbation import PerturbedForward
 from lightning_zo.core.layout import ParamLayout
 from lightning_zo.core.noise import scaled_noise
 
@@ -84,7 +84,7 @@ def test_blocks_of_any_size_equal_materialized_weights(build, budget, distributi
             got = model(input_ids=ids).logits
     assert torch.equal(got, expected)
     # DESIGN I3: at most one block's perturbed copies (plus wrapped modules' own parameters) alive at a time.
-    wrapped = sum(p.numel() * p.element_size() for w in hooks.wrappers for s in w.params for p in [s.param])
+    wrapped = sum(p.numel() * p.element_size() for w in hooks.wrappers for s in w.spans for p in [s.param])
     assert hooks.peak_scratch_bytes <= max(b.nbytes for b in hooks.blocks) + wrapped
     assert hooks.scratch_bytes == 0
     hooks.remove()
@@ -97,7 +97,7 @@ def test_hooks_and_launches_per_perturbed_forward():
     module owns) are [layers 0-1], [layer 2 + final norm], [lm_head] (which materialises the tied table)."""
     model = _tiny_llama()
     layout = ParamLayout(model)
-    owners = [m for m in model.modules() if any(layout.slot_of(p) for p in m.parameters(recurse=False))]
+    owners = [m for m in model.modules() if any(layout.span_of(p) for p in m.parameters(recurse=False))]
     assert len(owners) == 30
 
     leaf = PerturbedForward(model, layout, "rademacher", block_bytes=0)
@@ -120,10 +120,10 @@ def test_hooks_and_launches_per_perturbed_forward():
     assert hooks.materialized == 2 * 4  # 3 blocks + the embedding's rows
     # CPU: one threaded C-kernel pass per block and one for the embedding's looked-up rows, each one call (on
     # torch's OpenMP threads) or one per thread's share (Python threads); never one per tensor or row.
-    assert hooks.engine.launches == 0 and hooks.engine.other_calls == 0
-    per_pass = 1 if cpu_kernel.uses_openmp() else hooks.engine.threads
-    assert 2 * 4 <= hooks.engine.cpu_calls <= 2 * 4 * per_pass
-    torch.save(model, io.BytesIO())  # a model with its hooks (and the engine's threads) still pickles
+    assert hooks.backend.launches == 0 and hooks.backend.other_calls == 0
+    per_pass = 1 if cpu_kernel.uses_openmp() else hooks.backend.threads
+    assert 2 * 4 <= hooks.backend.cpu_calls <= 2 * 4 * per_pass
+    torch.save(model, io.BytesIO())  # a model with its hooks (and the backend's threads) still pickles
     hooks.remove()
 
 
@@ -134,8 +134,8 @@ def test_budget_bounds_every_block():
     hooks = PerturbedForward(model, layout, "rademacher", block_bytes=layer)
     assert all(b.nbytes <= layer for b in hooks.blocks[1:-1])  # the embedding is one module: it cannot be split
     assert [len(b.members) for b in hooks.blocks] == [1] * 5  # 3 layers, norm, lm_head (+ the embedding's rows)
-    covered = {id(s.param) for b in hooks.blocks for s in b.params} | {
-        id(s.param) for w in hooks.wrappers for s in w.params} | {id(e.weight) for e in hooks.rows}
+    covered = {id(s.param) for b in hooks.blocks for s in b.spans} | {
+        id(s.param) for w in hooks.wrappers for s in w.spans} | {id(e.weight) for e in hooks.rows}
     assert covered == {id(s.param) for s in layout}
     hooks.remove()
 
@@ -157,7 +157,7 @@ def test_embedding_rows_fall_back_to_the_whole_table_off_the_kernel_path():
 
 
 def test_pool_keeps_about_one_largest_buffer():
-    from lightning_zo.core.engine import BufferPool
+    from lightning_zo.core.backend import BufferPool
 
     pool = BufferPool()
     for n in (100, 50, 300, 200, 300):  # blocks of several sizes, one at a time
@@ -167,8 +167,7 @@ def test_pool_keeps_about_one_largest_buffer():
 
 class _WrappedTie(torch.nn.Module):
     """A module too large to be a block (a wrapper: it holds its own weight for its whole forward) whose child is tied
-    to that weight: a copy of the child's block prefetched before the wrapper's forward covers the tied weight, but
-    when the child runs the wrapper holds it, so the prefetched copy no longer fits and is dropped."""
+    to that weight: when the child's block runs, the wrapper already holds the tied weight's copy."""
 
     def __init__(self):
         super().__init__()
@@ -209,42 +208,13 @@ def _perturbed_outputs(model, hooks, x, seeds, coeff=2e-2, flip=None):
     return outputs
 
 
-@pytest.mark.parametrize("budget", [0, None])  # every leaf alone, the default blocks
-@pytest.mark.parametrize("build", [_roberta, _tiny_llama])
-@pytest.mark.parametrize("distribution", ["rademacher", "gaussian"])
-def test_prefetched_blocks_equal_materialized_weights(build, budget, distribution):
-    """prefetch=True: from the second perturbed forward on, each block's copy is computed when the block before it
-    starts (on the CPU in order): the same outputs as theta + eps*z written into the weights, at most two blocks of
-    scratch, and the weights restored exactly."""
-    model = build()
-    ids = _ids(model)
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    hooks = PerturbedForward(model, ParamLayout(model), distribution, block_bytes=budget, prefetch=True)
-    with torch.no_grad():
-        for seed, coeff in ((99, -3e-2), (99, 3e-2), (100, 1e-2)):
-            expected = _materialized(model, seed, coeff, distribution)(input_ids=ids).logits
-            used = hooks.prefetched
-            with hooks.perturb(seed, coeff):
-                got = model(input_ids=ids).logits
-            assert torch.equal(got, expected), (seed, coeff)
-            blocks = len(hooks._next) + 1  # the blocks this forward materialised
-            assert hooks.prefetched - used == (blocks - 1 if seed != 99 or coeff > 0 else 0)
-            assert hooks.scratch_bytes == 0
-    two = sum(sorted(b.nbytes for b in hooks.blocks)[-2:])
-    wrapped = sum(s.param.numel() * s.param.element_size() for w in hooks.wrappers for s in w.params)
-    assert max(b.nbytes for b in hooks.blocks) < hooks.peak_scratch_bytes <= two + wrapped
-    hooks.remove()
-    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
-
-
-def test_a_wrong_prediction_or_a_stale_prefetch_changes_nothing():
-    """The blocks' order changes between forwards (a prefetched block runs later than predicted, another never),
-    and a prefetched copy that covers a weight a wrapper now holds is dropped: outputs equal the materialised
-    weights all along, and no scratch is left."""
+def test_blocks_in_another_order_and_a_weight_its_wrapper_holds_change_nothing():
+    """The blocks' order changes between forwards, and a child's block covers a weight tied to the one its wrapper
+    holds for its whole forward: outputs equal the materialised weights all along, and no scratch is left."""
     torch.manual_seed(7)
     model = _Reorderable()
     x = torch.randn(4, 16)
-    hooks = PerturbedForward(model, ParamLayout(model), "rademacher", block_bytes=0, prefetch=True)
+    hooks = PerturbedForward(model, ParamLayout(model), "rademacher", block_bytes=0)
     assert hooks.wrappers and hooks.wrappers[0].module is model.tied
     seeds = [11, 12, 13, 14]
     got = _perturbed_outputs(model, hooks, x, seeds, flip={2})
@@ -253,61 +223,7 @@ def test_a_wrong_prediction_or_a_stale_prefetch_changes_nothing():
         with torch.no_grad():
             assert torch.equal(got[i], _materialized(model, seed, 2e-2, "rademacher")(x)), i
         assert hooks.scratch_bytes == 0
-    assert hooks.prefetched > 0
     hooks.remove()
-
-
-@pytest.mark.parametrize("distribution", ["rademacher", "gaussian"])
-def test_prefetch_with_fused_updates_trains_the_same_weights(distribution):
-    """ZOOptimizer(prefetch=True, fuse_update=True): a prefetched copy applies the pending update of its block on
-    the way (the C kernel's fused pass, fp32 without decay): losses and weights equal the plain optimizer's."""
-    runs = _train_with_and_without_prefetch(distribution, "cpu")
-    assert runs[True][0] == runs[False][0]
-    assert all(torch.equal(a, b) for a, b in zip(runs[True][1], runs[False][1]))
-    assert runs[False][2] == 0 and runs[True][2] > 0
-
-
-def _train_with_and_without_prefetch(distribution: str, device: str) -> dict:
-    """{prefetch: (losses, weights, prefetched copies)} of 4 fused steps of the tiny Llama, 2 directions a step."""
-    from lightning_zo import ZOOptimizer
-
-    runs = {}
-    for prefetch in (False, True):
-        model = _tiny_llama().to(device)
-        ids = _ids(model).to(device)
-        opt = ZOOptimizer(model, lr=1e-2, eps=1e-2, k=2, distribution=distribution, fuse_update=True,
-                          prefetch=prefetch)
-        closure = lambda: model(input_ids=ids).logits.float().square().mean()  # noqa: E731
-        losses = [float(opt.step(closure)) for _ in range(4)]
-        opt.flush()
-        runs[prefetch] = (losses, [p.detach().cpu() for p in model.parameters()], opt.forward_hooks.prefetched)
-    return runs
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the side stream)")
-def test_cuda_late_side_stream_still_reads_the_update_it_was_given(monkeypatch):
-    """On CUDA a block's copy is prefetched on a side stream, and applies the pending update of its block on the way.
-    Held back (a sleep before each of its launches) while the main stream allocates and overwrites small tensors,
-    the side stream must still read the update's seeds and coefficients, which the main stream uploaded and the last
-    prefetch of the step dropped from the engine: the weights equal those of the optimizer without prefetch."""
-    compute, prefetch = PerturbedForward._compute, PerturbedForward._prefetch
-
-    def late(self, owner, slots):
-        if torch.cuda.current_stream() != torch.cuda.default_stream():
-            torch.cuda._sleep(20_000_000)  # ~10 ms: the main stream runs ahead
-        return compute(self, owner, slots)
-
-    def then_overwrite(self, block):
-        prefetch(self, block)
-        junk = [torch.full((64,), -1, dtype=torch.int64, device="cuda") for _ in range(64)]  # freed small blocks
-        del junk
-
-    monkeypatch.setattr(PerturbedForward, "_compute", late)
-    monkeypatch.setattr(PerturbedForward, "_prefetch", then_overwrite)
-    runs = _train_with_and_without_prefetch("rademacher", "cuda")
-    assert runs[True][0] == runs[False][0]
-    assert all(torch.equal(a, b) for a, b in zip(runs[True][1], runs[False][1]))
-    assert runs[True][2] > 0
 
 
 def test_perturbed_copies_start_aligned_like_fresh_tensors():
