@@ -18,11 +18,9 @@ import json
 import os
 import threading
 import time
-from unittest import mock
 
 import torch
 
-from .core import triton_kernel
 from .core.engine import PerturbedForward, apply_update
 from .core.layout import ParamLayout
 
@@ -148,11 +146,6 @@ def timed_alternating(fns, device: torch.device, repeat: int, warmup: bool = Tru
     return out
 
 
-def in_layout(name: str, fn):
-    """fn, called with the Triton kernel's Rademacher layout set to `name` (LIGHTNING_ZO_TRITON_LAYOUT)."""
-    return mock.patch.dict(os.environ, {"LIGHTNING_ZO_TRITON_LAYOUT": name})(fn)
-
-
 def mezo_perturb(params, seed: int, scale: float) -> None:
     torch.manual_seed(seed)
     for p in params:
@@ -240,29 +233,15 @@ def run(name: str, device: torch.device, dtype: torch.dtype, repeat: int, machin
                 engine.pending = pending
         return call
 
-    def prefetching(fn):  # PerturbedForward(prefetch=True): the next block perturbed during this one's forward
-        def call():
-            hooks.prefetch = True
-            try:
-                fn()
-            finally:
-                hooks.prefetch = False
-        return call
-
-    # Where the Triton kernel runs, its older Rademacher layout is timed in the same alternation (PERFORMANCE.md).
-    compare = triton_kernel.available(device)  # CUDA, or the CPU under TRITON_INTERPRET=1 (tests)
-    fwd_ms, step_ms, fused_ms, prefetch_ms, prefetch_fused_ms, gaussian_ms, *words_ms = timed_alternating(
-        [aside(forward), aside(zo_step), functools.partial(zo_step, fuse=True), aside(prefetching(zo_step)),
-         prefetching(functools.partial(zo_step, fuse=True)), aside(functools.partial(zo_step, "gaussian"))]
-        + ([aside(in_layout("words", zo_step))] if compare else []), device, repeat)
+    fwd_ms, step_ms, fused_ms, gaussian_ms = timed_alternating(
+        [aside(forward), aside(zo_step), functools.partial(zo_step, fuse=True),
+         aside(functools.partial(zo_step, "gaussian"))], device, repeat)
     engine.flush()
-    with PeakMemory(device) as prefetch_mem:
-        prefetching(zo_step)()
-    before = (hooks.materialized, engine.launches, engine.cpu_calls, engine.other_calls, hooks.prefetched)
+    before = (hooks.materialized, engine.launches, engine.cpu_calls, engine.other_calls)
     with hooks.perturb(1, 1e-3):
-        prefetching(forward)()
+        forward()
     per_forward = [b - a for a, b in zip(before, (hooks.materialized, engine.launches, engine.cpu_calls,
-                                                 engine.other_calls, hooks.prefetched))]
+                                                 engine.other_calls))]
     table = profile_table(zo_step, device) if profile else None
     mezo_ms = timed(mezo_step, device, max(1, repeat // 2))
     numel = layout.numel
@@ -275,20 +254,15 @@ def run(name: str, device: torch.device, dtype: torch.dtype, repeat: int, machin
            "step_over_2fwd": round(step_ms / (2 * fwd_ms), 3),
            **({"cpu_time_step_over_2fwd": round(step_ms.cpu / (2 * fwd_ms.cpu), 3)} if device.type == "cpu" else {}),
            "fused_step_ms": round(fused_ms, 2), "fused_step_over_2fwd": round(fused_ms / (2 * fwd_ms), 3),
-           "prefetch_step_over_2fwd": round(prefetch_ms / (2 * fwd_ms), 3),
-           "prefetch_fused_step_over_2fwd": round(prefetch_fused_ms / (2 * fwd_ms), 3),
            "gaussian_step_over_2fwd": round(gaussian_ms / (2 * fwd_ms), 3),
-           **({"words_layout_step_over_2fwd": round(words_ms[0] / (2 * fwd_ms), 3)} if words_ms else {}),
            "mezo_step_ms": round(mezo_ms, 2),
            "mezo_step_over_2fwd": round(mezo_ms / (2 * fwd_ms), 3), "rw_floor_ms": round(floor_ms, 2),
            "peak_mem_over_inference": round(step_mem.peak / inference.peak, 3),
            # DESIGN I3: the step may exceed inference peak by at most the largest block's parameters.
            "extra_mem_over_largest_block": round((step_mem.peak - inference.peak) / largest, 3),
-           "prefetch_extra_mem_over_largest_block": round((prefetch_mem.peak - inference.peak) / largest, 3),
            "block_bytes": hooks.block_bytes, "largest_block_bytes": largest, "blocks": len(hooks.blocks),
            "hooks": hooks.hooks, "materialized_per_forward": per_forward[0], "launches_per_forward": per_forward[1],
            "cpu_kernel_calls_per_forward": per_forward[2], "other_calls_per_forward": per_forward[3],
-           "prefetched_per_forward": per_forward[4],
            "payload_bytes_per_step": 1, "ddp_grad_bytes_per_step": numel * element}
     for distribution, ns in (("rademacher", machines), ("gaussian", gaussian_machines)):
         for n in ns:
@@ -303,12 +277,6 @@ def run(name: str, device: torch.device, dtype: torch.dtype, repeat: int, machin
                     ms = timed(update, device, max(1, repeat // 2), warmup=False)
             out[f"update_ms_{distribution}_n{n}"] = round(ms, 2)
             out[f"update_over_floor_{distribution}_n{n}"] = round(ms / floor_ms, 2)
-            if compare and distribution == "rademacher" and n > 1:  # the "runs" tile for every sum
-                runs = timed(in_layout("runs", update), device, max(1, repeat // 2) if ms < 1000 else 1)
-                out[f"runs_layout_update_over_floor_rademacher_n{n}"] = round(runs / floor_ms, 2)
-            if compare and distribution == "rademacher" and n <= 64:  # the old layout's N = 512: many seconds
-                words = timed(in_layout("words", update), device, max(1, repeat // 2) if ms < 1000 else 1)
-                out[f"words_layout_update_over_floor_rademacher_n{n}"] = round(words / floor_ms, 2)
             if ms.cpu is not None:
                 out[f"cpu_time_update_over_floor_{distribution}_n{n}"] = round(ms.cpu / floor_ms.cpu, 2)
     # The reference regenerates each machine's z with per-parameter torch.normal (MeZO's way), N times.

@@ -23,23 +23,10 @@ def test_bench_prints_every_figure_and_a_profile_of_one_step(capsys):
     # The tiny Llama: 2 blocks and the embedding's rows, each one pass of the C kernel per perturbed forward.
     assert (figures["blocks"], figures["materialized_per_forward"]) == (2, 3)
     assert figures["launches_per_forward"] == figures["other_calls_per_forward"] == 0
-    # prefetch=True: the second block's copy computed when the first starts (in order on the CPU)
-    assert figures["prefetched_per_forward"] == 1 and figures["prefetch_step_over_2fwd"] > 0
-    assert figures["prefetch_fused_step_over_2fwd"] > 0 and "prefetch_extra_mem_over_largest_block" in figures
+    assert figures["fused_step_over_2fwd"] > 0 and "extra_mem_over_largest_block" in figures
     assert figures["payload_bytes_per_step"] == 1
     assert "# torch.profiler, one step of tiny" in out
     assert "lightning_zo.update" in out and "lightning_zo.perturb_block" in out  # our passes, as named ranges
-
-
-def test_in_layout_sets_the_triton_layout_for_one_call_only(monkeypatch):
-    from lightning_zo.core import triton_kernel
-
-    monkeypatch.delenv("LIGHTNING_ZO_TRITON_LAYOUT", raising=False)
-    assert bench.in_layout("words", triton_kernel.layout)() == "words"
-    assert triton_kernel.layout() == "rounds"
-    monkeypatch.setenv("LIGHTNING_ZO_TRITON_LAYOUT", "words")
-    assert bench.in_layout("runs", triton_kernel.layout)() == "runs"
-    assert triton_kernel.layout() == "words"
 
 
 @pytest.mark.parametrize("name", ["roberta-large", "opt-1.3b"])

@@ -72,33 +72,28 @@ def case_grouped_sums(device: str) -> None:
 
 
 def case_program_boundaries(device: str) -> None:
-    """The Rademacher layouts ("rounds": 2048 elements a program for sums of several slots, "runs": 16384, "words":
-    1024) and Gaussian, on tensors that cross programs at logical offsets past 2**32 and 2**35 (Philox counters with
-    a high word): fp32 sums of 1 and 9 slots, and bf16 with stochastic rounding (its Philox block index is rebuilt
-    from the program's first element)."""
+    """Rademacher and Gaussian (programs of 1024 elements), on tensors that cross programs at logical offsets past
+    2**32 and 2**35 (Philox counters with a high word): fp32 sums of 1 and 9 slots, and bf16 with stochastic
+    rounding (its Philox block index is rebuilt from the program's first element)."""
     torch.manual_seed(4)
-    # The first and last tensors each cross a program boundary of every layout (2**35 and 3 * 2**32 + 16384 are
-    # multiples of 16384) and are no longer than that needs: the interpreter's time goes per program.
+    # The first and last tensors each cross a program boundary (2**35 and 3 * 2**32 + 16384 are multiples of 1024)
+    # and are short: the interpreter's time goes per program.
     sizes, offsets = [600, 5, 200], [2**35 - 300, 2**35 + 30000, 3 * 2**32 + 16380]
     seeds = [SEEDS[s % 3] + 104729 * s for s in range(9)]
     coeffs = [(-1) ** s * 1e-3 / (s + 1) for s in range(9)]
     srcs = [torch.randn(n) for n in sizes]
-    for layout, distribution in (("rounds", "rademacher"), ("runs", "rademacher"), ("words", "rademacher"),
-                                 ("rounds", "gaussian")):
-        with environment("LIGHTNING_ZO_TRITON_LAYOUT", layout):
-            for m in (1, 9):
-                want = [add_noise_sum(torch.empty_like(s), s, seeds[:m], coeffs[:m], o, distribution,
-                                      backend="numpy") for s, o in zip(srcs, offsets)]
-                got = [torch.empty(n, device=device) for n in sizes]
-                triton_kernel.noise_sum(got, [s.to(device) for s in srcs], offsets, seeds[:m], coeffs[:m],
-                                        distribution)
-                assert all(same_bits(g, w) for g, w in zip(got, want)), (layout, distribution, m)
-                got = [torch.empty(n, dtype=torch.bfloat16, device=device) for n in sizes]
-                triton_kernel.noise_sum(got, [s.to(device) for s in srcs], offsets, seeds[:m], coeffs[:m],
-                                        distribution, rounding_seed=77)
-                assert all(same_bits(g, round_to_bfloat16(w, 77, o)) for g, w, o in zip(got, want, offsets)), (
-                    layout, distribution, m, "bf16")
-
+    for distribution in ("rademacher", "gaussian"):
+        for m in (1, 9):
+            want = [add_noise_sum(torch.empty_like(s), s, seeds[:m], coeffs[:m], o, distribution, backend="numpy")
+                    for s, o in zip(srcs, offsets)]
+            got = [torch.empty(n, device=device) for n in sizes]
+            triton_kernel.noise_sum(got, [s.to(device) for s in srcs], offsets, seeds[:m], coeffs[:m], distribution)
+            assert all(same_bits(g, w) for g, w in zip(got, want)), (distribution, m)
+            got = [torch.empty(n, dtype=torch.bfloat16, device=device) for n in sizes]
+            triton_kernel.noise_sum(got, [s.to(device) for s in srcs], offsets, seeds[:m], coeffs[:m], distribution,
+                                    rounding_seed=77)
+            assert all(same_bits(g, round_to_bfloat16(w, 77, o)) for g, w, o in zip(got, want, offsets)), (
+                distribution, m, "bf16")
 
 
 def case_low_precision_perturbation(device: str) -> None:
