@@ -21,7 +21,9 @@ import time
 
 import torch
 
-from .core.engine import PerturbedForward, apply_update
+from .core.backend import Backend, Terms
+from .core.perturbation import PerturbedForward
+from .core.update import Updater
 from .core.layout import ParamLayout
 
 SIZES = {"tiny": (16, 32), "smollm2": (16, 33), "roberta-large": (64, 128), "opt-1.3b": (16, 256),
@@ -186,8 +188,9 @@ def run(name: str, device: torch.device, dtype: torch.dtype, repeat: int, machin
     ids = torch.randint(0, vocab, (batch, length), device=device)
     layout = ParamLayout(model)
     params = [s.param for s in layout]
-    hooks = PerturbedForward(model, layout, "rademacher", block_bytes=block_bytes)
-    engine = hooks.engine
+    backend = Backend()
+    updater = Updater(model, backend)
+    hooks = PerturbedForward(model, layout, "rademacher", block_bytes=block_bytes, backend=backend, updater=updater)
 
     import inspect
 
@@ -205,8 +208,8 @@ def run(name: str, device: torch.device, dtype: torch.dtype, repeat: int, machin
             a = float(forward())
         with hooks.perturb(1, -1e-3):
             b = float(forward())
-        apply = hooks.defer if fuse else functools.partial(apply_update, engine=engine)  # as training
-        apply(layout, [1], [-1e-9 * (a - b)], distribution, rounding_seed=2)
+        apply = updater.defer if fuse else updater.apply  # as training
+        apply(layout, Terms([1], [-1e-9 * (a - b)], distribution, rounding_seed=2))
 
     @torch.no_grad()
     def mezo_step():
@@ -226,22 +229,22 @@ def run(name: str, device: torch.device, dtype: torch.dtype, repeat: int, machin
     # step after another, so the pending update waits aside while the other calls run (they would apply it).
     def aside(fn):
         def call():
-            pending, engine.pending = engine.pending, None
+            pending, updater.pending = updater.pending, None
             try:
                 fn()
             finally:
-                engine.pending = pending
+                updater.pending = pending
         return call
 
     fwd_ms, step_ms, fused_ms, gaussian_ms = timed_alternating(
         [aside(forward), aside(zo_step), functools.partial(zo_step, fuse=True),
          aside(functools.partial(zo_step, "gaussian"))], device, repeat)
-    engine.flush()
-    before = (hooks.materialized, engine.launches, engine.cpu_calls, engine.other_calls)
+    updater.flush()
+    before = (hooks.materialized, backend.launches, backend.cpu_calls, backend.other_calls)
     with hooks.perturb(1, 1e-3):
         forward()
-    per_forward = [b - a for a, b in zip(before, (hooks.materialized, engine.launches, engine.cpu_calls,
-                                                 engine.other_calls))]
+    per_forward = [b - a for a, b in zip(before, (hooks.materialized, backend.launches, backend.cpu_calls,
+                                                 backend.other_calls))]
     table = profile_table(zo_step, device) if profile else None
     mezo_ms = timed(mezo_step, device, max(1, repeat // 2))
     numel = layout.numel
@@ -267,8 +270,7 @@ def run(name: str, device: torch.device, dtype: torch.dtype, repeat: int, machin
     for distribution, ns in (("rademacher", machines), ("gaussian", gaussian_machines)):
         for n in ns:
             seeds, coeffs = list(range(n)), [1e-9] * n
-            update = functools.partial(apply_update, layout, seeds, coeffs, distribution, rounding_seed=2,
-                                       engine=engine)
+            update = functools.partial(updater.apply, layout, Terms(seeds, coeffs, distribution, rounding_seed=2))
             if n < 64:
                 ms = timed(update, device, max(1, repeat // 2))
             else:  # one call first (the kernels are warm from the smaller N); one that takes seconds is the figure
@@ -283,7 +285,9 @@ def run(name: str, device: torch.device, dtype: torch.dtype, repeat: int, machin
     n_ref = min(max(machines), MEZO_UPDATE_MAX_N)
     ms = timed(lambda: [mezo_perturb(params, s, 1e-9) for s in range(n_ref)], device, 1)
     out[f"mezo_update_ms_n{n_ref}"] = round(ms, 2)
+    updater.close()
     hooks.remove()
+    backend.close()
     if table is not None:
         out["profile"] = table
     return out

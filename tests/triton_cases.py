@@ -2,7 +2,7 @@
 Triton's CPU interpreter (`TRITON_INTERPRET=1 python tests/triton_cases.py`, a subprocess of the same test file).
 
 Each case takes the device the Triton path runs on; the reference runs with the Triton backend disabled (the C
-kernel or numpy on the CPU, torch ops on CUDA), on the CPU where only noise and weights are compared, and on the same
+kernel or torch ops on the CPU, torch ops on CUDA), on the CPU where only noise and weights are compared, and on the same
 device as the Triton path where a forward's output (or a loss, which steers the update) is: a forward's bits are
 those of its device's kernels.
 """
@@ -52,7 +52,7 @@ def case_multi_tensor_sum(device: str) -> None:
                                         SEEDS[:m], COEFFS[:m], distribution)
                 for g, s, o in zip(got, srcs, offsets):
                     want = add_noise_sum(torch.empty_like(s), s if with_src else None, SEEDS[:m], COEFFS[:m], o,
-                                         distribution, backend="numpy")
+                                         distribution, backend="torch")
                     assert same_bits(g, want), (distribution, m, with_src, o)
 
 
@@ -67,7 +67,7 @@ def case_grouped_sums(device: str) -> None:
         for m in (4, 5, 8, 12, 13, 17):
             got = torch.empty(700, device=device)
             triton_kernel.noise_sum([got], [src.to(device)], [61], seeds[:m], coeffs[:m], distribution)
-            want = add_noise_sum(torch.empty(700), src, seeds[:m], coeffs[:m], 61, distribution, backend="numpy")
+            want = add_noise_sum(torch.empty(700), src, seeds[:m], coeffs[:m], 61, distribution, backend="torch")
             assert same_bits(got, want), (distribution, m)
 
 
@@ -84,7 +84,7 @@ def case_program_boundaries(device: str) -> None:
     srcs = [torch.randn(n) for n in sizes]
     for distribution in ("rademacher", "gaussian"):
         for m in (1, 9):
-            want = [add_noise_sum(torch.empty_like(s), s, seeds[:m], coeffs[:m], o, distribution, backend="numpy")
+            want = [add_noise_sum(torch.empty_like(s), s, seeds[:m], coeffs[:m], o, distribution, backend="torch")
                     for s, o in zip(srcs, offsets)]
             got = [torch.empty(n, device=device) for n in sizes]
             triton_kernel.noise_sum(got, [s.to(device) for s in srcs], offsets, seeds[:m], coeffs[:m], distribution)
@@ -104,7 +104,7 @@ def case_low_precision_perturbation(device: str) -> None:
         got = torch.empty(5000, dtype=dtype, device=device)
         triton_kernel.noise_sum([got], [theta.to(device)], [300], [SEEDS[0]], [3e-2], "rademacher")
         want = add_noise_sum(torch.empty(5000), theta.float(), [SEEDS[0]], [3e-2], 300, "rademacher",
-                             backend="numpy").to(dtype)
+                             backend="torch").to(dtype)
         assert same_bits(got, want), dtype
 
 
@@ -150,7 +150,7 @@ def case_perturbed_forward(device: str) -> None:
                 for h in record:
                     h.remove()
                 if name == "dev":  # one launch per block (for its one dtype), not one per module
-                    assert hooks.engine.launches == hooks.materialized == len(hooks.blocks) < 4
+                    assert hooks.backend.launches == hooks.materialized == len(hooks.blocks) < 4
         assert len(seen["ref"]) == len(seen["dev"]) == 6
         assert not any(same_bits(a, b) for a, b in zip(seen["ref"], list(_model(dtype).parameters())[1:]))
         assert all(same_bits(a, b) for a, b in zip(seen["ref"], seen["dev"])), dtype
@@ -191,7 +191,7 @@ def case_blocks_with_shared_parameters(device: str) -> None:
                         with torch.no_grad(), hooks.perturb(SEEDS[1], 2e-2):
                             out[name] = model(torch.arange(12, device=next(model.parameters()).device))
                     if name == "dev":
-                        assert hooks.engine.launches == hooks.materialized > 0, (hooks.engine.launches, budget)
+                        assert hooks.backend.launches == hooks.materialized > 0, (hooks.backend.launches, budget)
                     hooks.remove()
                 assert same_bits(out["ref"], out["dev"]), (dtype, distribution, budget)
 
@@ -219,11 +219,11 @@ def case_fused_update(device: str) -> None:
                     closure = lambda: model(x).float().square().mean()  # noqa: E731
                     losses[name] = [float(opt.step(closure)) for _ in range(2)]
                     if name == "dev":
-                        engine, hooks = opt.backend, opt.perturbed_forward
-                        assert engine.pending is not None
-                        launches, materialized = engine.launches, hooks.materialized
+                        backend, hooks = opt.backend, opt.perturbed_forward
+                        assert opt.updater.pending is not None
+                        launches, materialized = backend.launches, hooks.materialized
                         losses[name].append(float(opt.step(closure)))
-                        assert engine.launches - launches == hooks.materialized - materialized > 0
+                        assert backend.launches - launches == hooks.materialized - materialized > 0
                         opt.flush()
                     else:
                         losses[name].append(float(opt.step(closure)))
@@ -231,35 +231,6 @@ def case_fused_update(device: str) -> None:
             assert losses["ref"] == losses["dev"], (dtype, distribution, losses)
             for (pname, a), b in zip(models["ref"].named_parameters(), models["dev"].parameters()):
                 assert same_bits(a, b), (dtype, distribution, pname)
-
-
-def case_prefetch(device: str) -> None:
-    """ZOOptimizer(prefetch=True, fuse_update=True) in bf16: each block's copy (and its pending update, stochastic
-    rounding included) is computed while the block before it runs, on a side stream on CUDA. Losses and weights
-    equal the reference backend's immediate updates, and the second step's forwards used prefetched copies."""
-    from lightning_zo import ZOOptimizer
-
-    ids = torch.arange(10) % 7
-    losses, models = {}, {}
-    for name in ("ref", "dev"):
-        model = _model(torch.bfloat16)
-        model = model.to(device)  # a forward's bits are its device's
-        x = ids.to(next(model.parameters()).device)
-        with contextlib.ExitStack() as stack:
-            if name == "ref":
-                stack.enter_context(reference_backend())
-            opt = ZOOptimizer(model, lr=1e-2, eps=1e-2, weight_decay=0.1, fuse_update=name == "dev",
-                              prefetch=name == "dev")
-            closure = lambda: model(x).float().square().mean()  # noqa: E731
-            losses[name] = [float(opt.step(closure)) for _ in range(2)]
-            opt.flush()
-            if name == "dev":
-                hooks = opt.perturbed_forward
-                assert hooks.prefetched >= 3 * (len(hooks.blocks) - 1) > 0, hooks.prefetched
-        models[name] = model
-    assert losses["ref"] == losses["dev"], losses
-    for (pname, a), b in zip(models["ref"].named_parameters(), models["dev"].parameters()):
-        assert same_bits(a, b), pname
 
 
 def case_fused_update_then_the_c_kernel(device: str) -> None:

@@ -56,11 +56,11 @@ BACKENDS = ("auto", "kernel", "torch", "triton")
 
 
 def generator_for(device: torch.device) -> str:
-    """The fastest implementation on `device` (the one place that chooses; core/backend.py asks it too): the C
-    kernel on the CPU, Triton on CUDA, torch ops where neither is available."""
-    if device.type == "cpu":
-        return "kernel" if cpu_kernel.load() is not None else "torch"
-    return "triton" if triton_kernel.available(device) else "torch"
+    """The fastest implementation on `device` (the one place that chooses; core/backend.py asks it too): Triton on
+    CUDA (and on the CPU under Triton's interpreter, for tests), the C kernel on the CPU, torch ops elsewhere."""
+    if triton_kernel.available(device):
+        return "triton"
+    return "kernel" if device.type == "cpu" and cpu_kernel.load() is not None else "torch"
 
 
 def _resolve(backend: str, device: torch.device) -> str:
