@@ -210,7 +210,7 @@ def test_one_pass_over_many_pieces_in_shares(monkeypatch, request, openmp, distr
     and without src, and for runs of 16 whole Philox blocks and their remainders."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from lightning_zo.core.noise import fill_many, fill_rows
+    from lightning_zo.core.cpu_kernel import fill_many, fill_rows
 
     if openmp and not cpu_kernel.uses_openmp():
         pytest.skip("this build does not share torch's OpenMP runtime")
@@ -219,7 +219,7 @@ def test_one_pass_over_many_pieces_in_shares(monkeypatch, request, openmp, distr
     sizes, offsets = [70_001, 5, 4096, 129, 66_000], [2**39 - 1000, 0, 77, 2**33 + 5, 128 * 3]
     srcs = [torch.randn(n) for n in sizes]
     request.addfinalizer(functools.partial(torch.set_num_threads, torch.get_num_threads()))
-    torch.set_num_threads(3)  # fill_pieces never uses more threads than torch does
+    torch.set_num_threads(3)  # a pass never uses more threads than torch does
     with ThreadPoolExecutor(2) as executor:
         dsts = [torch.empty(n) for n in sizes]
         calls = fill_many([(d, s if i % 2 == 0 else None, o) for i, (d, s, o) in enumerate(zip(dsts, srcs, offsets))],
@@ -240,15 +240,15 @@ def test_one_pass_over_many_pieces_in_shares(monkeypatch, request, openmp, distr
 @pytest.mark.parametrize("backend", ["openmp", "threads", "torch"])
 @pytest.mark.parametrize("distribution", ["rademacher", "gaussian"])
 def test_an_update_fused_into_a_pass_gives_the_two_passes_bits(monkeypatch, request, backend, distribution):
-    """fill_many(update=...) updates each src in place and writes dst from the updated values in one pass (chunk by
-    chunk in the C kernel): the bits of the update pass followed by the perturbation pass, at offsets and lengths
-    that cross the kernel's chunks, shares and pieces; torch ops (no kernel) run the two passes."""
-    from concurrent.futures import ThreadPoolExecutor
+    """Backend.apply(..., update=...) updates each theta in place and writes dst from the updated values in one pass
+    (chunk by chunk in the C kernel, on OpenMP or Python threads): the bits of the update pass followed by the
+    perturbation pass, at offsets and lengths that cross the kernel's chunks, shares and pieces; torch ops (no
+    kernel) run the two passes."""
+    from lightning_zo.core.backend import Backend, Piece, Terms
 
-    from lightning_zo.core.noise import fill_many
-
+    chosen = Backend(threads=3)
     if backend == "torch":
-        monkeypatch.setattr(cpu_kernel, "load", lambda: None)
+        chosen.generators[torch.device("cpu")] = "torch"
     elif backend == "openmp" and not cpu_kernel.uses_openmp():
         pytest.skip("this build does not share torch's OpenMP runtime")
     else:
@@ -264,14 +264,15 @@ def test_an_update_fused_into_a_pass_gives_the_two_passes_bits(monkeypatch, requ
     request.addfinalizer(functools.partial(torch.set_num_threads, torch.get_num_threads()))
     torch.set_num_threads(3)
     dsts = [torch.empty(n) for n in sizes]
-    with ThreadPoolExecutor(2) as executor:
-        fill_many(list(zip(dsts, thetas, offsets)), seeds, coeffs, distribution, executor, workers=3,
-                  update=(useeds, ucoeffs))
+    chosen.apply([Piece(t, o, d) for t, o, d in zip(thetas, offsets, dsts)], Terms(seeds, coeffs, distribution),
+                 update=Terms(useeds, ucoeffs, distribution))
+    chosen.close()
     for i in range(len(sizes)):
         assert torch.equal(thetas[i].view(torch.int32), want_theta[i].view(torch.int32)), i
         assert torch.equal(dsts[i].view(torch.int32), want[i].view(torch.int32)), i
+    assert (chosen.other_calls, chosen.cpu_calls > 0) == ((4, False) if backend == "torch" else (0, True))
     with pytest.raises(ValueError, match="needs every piece's src"):
-        fill_many([(dsts[0], None, 0)], seeds, coeffs, distribution, update=(useeds, ucoeffs))
+        cpu_kernel.fill_many([(dsts[0], None, 0)], seeds, coeffs, distribution, update=(useeds, ucoeffs))
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")

@@ -250,6 +250,7 @@ def case_fused_update_then_the_c_kernel(device: str) -> None:
                 stack.enter_context(reference_backend())
             opt.step(closure)
         with reference_backend():
+            opt.backend.generators.clear()  # as after a move to another device: the backend chooses again
             opt.step(closure)
             opt.flush()
         models[name] = model

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from . import cpu_kernel, triton_kernel
-from .noise import add_noise_sum, fill_many, fill_rows, generator_for, round_to_bfloat16
+from .noise import add_noise_sum, generator_for, round_to_bfloat16
 
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -85,17 +85,6 @@ class BufferPool:
             self._free.sort(key=torch.Tensor.numel)
 
 
-def kind_of(t: torch.Tensor) -> str:
-    """Which implementation takes a tensor as it is: "triton", "kernel" or "torch" (`noise.generator_for`'s choice
-    for its device, where the tensor's dtype and layout suit it)."""
-    kind = generator_for(t.device)
-    if kind == "triton" and t.dtype in TRITON_DTYPES and t.is_contiguous():
-        return "triton"
-    if kind == "kernel" and t.dtype == torch.float32 and t.is_contiguous():
-        return "kernel"
-    return "torch"
-
-
 class Backend:
     """What one optimizer owns to apply noise: scratch buffers, the Triton launcher (descriptor tables per block),
     the CPU worker threads, and counts of calls per implementation (the run summary's generator_calls; nothing
@@ -108,6 +97,19 @@ class Backend:
         self.cpu_calls = 0  # C-kernel calls (one per pass on OpenMP, else one per thread's share)
         self.other_calls = 0  # torch-op pieces
         self._executor: ThreadPoolExecutor | None = None
+        self.generators: dict[torch.device, str] = {}  # chosen once per device (`noise.generator_for`)
+
+    def kind_of(self, t: torch.Tensor) -> str:
+        """Which implementation takes a tensor as it is: "triton", "kernel" or "torch" (this backend's choice for
+        its device, where the tensor's dtype and layout suit it)."""
+        if t.device not in self.generators:
+            self.generators[t.device] = generator_for(t.device)
+        kind = self.generators[t.device]
+        if kind == "triton" and t.dtype in TRITON_DTYPES and t.is_contiguous():
+            return "triton"
+        if kind == "kernel" and t.dtype == torch.float32 and t.is_contiguous():
+            return "kernel"
+        return "torch"
 
     def __deepcopy__(self, memo) -> "Backend":  # copying a model copies its hooks: threads cannot be copied
         return Backend(self.threads)
@@ -138,7 +140,7 @@ class Backend:
         fused = update is None or update.distribution == terms.distribution  # the kernels take one distribution
         groups: dict[tuple, list[Piece]] = {}
         for piece in pieces:
-            kind = kind_of(piece.theta) if fused else "torch"
+            kind = self.kind_of(piece.theta) if fused else "torch"
             if kind == "kernel" and piece.decay != 1.0:
                 kind = "torch"
             groups.setdefault((kind, piece.theta.device, piece.theta.dtype), []).append(piece)
@@ -147,7 +149,7 @@ class Backend:
                 self._triton(group, terms, update, (key, dtype), device, dtype)
             elif kind == "kernel":
                 in_place = group[0].dst is None
-                self.cpu_calls += fill_many(
+                self.cpu_calls += cpu_kernel.fill_many(
                     [(p.theta.view(-1) if in_place else p.dst, p.theta.view(-1), p.offset) for p in group],
                     terms.seeds, terms.coeffs, terms.distribution, self._workers(), self.threads,
                     None if update is None else (update.seeds, update.coeffs))
@@ -201,5 +203,5 @@ class Backend:
     def rows(self, dst: torch.Tensor, theta: torch.Tensor, offsets: torch.Tensor, terms: Terms) -> None:
         """Row i of dst = row i of theta + terms at flat elements offsets[i]..: an embedding's looked-up rows (2-d
         contiguous float32 CPU tensors), in one pass of the C kernel."""
-        self.cpu_calls += fill_rows(dst, theta, offsets, terms.seeds, terms.coeffs, terms.distribution,
+        self.cpu_calls += cpu_kernel.fill_rows(dst, theta, offsets, terms.seeds, terms.coeffs, terms.distribution,
                                     self._workers(), self.threads)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .backend import BufferPool, kind_of
+from .backend import Backend, BufferPool
 from .layout import ParamLayout, ParamSpan
 
 ALIGN = 256  # bytes
@@ -42,14 +42,14 @@ class Wrapper:
     stack: list = field(default_factory=list)  # per (re-entrant) call: (saved originals, scratch buffers)
 
 
-def row_lookup(module: torch.nn.Module, layout: ParamLayout) -> bool:
+def row_lookup(module: torch.nn.Module, layout: ParamLayout, backend: Backend) -> bool:
     """A plain nn.Embedding whose table is on the C kernel's path: its perturbed forward needs only the looked-up
     rows of theta + eps*z (an embedding is a gather, no arithmetic), not the whole table."""
     return (type(module) is torch.nn.Embedding and module.max_norm is None
-            and layout.span_of(module.weight) is not None and kind_of(module.weight.data) == "kernel")
+            and layout.span_of(module.weight) is not None and backend.kind_of(module.weight.data) == "kernel")
 
 
-def plan_blocks(model: torch.nn.Module, layout: ParamLayout,
+def plan_blocks(model: torch.nn.Module, layout: ParamLayout, backend: Backend,
                 budget: int | None = None) -> tuple[list[Block], list[Wrapper], list[torch.nn.Embedding], int]:
     """Cut the module tree into blocks of at most `budget` bytes of trainable parameters (default: the most that one
     module owns directly, which can never be split, so the bound of DESIGN I3 does not grow).
@@ -74,7 +74,7 @@ def plan_blocks(model: torch.nn.Module, layout: ParamLayout,
         spans = trainable(module.parameters())
         if not spans:
             return
-        if row_lookup(module, layout):
+        if row_lookup(module, layout, backend):
             rows.append(module)  # perturbed row by row in its forward hook: no block
             return
         children = [c for c in module.children() if trainable(c.parameters())]

@@ -1,8 +1,8 @@
 """The fused CPU kernel (cpu_kernel.c), compiled on first use with the system C compiler and loaded by ctypes.
 
-Measured need: the numpy path writes several full temporaries per pass; this kernel does one read and one write
+Measured need: torch ops write several full temporaries per pass; this kernel does one read and one write
 (see docs/PERFORMANCE.md). Without a compiler, or with LIGHTNING_ZO_CPU_KERNEL=0, `load()` returns None and
-noise.py uses numpy.
+the torch ops of noise.py run instead.
 
 Threads: one pass is cut into shares, run in an OpenMP parallel region when the library is built with OpenMP and
 shares torch's runtime (gcc links libgomp.so.1; where torch's own copy has that soname, as in the CPU wheels
@@ -30,10 +30,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .gaussian import gaussian_table
+
 SOURCE = Path(__file__).with_name("cpu_kernel.c")
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-fast-math", "-fPIC", "-shared"]
 MIN_PARALLEL = 1 << 16
-# LIGHTNING_ZO_CPU_KERNEL: 1 (default: every vector path this CPU has), 0 (numpy), or a cap on the instruction set,
+# LIGHTNING_ZO_CPU_KERNEL: 1 (default: every vector path this CPU has), 0 (torch ops), or a cap on the instruction set,
 # for comparing the paths' bits and speed on one machine (they give the same bits).
 ISA_CAPS = {"1": [], "avx2": ["-mno-avx512f"], "portable": ["-mno-avx512f", "-mno-avx2"]}
 
@@ -145,7 +147,7 @@ def load():
 
 
 def uses_openmp() -> bool:
-    """Whether the kernel runs its threads on torch's OpenMP runtime (`fill_pieces` then needs no executor)."""
+    """Whether the kernel runs its threads on torch's OpenMP runtime (a pass then needs no executor)."""
     lib = load()
     return lib is not None and lib.openmp
 
@@ -163,14 +165,18 @@ def _one_openmp_runtime() -> bool:
     return len(runtimes) == 1
 
 
-def fill_pieces(dsts: np.ndarray, srcs: np.ndarray, counts: np.ndarray, offsets: np.ndarray, seeds: list[int],
-                coeffs: list[float], distribution: str, table: np.ndarray, workers: int,
-                executor: ThreadPoolExecutor | None, update: tuple[list[int], list[float]] | None = None) -> int:
+def _pass(dsts: np.ndarray, srcs: np.ndarray, counts: np.ndarray, offsets: np.ndarray, seeds: list[int],
+          coeffs: list[float], distribution: str, workers: int, executor: ThreadPoolExecutor | None,
+          update: tuple[list[int], list[float]] | None = None) -> int:
     """One pass over pieces given as arrays (data pointers of float32 dst and src (0: dst = the sum alone), their
     element counts and flat offsets): dst = src + slot_sum(c_s z_s), cut into `workers` shares, on torch's OpenMP
     threads if the library shares them, else on `executor`'s (`workers` - 1 of them; the caller's thread takes
     one share). `update` = (seeds, coeffs): first src += slot_sum of those, in place, in the same pass (every piece
     needs a src; the bits of an update pass followed by this one). Returns the number of calls into the library."""
+    if distribution not in ("rademacher", "gaussian"):
+        raise ValueError(f"unknown distribution {distribution!r}")
+    if not seeds:
+        raise ValueError("a pass needs at least one seed")
     lib = load()
     m = len(seeds)
     useeds, ucoeffs = update or ([], [])
@@ -187,7 +193,7 @@ def fill_pieces(dsts: np.ndarray, srcs: np.ndarray, counts: np.ndarray, offsets:
     # there would wait forever for the parent's threads (GNU OpenMP is not fork-safe; torch's own ops hang too).
     workers = min(workers, torch.get_num_threads())
     workers = max(1, workers if total >= MIN_PARALLEL and (lib.openmp or executor is not None) else 1)
-    table_ptr = table.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+    table_ptr = gaussian_table().ctypes.data_as(ctypes.POINTER(ctypes.c_float))
     gaussian = 1 if distribution == "gaussian" else 0
 
     def share(t: int) -> None:
@@ -208,15 +214,41 @@ def fill_pieces(dsts: np.ndarray, srcs: np.ndarray, counts: np.ndarray, offsets:
     return workers
 
 
-def fill_sum(dst: torch.Tensor, src: torch.Tensor | None, seeds: list[int], coeffs: list[np.float32],
-             offset: int, distribution: str, table: np.ndarray) -> None:
-    """dst = (src if given) + sum_s coeffs[s] * z(seeds[s]), summed in slot_sum's order, in one pass."""
-    fill_pieces(np.array([dst.data_ptr()]), np.array([0 if src is None else src.data_ptr()]),
-                np.array([dst.numel()]), np.array([offset]), seeds, coeffs, distribution, table,
-                torch.get_num_threads() if uses_openmp() else 1, None)  # one-off calls: no threads to keep
+def fill_many(pieces: list[tuple[torch.Tensor, torch.Tensor | None, int]], seeds: list[int], coeffs: list[float],
+              distribution: str, executor: ThreadPoolExecutor | None = None, workers: int = 1,
+              update: tuple[list[int], list[float]] | None = None) -> int:
+    """For each (dst, src or None, offset): dst = src + slot_sum(c_s z_s) (noise.add_noise_sum's bits), flat
+    contiguous float32 CPU tensors, as one pass over the whole list: the elements of all pieces are cut into
+    `workers` contiguous shares (whole 128-element runs), so many small tensors cost no more than one large one.
+    `update` = (seeds, coeffs): first src += slot_sum of those, in place, in the same pass (the bits of an update
+    pass, then this one; every piece needs a src). Returns the number of calls into the library."""
+    if update is not None and any(src is None for _, src, _ in pieces):
+        raise ValueError("an update fused into a pass needs every piece's src")
+    if not pieces:
+        return 0
+    columns = zip(*((dst.data_ptr(), 0 if src is None else src.data_ptr(), dst.numel(), offset)
+                    for dst, src, offset in pieces))
+    dsts, srcs, counts, offsets = (np.array(c, dtype=np.uint64) for c in columns)
+    return _pass(dsts, srcs, counts, offsets, seeds, coeffs, distribution, workers, executor, update)
 
 
-def fill(dst: torch.Tensor, src: torch.Tensor | None, seed: int, offset: int, coeff: np.float32, distribution: str,
-         table: np.ndarray) -> None:
-    """dst = (src if given) + coeff * z over flat elements offset.. (float32, contiguous, CPU)."""
-    fill_sum(dst, src, [seed], [coeff], offset, distribution, table)
+def fill_rows(dst: torch.Tensor, src: torch.Tensor, offsets: torch.Tensor, seeds: list[int], coeffs: list[float],
+              distribution: str, executor: ThreadPoolExecutor | None = None, workers: int = 1) -> int:
+    """Row i of dst = row i of src + slot_sum(c_s z_s) over the flat elements offsets[i].. (2-d contiguous float32
+    CPU tensors, one row per offset): an embedding's looked-up rows, in one pass (`fill_many`'s bits)."""
+    contiguous = dst.is_contiguous() and src.is_contiguous()
+    if dst.shape != src.shape or not contiguous or {dst.dtype, src.dtype} != {torch.float32}:
+        raise ValueError("fill_rows needs contiguous float32 dst and src of one shape")
+    rows, dim = dst.shape
+    step = np.arange(rows, dtype=np.uint64) * np.uint64(4 * dim)
+    return _pass(np.uint64(dst.data_ptr()) + step, np.uint64(src.data_ptr()) + step,
+                 np.full(rows, dim, dtype=np.int64), offsets.numpy().astype(np.uint64), seeds, coeffs, distribution,
+                 workers, executor)
+
+
+def fill_sum(dst: torch.Tensor, src: torch.Tensor | None, seeds: list[int], coeffs: list[float], offset: int,
+             distribution: str) -> None:
+    """dst = (src if given) + sum_s coeffs[s] * z(seeds[s]), summed in slot_sum's order, in one pass (one-off calls:
+    on torch's OpenMP threads where the library shares them, else on this thread; no threads of our own)."""
+    fill_many([(dst, src, offset)], seeds, coeffs, distribution, None,
+              torch.get_num_threads() if uses_openmp() else 1)

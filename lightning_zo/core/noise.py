@@ -86,7 +86,7 @@ def add_noise(dst: torch.Tensor, src: torch.Tensor | None, seed: int, offset: in
     c32 = np.float32(coeff)
     backend = _resolve(backend, dst.device)
     if backend == "kernel":
-        cpu_kernel.fill(dst, src, seed, offset, c32, distribution, gaussian_table())
+        cpu_kernel.fill_sum(dst, src, [seed], [c32], offset, distribution)
         return dst
     if backend == "triton":
         triton_kernel.noise_sum([dst], [src], [offset], [seed], [float(c32)], distribution)
@@ -153,8 +153,7 @@ def add_noise_sum(dst: torch.Tensor, src: torch.Tensor | None, seeds: list[int],
         raise ValueError("add_noise_sum needs at least one seed")
     backend = _resolve(backend, dst.device)
     if backend == "kernel":
-        cpu_kernel.fill_sum(dst, src, list(seeds), [np.float32(c) for c in coeffs], offset, distribution,
-                            gaussian_table())
+        cpu_kernel.fill_sum(dst, src, list(seeds), [np.float32(c) for c in coeffs], offset, distribution)
         return dst
     if backend == "triton":
         triton_kernel.noise_sum([dst], [src], [offset], list(seeds), [float(np.float32(c)) for c in coeffs],
@@ -165,55 +164,6 @@ def add_noise_sum(dst: torch.Tensor, src: torch.Tensor | None, seeds: list[int],
                        for seed, c in zip(seeds, coeffs))
         return dst.copy_(acc) if src is None else torch.add(src, acc, out=dst)
     return add_noise(dst, src, seeds[0], offset, coeffs[0], distribution, backend)
-
-
-def fill_many(pieces: list[tuple[torch.Tensor, torch.Tensor | None, int]], seeds: list[int], coeffs: list[float],
-              distribution: str, executor=None, workers: int = 1,
-              update: tuple[list[int], list[float]] | None = None) -> int:
-    """For each (dst, src or None, offset): dst = src + slot_sum(c_s z_s) (add_noise_sum's bits), flat contiguous
-    float32 CPU tensors, as one pass of the C kernel over the whole list: the elements of all pieces are cut into
-    `workers` contiguous shares (whole 128-element runs), so many small tensors cost no more than one large one
-    (see `cpu_kernel.fill_pieces` for the threads). `update` = (seeds, coeffs): first src += slot_sum of those, in
-    place, in the same pass (the bits of an update pass, then this one; every piece needs a src). Returns the number
-    of kernel calls made (without the C kernel: one per piece, in torch ops)."""
-    _check_distribution(distribution)
-    if not seeds:
-        raise ValueError("fill_many needs at least one seed")
-    if update is not None and any(src is None for _, src, _ in pieces):
-        raise ValueError("an update fused into a pass needs every piece's src")
-    if cpu_kernel.load() is None:
-        for dst, src, offset in pieces:
-            if update is not None:
-                add_noise_sum(src, src, list(update[0]), list(update[1]), offset, distribution, "torch")
-            add_noise_sum(dst, src, seeds, coeffs, offset, distribution, "torch")
-        return len(pieces)
-    if not pieces:
-        return 0
-    columns = zip(*((dst.data_ptr(), 0 if src is None else src.data_ptr(), dst.numel(), offset)
-                    for dst, src, offset in pieces))
-    dsts, srcs, counts, offsets = (np.array(c, dtype=np.uint64) for c in columns)
-    return cpu_kernel.fill_pieces(dsts, srcs, counts, offsets, seeds, coeffs, distribution, gaussian_table(),
-                                  workers, executor, update)
-
-
-def fill_rows(dst: torch.Tensor, src: torch.Tensor, offsets: torch.Tensor, seeds: list[int], coeffs: list[float],
-              distribution: str, executor=None, workers: int = 1) -> int:
-    """Row i of dst = row i of src + slot_sum(c_s z_s) over the flat elements offsets[i].. (2-d contiguous float32
-    CPU tensors, one row per offset): an embedding's looked-up rows, in one pass (`fill_many`'s bits)."""
-    _check_distribution(distribution)
-    if not seeds:
-        raise ValueError("fill_rows needs at least one seed")
-    contiguous = dst.is_contiguous() and src.is_contiguous()
-    if dst.shape != src.shape or not contiguous or {dst.dtype, src.dtype} != {torch.float32}:
-        raise ValueError("fill_rows needs contiguous float32 dst and src of one shape")
-    rows, dim = dst.shape
-    if cpu_kernel.load() is None:
-        return fill_many([(dst[i], src[i], int(o)) for i, o in enumerate(offsets.tolist())], seeds, coeffs,
-                         distribution)
-    step = np.arange(rows, dtype=np.uint64) * np.uint64(4 * dim)
-    return cpu_kernel.fill_pieces(np.uint64(dst.data_ptr()) + step, np.uint64(src.data_ptr()) + step,
-                                  np.full(rows, dim, dtype=np.int64), offsets.numpy().astype(np.uint64), seeds,
-                                  coeffs, distribution, gaussian_table(), workers, executor)
 
 
 def scaled_noise(seed: int, offset: int, numel: int, coeff: float, distribution: str,

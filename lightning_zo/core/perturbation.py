@@ -23,7 +23,7 @@ from typing import Iterator
 
 import torch
 
-from .backend import Backend, Piece, Terms, kind_of
+from .backend import Backend, Piece, Terms
 from .blocks import Block, Wrapper, nbytes, packed, plan_blocks
 from .coverage import Coverage, ParameterReads, refuse_aliases
 from .errors import UserError
@@ -44,7 +44,8 @@ class PerturbedForward:
         self.distribution = distribution
         self.backend = backend or Backend()
         self.updater = updater or Updater(model, self.backend)
-        self.blocks, self.wrappers, self.rows, self.block_bytes = plan_blocks(model, layout, block_bytes)
+        self.blocks, self.wrappers, self.rows, self.block_bytes = plan_blocks(model, layout, self.backend,
+                                                                             block_bytes)
         self._terms: Terms | None = None  # this perturbation's, while one is active
         self._swapped: set[int] = set()  # ids of the parameters that now hold their perturbed copy
         self._live: list[Block] = []  # blocks whose copies are swapped in
@@ -150,7 +151,7 @@ class PerturbedForward:
             return None
         with torch.profiler.record_function("lightning_zo.perturb_rows"), self._unchecked():
             self.materialized += 1
-            if kind_of(p.data) != "kernel" or ids.device.type != "cpu":  # moved off the C kernel's path
+            if self.backend.kind_of(p.data) != "kernel" or ids.device.type != "cpu":  # moved off the C kernel's path
                 saved, buffers = self._materialize(module, [span])
                 try:
                     return torch.nn.functional.embedding(ids, p, module.padding_idx)
@@ -187,7 +188,7 @@ class PerturbedForward:
     def perturb(self, seed: int, coeff: float) -> Iterator[None]:
         """Forwards inside see theta + coeff * z(seed); the weights are bit-identical afterwards."""
         self._terms = Terms([seed], [coeff], self.distribution)
-        for device in {s.param.device for s in self.layout if kind_of(s.param.data) == "triton"}:
+        for device in {s.param.device for s in self.layout if self.backend.kind_of(s.param.data) == "triton"}:
             self._terms.on(device, False)  # uploaded here, once, not inside the forward
         self.updater.perturbing = True
         held = None
