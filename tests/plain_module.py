@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import signal
 import sys
 
@@ -135,6 +136,8 @@ def main(argv=None) -> None:
                          enable_progress_bar=False, enable_model_summary=False,
                          callbacks=[lightning_zo.TrajectoryLog(), lightning_zo.RunSummary()])
     previous = signal.getsignal(signal.SIGTERM)
+    logger = logging.getLogger("lightning_zo")
+    handlers, level = list(logger.handlers), logger.level
     trainer.fit(module)
     # What the strategy changed in Lightning and in the process, and the optimizer's hooks on the model, are undone
     # once fit returns.
@@ -144,6 +147,7 @@ def main(argv=None) -> None:
     left += [f"hooks on {name or 'the model'}" for name, m in module.named_modules()
              if m._forward_pre_hooks or m._forward_hooks or m._state_dict_pre_hooks or m._load_state_dict_pre_hooks]
     left += ["global forward hooks"] if torch.nn.modules.module._global_forward_pre_hooks else []
+    left += ["the package logger's handlers or level"] if (logger.handlers, logger.level) != (handlers, level) else []
     print(f"patches left after fit: {left}")
 
 

@@ -19,11 +19,12 @@ measurement ran (docs/PERFORMANCE.md, "GPU: the Triton kernel").
 
 from __future__ import annotations
 
-import functools
 import os
 import struct
 
 import torch
+
+from .gaussian import gaussian_table
 
 try:
     import triton
@@ -221,12 +222,6 @@ if triton is not None:
         tl.store(dst + local, x.to(dst.dtype.element_ty), mask=mask)
 
 
-@functools.cache
-def _gauss_table(device: torch.device) -> torch.Tensor:
-    from .gaussian import gaussian_table
-    return torch.from_numpy(gaussian_table()).to(device)
-
-
 def _upload(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A small host list on the device without waiting for the queue (pinned memory, non-blocking copy)."""
     host = torch.tensor(values, dtype=dtype)
@@ -276,7 +271,13 @@ class Launcher:
 
     def __init__(self):
         self._tables: dict[object, tuple[tuple, tuple[torch.Tensor, torch.Tensor, int]]] = {}
+        self._gauss: dict[torch.device, torch.Tensor] = {}  # the inverse-CDF table on each device (256 KB)
         self.launches = 0
+
+    def _gauss_table(self, device: torch.device) -> torch.Tensor:
+        if device not in self._gauss:
+            self._gauss[device] = torch.from_numpy(gaussian_table()).to(device)
+        return self._gauss[device]
 
     def _table(self, key, dsts, srcs, offsets, factors) -> tuple[torch.Tensor, torch.Tensor, int]:
         signature = _signature(dsts, srcs, offsets, factors)
@@ -333,7 +334,7 @@ class Launcher:
             mu = len(useeds)
         _noise_sum_kernel[(programs,)](
             dsts[0], srcs[0] if accumulate else dsts[0], table, starts, seed_t, coeff_t, len(seeds),
-            _gauss_table(device), len(dsts), useed_t, ucoeff_t, mu,
+            self._gauss_table(device), len(dsts), useed_t, ucoeff_t, mu,
             GAUSSIAN=distribution == "gaussian",
             HAS_NOISE=bool(seeds), ACCUMULATE=accumulate, DECAY=any(f != 1.0 for f in factors),
             STOCHASTIC=stochastic, UPDATE=update is not None, ELEMS=ELEMS, **COMPILE_OPTIONS)

@@ -30,15 +30,29 @@ from .strategy import ZOStrategy, module_settings
 log = logging.getLogger("lightning_zo")
 
 
-def ensure_visible_logs() -> None:
+def ensure_visible_logs() -> tuple | None:
     """Our INFO lines reach the console where nothing configured logging (a spawned rank, a plain script); under
-    Hydra they propagate to its handlers (console and the run's train.log)."""
+    Hydra they propagate to its handlers (console and the run's train.log). Returns what it changed, for
+    `restore_logs` (at teardown: the package logger is the user's again), or None."""
+    changed = None
     if not logging.getLogger().handlers and not log.handlers:
         handler = logging.StreamHandler(sys.stdout)
         handler.setFormatter(logging.Formatter("[lightning_zo] %(message)s"))
         log.addHandler(handler)
+        changed = (handler, log.level)
     if log.getEffectiveLevel() > logging.INFO:
+        changed = (changed[0] if changed else None, log.level)
         log.setLevel(logging.INFO)
+    return changed
+
+
+def restore_logs(changed: tuple | None) -> None:
+    """Undo `ensure_visible_logs`."""
+    if changed is not None:
+        handler, level = changed
+        if handler is not None:
+            log.removeHandler(handler)
+        log.setLevel(level)
 
 
 def find_zo_optimizer(trainer: "pl.Trainer") -> ZOOptimizer | None:
@@ -104,7 +118,11 @@ class RunSummary(pl.Callback):
             log.info("%s", ", ".join(f"{k} = {v:.4f}" for k, v in values.items()))
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        ensure_visible_logs()
+        self._logs = ensure_visible_logs()
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        restore_logs(getattr(self, "_logs", None))
+        self._logs = None
 
     def on_train_start(self, trainer, pl_module) -> None:
         saved = _run_dir(trainer, self.out_dir) / "zero_shot.json"
@@ -237,7 +255,7 @@ class TrajectoryLog(pl.Callback):
         return _run_dir(trainer, self.out_dir) / self.filename
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        ensure_visible_logs()
+        self._logs = ensure_visible_logs()
         if trainer.is_global_zero and stage == "fit":
             self.lock = RunLock(self.path(trainer).parent)
             self.lock.acquire()
@@ -291,6 +309,8 @@ class TrajectoryLog(pl.Callback):
         if self.lock is not None:  # a refused start puts the lock file's old content back
             self.lock.release()
             self.lock = None
+        restore_logs(getattr(self, "_logs", None))
+        self._logs = None
 
     def close(self) -> None:
         self._append_pending()

@@ -31,7 +31,7 @@ from torch.utils.data import BatchSampler
 from ..core import trajectory
 from ..core.layout import weights_digest
 from ..core.optimizer import ZOOptimizer
-from .callbacks import ensure_visible_logs, log_header, resume_from_log
+from .callbacks import ensure_visible_logs, log_header, restore_logs, resume_from_log
 from .data_position import StartAt
 from .run_record import RunLock
 from .strategy import all_reduce_codes, verify_agreement
@@ -49,7 +49,7 @@ class ZOFabric:
 
     def __init__(self, fabric, opt: ZOOptimizer, run_dir: str | Path, settings: dict | None = None,
                  fsync: bool = False, allow_changes: bool = False):
-        ensure_visible_logs()
+        self._logs = ensure_visible_logs()
         self.fabric, self.opt = fabric, opt
         self.run_dir = Path(run_dir)
         self.rank, self.world_size = fabric.global_rank, fabric.world_size
@@ -132,6 +132,8 @@ class ZOFabric:
                    "weights_sha256": weights_digest(self.opt.model)}
         (self.run_dir / f"summary.rank{self.rank}.json").write_text(json.dumps(summary, indent=1) + "\n")
         self._release()
+        restore_logs(self._logs)
+        self._logs = None
         return summary
 
     def _release(self) -> None:
