@@ -8,7 +8,7 @@ import torch
 
 from lightning_zo.core import cpu_kernel
 from lightning_zo.core.gaussian import gaussian_table_sha256
-from lightning_zo.core.noise import add_noise, add_noise_sum, reference_noise, scaled_noise, slot_sum
+from lightning_zo.core.noise import add_noise, add_noise_sum, reference_noise, scaled_noise, term_sum
 from lightning_zo.core.philox import MASK32, derive_seed, philox_numpy, philox_torch
 
 # Random123 kat_vectors: counter (4 words), key (2 words) -> output (4 words).
@@ -107,29 +107,29 @@ def test_cuda_matches_cpu(distribution):
         assert torch.equal(cpu, gpu)
 
 
-def test_slot_sum_groups_four_slots_and_adds_pairs_of_groups():
+def test_term_sum_groups_four_slots_and_adds_pairs_of_groups():
     f = np.float32
     big = [f(1e8), f(1), f(1), f(1)]  # in float32, 1e8 + 1 == 1e8
-    assert slot_sum([f(1), f(2), f(3)]) == f(6)
-    assert slot_sum(big) == f(1e8)  # <= 4 slots: left to right, as generator version 1
+    assert term_sum([f(1), f(2), f(3)]) == f(6)
+    assert term_sum(big) == f(1e8)  # <= 4 slots: left to right, as generator version 1
     # 8 slots: (1e8 + 1 + 1 + 1) + (-1e8 + 1 + 1 + 1) = 1e8 - 1e8 = 0 (left to right would give 3)
-    assert slot_sum(big + [f(-1e8), f(1), f(1), f(1)]) == f(0)
+    assert term_sum(big + [f(-1e8), f(1), f(1), f(1)]) == f(0)
     # 12 slots: the third group has no partner and joins the total alone: 0 + (1e8 + ...) = 1e8
-    assert slot_sum(big + [f(-1e8), f(1), f(1), f(1)] + big) == f(1e8)
+    assert term_sum(big + [f(-1e8), f(1), f(1), f(1)] + big) == f(1e8)
     # 9 slots: a group of one after a pair
-    assert slot_sum([f(1)] * 8 + [f(-0.0)]) == f(8)
-    assert str(slot_sum([f(-0.0)])) == "-0.0"  # the first term is not 0 + term
+    assert term_sum([f(1)] * 8 + [f(-0.0)]) == f(8)
+    assert str(term_sum([f(-0.0)])) == "-0.0"  # the first term is not 0 + term
     with pytest.raises(ValueError):
-        slot_sum([])
+        term_sum([])
 
 
 @pytest.mark.parametrize("backend", ["kernel", "torch"])
 @pytest.mark.parametrize("distribution", ["rademacher", "gaussian"])
 @pytest.mark.parametrize("m", [1, 3, 8, 13])
-def test_all_slots_in_one_pass_equal_the_slot_by_slot_sum(backend, distribution, m):
+def test_all_slots_in_one_pass_equal_the_slot_by_term_sum(backend, distribution, m):
     seeds, coeffs = [101 + 7 * i for i in range(m)], [(-1) ** i * 1e-3 / (i + 1) for i in range(m)]
     src = torch.randn(300_037)
-    acc = slot_sum(reference_noise(s, 77, src.numel(), c, distribution) for s, c in zip(seeds, coeffs))
+    acc = term_sum(reference_noise(s, 77, src.numel(), c, distribution) for s, c in zip(seeds, coeffs))
     got = add_noise_sum(torch.empty_like(src), src, seeds, coeffs, 77, distribution, backend=backend)
     assert torch.equal(got, src + acc)
     assert torch.equal(add_noise_sum(torch.empty_like(src), None, seeds, coeffs, 77, distribution, backend), acc)

@@ -166,7 +166,7 @@ def test_the_first_order_reference_runs_on_one_rank_only(tmp_path):
 @pytest.mark.parametrize("rule,k,refused_at", [("sgd", 4, None), ("momentum", 2, None), ("sgd", 5, 0),
                                                ("momentum", 3, 1)])
 def test_a_log_of_generator_version_1_replays_up_to_4_slots_and_refuses_more(rule, k, refused_at):
-    """Version 1 summed every slot left to right; version 2 (noise.slot_sum) sums groups of 4, the same bits for up
+    """Version 1 summed every slot left to right; version 2 (noise.term_sum) sums groups of 4, the same bits for up
     to 4 slots. A header without "generator_version" is version 1: its steps of <= 4 slots replay exactly, a step
     of more is refused in one line, not replayed into other weights. Momentum over 2 steps adds 2k slots."""
     torch.manual_seed(0)

@@ -57,7 +57,7 @@ def case_multi_tensor_sum(device: str) -> None:
 
 
 def case_grouped_sums(device: str) -> None:
-    """Several slots: noise.slot_sum's groups of 4 and their pairs (4 to 17 slots: a partial group, a group without
+    """Several slots: noise.term_sum's groups of 4 and their pairs (4 to 17 slots: a partial group, a group without
     a partner, whole or partial, several pairs), with +-0.0 coefficients."""
     torch.manual_seed(3)
     seeds = [SEEDS[s % 3] + 7919 * s for s in range(17)]

@@ -11,7 +11,7 @@ implementations, chosen here and only here, once per tensor kind:
 - "torch": everything else, in torch ops (core/noise.py), the reference whose bits the other two must reproduce
   (tests/test_noise.py, tests/test_triton.py hold them to it).
 
-Every implementation sums the terms in `noise.slot_sum`'s order with each product and sum rounded in float32 and
+Every implementation sums the terms in `noise.term_sum`'s order with each product and sum rounded in float32 and
 rounds once into the destination's dtype, so a replica's bits never depend on which one ran (DESIGN I1).
 """
 

@@ -1,5 +1,5 @@
-/* Fused CPU noise kernel: dst[i] = (accumulate ? src[i] : 0) + slot_sum_s(coeff_s * z_s(offset + i)), float32.
- * slot_sum is noise.py's association (generator version 2): groups of 4 slots summed left to right, pairs of
+/* Fused CPU noise kernel: dst[i] = (accumulate ? src[i] : 0) + term_sum_s(coeff_s * z_s(offset + i)), float32.
+ * term_sum is noise.py's association (generator version 2): groups of 4 slots summed left to right, pairs of
  * groups added, the pairs summed left to right; for m <= 4 slots the plain left-to-right sum.
  * Same bits as noise.py's reference semantics (Rademacher: bit g % 128 of Philox block g / 128, LSB first, set =
  * -1; Gaussian: uint16 lane g % 8 of block g / 8 through the inverse-CDF table). Built with -ffp-contract=off: no
@@ -132,7 +132,7 @@ static inline __attribute__((always_inline)) void philox_runs(uint64_t first, co
 /* 1 to 16 whole aligned Rademacher runs (128 elements each, from Philox block `first`) over m <= 4 slots, with
  * AVX-512: their Philox calls first (philox_runs; lanes past `runs` are computed and unused), then per run each 16
  * sign bits of a word are a mask that picks -c or +c per lane (exactly signed_coeff's bits), and one IEEE add per
- * element and slot in slot order (slot_sum for m <= 4): the portable loops' operations, so the same bits. */
+ * element and slot in slot order (term_sum for m <= 4): the portable loops' operations, so the same bits. */
 static void rademacher_runs(float *dst, const float *src, uint64_t first, const uint64_t *seeds,
                             const float *coeffs, int m, int runs, int accumulate, int stream) {
     __m512i out[4][4];
@@ -294,7 +294,7 @@ static inline __attribute__((always_inline)) __m512i rotate_right(__m512i x, int
 }
 
 /* One octet's sign bits as one byte per element, and each element's pair sum (its two groups' looked-up sums
- * added, or its lone group's sum) accumulated into acc in slot_sum's order (first: acc = the sum). vpermps reads
+ * added, or its lone group's sum) accumulated into acc in term_sum's order (first: acc = the sum). vpermps reads
  * the low 4 bits of each dword of its index, so dword i of a bytes register, rotated right by 8k (+4 for the
  * second group's nibble), looks up element 4i + k: acc[4h + k] lane i holds element 64h + 4i + k (rademacher_run_tables
  * puts them back in order). A rotate runs beside the permutes and adds, where a byte permute (vpermb) competed with
@@ -319,7 +319,7 @@ static inline __attribute__((always_inline)) void octet_sums(const __m512i w[4],
 /* One whole aligned Rademacher run over m > 4 slots by table lookup: `tables` holds, for each group of 4 slots,
  * its 16 possible sums ((+-c0 +- c1) +- c2) +- c3 indexed by the 4 sign bits (computed in that order by
  * group_tables), so a lookup gives exactly the group's sum; each octet's two groups are added and the octets' sums
- * accumulated in order (octet_sums): slot_sum's bits. Philox runs 4 octets (32 slots) at a time.
+ * accumulated in order (octet_sums): term_sum's bits. Philox runs 4 octets (32 slots) at a time.
  * `keys`: octet_keys of each 8 slots. */
 static NOT_INLINED void rademacher_run_tables(float *dst, const float *src, uint64_t block, const __m512i *keys,
                                               const float *tables, int m, int accumulate, int stream) {
@@ -456,7 +456,7 @@ static void run_words8(uint64_t first, const __m256i *keys, int m, uint32_t *wor
 
 /* One whole aligned Rademacher run of m <= 4 slots, 32 elements (one word) at a time: slot s's word q shifted left
  * by 31 - bit puts each element's sign bit where blendv reads it, which picks -c or +c (exactly signed_coeff's
- * bits), summed left to right (slot_sum for m <= 4). words[4 q + s]; signed_c[2s], signed_c[2s + 1]: +c, -c. */
+ * bits), summed left to right (term_sum for m <= 4). words[4 q + s]; signed_c[2s], signed_c[2s + 1]: +c, -c. */
 static void rademacher_run_avx2(float *dst, const float *src, const uint32_t *words, const float *signed_c, int m,
                                 int accumulate, int stream) {
     __m256i cnt[4];
@@ -499,11 +499,11 @@ static inline __m256i slot_bytes8(__m256i words) {
 }
 
 /* One whole aligned Rademacher run over m > 4 slots by table lookup, as rademacher_run_tables: `tables` holds each
- * group of 4 slots' 16 possible sums (group_tables, slot_sum's order), `keys` round_keys8 of every 8 slots, `bytes`
+ * group of 4 slots' 16 possible sums (group_tables, term_sum's order), `keys` round_keys8 of every 8 slots, `bytes`
  * room for (m + 7) / 8 * 128 bytes. Philox runs across 8 slots per chain, its first round folded (the counter is
  * the same in every lane, words 2 and 3 are 0); each octet of slots becomes one byte per element (slot_bytes8).
  * Then per 8 elements: each nibble looks up its group's sum (two vpermps of 8 entries, blendv on the nibble's top
- * bit), the two groups of a pair are added, and the pairs are accumulated in order: slot_sum's bits. */
+ * bit), the two groups of a pair are added, and the pairs are accumulated in order: term_sum's bits. */
 static void rademacher_run_octets(float *dst, const float *src, uint64_t block, const __m256i *keys,
                                   const float *tables, uint8_t *bytes, int m, int accumulate, int stream) {
     uint64_t p = (uint64_t)M0 * (uint32_t)block;
@@ -597,7 +597,7 @@ static inline float signed_coeff(uint32_t coeff_bits, uint32_t bit) {
     return v.f;
 }
 
-/* Folds slot s's terms (in `group`) into slot_sum's partial sums, n elements: a group closes after its 4th slot or
+/* Folds slot s's terms (in `group`) into term_sum's partial sums, n elements: a group closes after its 4th slot or
  * the last one; the first group of a pair waits in `pair`, the second is added to it and the pair to `total`. */
 static void close_slot(float *group, float *pair, float *total, int s, int m, int64_t n) {
     int last = s == m - 1;
@@ -619,7 +619,7 @@ static void close_slot(float *group, float *pair, float *total, int s, int m, in
 }
 
 #if defined(HAVE_RUN_TABLES) || defined(HAVE_RUN_AVX2)
-/* The 16 sums of each group of 4 slots for every sign pattern b (bit i set: slot 4j+i's z is -1), in slot_sum's
+/* The 16 sums of each group of 4 slots for every sign pattern b (bit i set: slot 4j+i's z is -1), in term_sum's
  * order; bits of slots past the last are ignored (their entries repeat). */
 static void group_tables(const float *coeffs, int m, float *tables) {
     for (int j = 0; 4 * j < m; j++) {
@@ -637,7 +637,7 @@ static void group_tables(const float *coeffs, int m, float *tables) {
 }
 #endif
 
-/* All m slots in one pass: acc = slot_sum(c0 z0, c1 z1, ...), then dst = src + acc (accumulate) or dst = acc.
+/* All m slots in one pass: acc = term_sum(c0 z0, c1 z1, ...), then dst = src + acc (accumulate) or dst = acc.
  * Works through aligned runs of at most 128 elements, so the partial sums stay in registers / L1. */
 void noise_sum(float *dst, const float *src, int64_t n, uint64_t offset, const uint64_t *seeds,
                const float *coeffs, int m, int gaussian_dist, const float *table, int accumulate) {
@@ -741,7 +741,7 @@ void noise_sum(float *dst, const float *src, int64_t n, uint64_t offset, const u
         }
         if (!gaussian_dist && count == 128 && m >= 1) {
             /* A separate destination (a perturbed copy) is written with streaming stores when aligned: no read
-             * of lines that are about to be overwritten. For m <= 4, slot_sum is the left-to-right sum. */
+             * of lines that are about to be overwritten. For m <= 4, term_sum is the left-to-right sum. */
             int stream = dst != src && ((uintptr_t)(dst + i) & 63) == 0;
             if (m <= 4) {
                 int runs = n - i >= 16 * 128 ? 16 : (int)((n - i) / 128);

@@ -169,9 +169,9 @@ def _pass(dsts: np.ndarray, srcs: np.ndarray, counts: np.ndarray, offsets: np.nd
           coeffs: list[float], distribution: str, workers: int, executor: ThreadPoolExecutor | None,
           update: tuple[list[int], list[float]] | None = None) -> int:
     """One pass over pieces given as arrays (data pointers of float32 dst and src (0: dst = the sum alone), their
-    element counts and flat offsets): dst = src + slot_sum(c_s z_s), cut into `workers` shares, on torch's OpenMP
+    element counts and flat offsets): dst = src + term_sum(c_s z_s), cut into `workers` shares, on torch's OpenMP
     threads if the library shares them, else on `executor`'s (`workers` - 1 of them; the caller's thread takes
-    one share). `update` = (seeds, coeffs): first src += slot_sum of those, in place, in the same pass (every piece
+    one share). `update` = (seeds, coeffs): first src += term_sum of those, in place, in the same pass (every piece
     needs a src; the bits of an update pass followed by this one). Returns the number of calls into the library."""
     if distribution not in ("rademacher", "gaussian"):
         raise ValueError(f"unknown distribution {distribution!r}")
@@ -217,10 +217,10 @@ def _pass(dsts: np.ndarray, srcs: np.ndarray, counts: np.ndarray, offsets: np.nd
 def fill_many(pieces: list[tuple[torch.Tensor, torch.Tensor | None, int]], seeds: list[int], coeffs: list[float],
               distribution: str, executor: ThreadPoolExecutor | None = None, workers: int = 1,
               update: tuple[list[int], list[float]] | None = None) -> int:
-    """For each (dst, src or None, offset): dst = src + slot_sum(c_s z_s) (noise.add_noise_sum's bits), flat
+    """For each (dst, src or None, offset): dst = src + term_sum(c_s z_s) (noise.add_noise_sum's bits), flat
     contiguous float32 CPU tensors, as one pass over the whole list: the elements of all pieces are cut into
     `workers` contiguous shares (whole 128-element runs), so many small tensors cost no more than one large one.
-    `update` = (seeds, coeffs): first src += slot_sum of those, in place, in the same pass (the bits of an update
+    `update` = (seeds, coeffs): first src += term_sum of those, in place, in the same pass (the bits of an update
     pass, then this one; every piece needs a src). Returns the number of calls into the library."""
     if update is not None and any(src is None for _, src, _ in pieces):
         raise ValueError("an update fused into a pass needs every piece's src")
@@ -234,7 +234,7 @@ def fill_many(pieces: list[tuple[torch.Tensor, torch.Tensor | None, int]], seeds
 
 def fill_rows(dst: torch.Tensor, src: torch.Tensor, offsets: torch.Tensor, seeds: list[int], coeffs: list[float],
               distribution: str, executor: ThreadPoolExecutor | None = None, workers: int = 1) -> int:
-    """Row i of dst = row i of src + slot_sum(c_s z_s) over the flat elements offsets[i].. (2-d contiguous float32
+    """Row i of dst = row i of src + term_sum(c_s z_s) over the flat elements offsets[i].. (2-d contiguous float32
     CPU tensors, one row per offset): an embedding's looked-up rows, in one pass (`fill_many`'s bits)."""
     contiguous = dst.is_contiguous() and src.is_contiguous()
     if dst.shape != src.shape or not contiguous or {dst.dtype, src.dtype} != {torch.float32}:
@@ -248,7 +248,7 @@ def fill_rows(dst: torch.Tensor, src: torch.Tensor, offsets: torch.Tensor, seeds
 
 def fill_sum(dst: torch.Tensor, src: torch.Tensor | None, seeds: list[int], coeffs: list[float], offset: int,
              distribution: str) -> None:
-    """dst = (src if given) + sum_s coeffs[s] * z(seeds[s]), summed in slot_sum's order, in one pass (one-off calls:
+    """dst = (src if given) + sum_s coeffs[s] * z(seeds[s]), summed in term_sum's order, in one pass (one-off calls:
     on torch's OpenMP threads where the library shares them, else on this thread; no threads of our own)."""
     fill_many([(dst, src, offset)], seeds, coeffs, distribution, None,
               torch.get_num_threads() if uses_openmp() else 1)

@@ -101,29 +101,29 @@ def add_noise(dst: torch.Tensor, src: torch.Tensor | None, seed: int, offset: in
     return dst
 
 
-GROUP = 4  # slots summed left to right into one partial sum (see `slot_sum`)
+GROUP = 4  # terms summed left to right into one partial sum (see `term_sum`)
 
 
-def slot_sum(terms):
-    """The association of every multi-slot sum (generator version 2; `GENERATOR_VERSION`), on anything that adds:
+def term_sum(terms):
+    """The association of every sum of several terms c_s z_s (generator version 2; `GENERATOR_VERSION`), on anything that adds:
 
-        g_j = ((t_4j + t_4j+1) + t_4j+2) + t_4j+3           groups of 4 slots, left to right
+        g_j = ((t_4j + t_4j+1) + t_4j+2) + t_4j+3           groups of 4 terms, left to right
         o_k = g_2k + g_2k+1  (g_2k alone if it is the last)  pairs of groups
         sum = ((o_0 + o_1) + o_2) + ...                      pairs left to right
 
-    For 4 slots or fewer this is the plain left-to-right sum (version 1's, so those logs replay unchanged). It lets
-    a kernel look a group's 16 possible Rademacher sums up by 4 sign bits instead of adding slot by slot: the table
+    For 4 terms or fewer this is the plain left-to-right sum (version 1's, so those logs replay unchanged). It lets
+    a kernel look a group's 16 possible Rademacher sums up by 4 sign bits instead of adding term by term: the table
     entries are computed in the same order, so the bits are the same."""
     total = first = group = None  # first: a pair's first group, waiting for its second
     count = 0
-    for t in terms:  # streamed: at most four operands are alive, whatever the number of slots
+    for t in terms:  # streamed: at most four operands are alive, whatever the number of terms
         group = t if count % GROUP == 0 else group + t
         count += 1
         if count % GROUP == 0:
             first, total = _close_group(group, first, total)
             group = None
     if count == 0:
-        raise ValueError("slot_sum needs at least one term")
+        raise ValueError("term_sum needs at least one term")
     if group is not None:
         first, total = _close_group(group, first, total)
     if first is not None:
@@ -138,15 +138,15 @@ def _close_group(group, first, total):
     return None, pair if total is None else total + pair
 
 
-GENERATOR_VERSION = 2  # 1: one left-to-right sum over all slots; 2: `slot_sum`'s groups (same bits for <= 4 slots)
+GENERATOR_VERSION = 2  # 1: one left-to-right sum over all terms; 2: `term_sum`'s groups (same bits for <= 4 terms)
 
 
 def add_noise_sum(dst: torch.Tensor, src: torch.Tensor | None, seeds: list[int], coeffs: list[float], offset: int,
                   distribution: str, backend: str = "auto") -> torch.Tensor:
-    """dst = src + slot_sum(c_s z_s) (or dst = the sum without src): every slot's update at once.
+    """dst = src + term_sum(c_s z_s) (or dst = the sum without src): every term at once.
 
-    The kernel and triton backends read and write dst once for all slots; the others generate slot by slot and add
-    in `slot_sum`'s order, with the same roundings.
+    The kernel and triton backends read and write dst once for all terms; the others generate term by term and add
+    in `term_sum`'s order, with the same roundings.
     """
     _check_distribution(distribution)
     if not seeds:
@@ -160,7 +160,7 @@ def add_noise_sum(dst: torch.Tensor, src: torch.Tensor | None, seeds: list[int],
                                 distribution)
         return dst
     if src is None or len(seeds) > 1:
-        acc = slot_sum(add_noise(torch.empty_like(dst), None, seed, offset, c, distribution, backend)
+        acc = term_sum(add_noise(torch.empty_like(dst), None, seed, offset, c, distribution, backend)
                        for seed, c in zip(seeds, coeffs))
         return dst.copy_(acc) if src is None else torch.add(src, acc, out=dst)
     return add_noise(dst, src, seeds[0], offset, coeffs[0], distribution, backend)

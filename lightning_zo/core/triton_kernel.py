@@ -2,7 +2,7 @@
 
 Same bits as noise.py's reference semantics (tests hold it to them, on CUDA and through Triton's CPU interpreter):
 
-    x = src * factor (if decayed) + noise.slot_sum(c0 z0, c1 z1, ...)      every product and sum rounded in fp32
+    x = src * factor (if decayed) + noise.term_sum(c0 z0, c1 z1, ...)      every product and sum rounded in fp32
     dst = x rounded to dst's dtype: to nearest, or for bfloat16 stochastically with 16 shared random bits
 
 Compiled with `enable_fp_fusion=False`, so no multiply-add is contracted into an FMA (the CPU kernel is built with
@@ -99,8 +99,8 @@ if triton is not None:
         return term
 
     @triton.jit
-    def _slot_sum(seeds, coeffs, m, gauss, b0, b1, w, h, shape, GAUSSIAN: tl.constexpr):
-        """noise.slot_sum(c_0 z_0, ..., c_{m-1} z_{m-1}) over the tile, slot by slot (as cpu_kernel.c's close_slot):
+    def _term_sum(seeds, coeffs, m, gauss, b0, b1, w, h, shape, GAUSSIAN: tl.constexpr):
+        """noise.term_sum(c_0 z_0, ..., c_{m-1} z_{m-1}) over the tile, slot by slot (as cpu_kernel.c's close_slot):
         a group of 4 closes after its 4th slot or the last; a pair's first group waits, the second joins it, the
         pair joins the total. The first term of each sum is assigned, not added to 0: a -0.0 stays, as on the CPU."""
         group = tl.zeros(shape, tl.float32)
@@ -208,15 +208,15 @@ if triton is not None:
             if UPDATE:
                 # src is theta: first its update (decay above, mu slots, rounded into theta's dtype, written back),
                 # then the perturbation of the updated value, as an update launch followed by this one would.
-                x = x + _slot_sum(useeds, ucoeffs, mu, gauss, b0, b1, w, h, local.shape, GAUSSIAN)
+                x = x + _term_sum(useeds, ucoeffs, mu, gauss, b0, b1, w, h, local.shape, GAUSSIAN)
                 x = _rounded(x, g0, local, useeds, mu, STOCHASTIC, src.dtype.element_ty == tl.bfloat16)
                 theta = x.to(src.dtype.element_ty)
                 tl.store(src + local, theta, mask=mask)
                 x = theta.to(tl.float32)
             if HAS_NOISE:
-                x = x + _slot_sum(seeds, coeffs, m, gauss, b0, b1, w, h, local.shape, GAUSSIAN)
+                x = x + _term_sum(seeds, coeffs, m, gauss, b0, b1, w, h, local.shape, GAUSSIAN)
         else:
-            x = _slot_sum(seeds, coeffs, m, gauss, b0, b1, w, h, local.shape, GAUSSIAN)
+            x = _term_sum(seeds, coeffs, m, gauss, b0, b1, w, h, local.shape, GAUSSIAN)
         # A fused launch's perturbed copy rounds to nearest (its stochastic rounding was theta's).
         x = _rounded(x, g0, local, seeds, m, STOCHASTIC and not UPDATE, dst.dtype.element_ty == tl.bfloat16)
         tl.store(dst + local, x.to(dst.dtype.element_ty), mask=mask)

@@ -118,7 +118,7 @@ class Updater:
 def apply_update(layout: ParamLayout, seeds: Sequence[int], coeffs: Sequence[float], distribution: str,
                  decay: dict[int, float] | None = None, rounding_seed: int | None = None) -> None:
     """theta <- theta * decay_p + sum_i coeffs[i] * z(seeds[i]) for every parameter of `layout`, with the sum in
-    `noise.slot_sum`'s order, each product rounded once to float32, the decayed weight rounded once and the final
+    `noise.term_sum`'s order, each product rounded once to float32, the decayed weight rounded once and the final
     add rounded once into the storage dtype: to nearest, or for bfloat16 weights with `rounding_seed`,
     stochastically from the shared generator (so updates far below one bf16 ulp still move the weights in
     expectation, DESIGN I5). A one-off call on a throwaway backend; the optimizer keeps its own `Updater`."""
