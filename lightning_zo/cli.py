@@ -1,5 +1,5 @@
 """The command line: `lightning-zo`, `python -m lightning_zo` and `python train.py` compose the Hydra config in
-lightning_zo/conf, instantiate everything from its `_target_`s, and fit."""
+conf/ (config_dir()), instantiate everything from its `_target_`s, and fit."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import re
 import signal
 import sys
 import warnings
+from pathlib import Path
 
 import hydra
 from hydra.errors import InstantiationException
@@ -17,6 +18,14 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import MissingMandatoryValue
 
 from .core.errors import UserError
+
+
+def config_dir() -> Path:
+    """The Hydra configs: lightning_zo/conf inside an installed wheel (pyproject.toml maps conf/ there), conf/ at the
+    top level of a checkout (or an editable install of one)."""
+    package = Path(__file__).resolve().parent
+    installed = package / "conf"
+    return installed if (installed / "config.yaml").is_file() else package.parent / "conf"
 
 
 # Optional packages and the extra that brings each (pyproject.toml).
@@ -240,9 +249,9 @@ def _sweep_jobs(overrides: list[str], limit: int = 64) -> list[list[str]]:
 
 
 def _compose(overrides: list[str]):
-    from hydra import compose, initialize_config_module
+    from hydra import compose, initialize_config_dir
 
-    with initialize_config_module(config_module="lightning_zo.conf", version_base="1.3"):
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         return compose(config_name="config", overrides=overrides, return_hydra_config=True)
 
 
@@ -309,7 +318,7 @@ def hydra_record(cfg: DictConfig) -> "ConfigRecord":
     return ConfigRecord(files, hydra_cfg.runtime.output_dir, subdir=".hydra")
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
 def _app(cfg: DictConfig) -> None:
     with user_errors():
         run(cfg, hydra_record(cfg))  # before run() adds to cfg: the record is the config as composed

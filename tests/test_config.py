@@ -6,7 +6,7 @@ from hydra.utils import instantiate
 
 from helpers import REPO, python, summaries, train
 
-CONF = REPO / "lightning_zo" / "conf"
+CONF = REPO / "conf"
 GROUPS = {g.name: sorted(p.stem for p in g.glob("*.yaml")) for g in CONF.iterdir() if g.is_dir()}
 NEEDS_NETWORK_OR_ARGS = {("model", "hf"), ("model", "smollm2")}
 OPTIONAL_PACKAGE = {("logger", "wandb"): "wandb", ("logger", "tensorboard"): "tensorboard"}

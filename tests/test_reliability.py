@@ -111,7 +111,7 @@ EXPERIMENTS = {  # the model swapped for the tiny one (TINY) of the same kind: t
 
 
 def test_every_shipped_experiment_is_listed_here():
-    shipped = {p.stem for p in (REPO / "lightning_zo" / "conf" / "experiment").glob("*.yaml")}
+    shipped = {p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml")}
     assert shipped == set(EXPERIMENTS)
 
 
