@@ -19,7 +19,7 @@ def _compose(*overrides):
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g, opts in GROUPS.items() for o in opts])
-def test_every_config_composes_and_instantiates(group, option, tmp_path, shared_data):
+def test_every_config_composes_and_instantiates(group, option, tmp_path, task_data):
     cfg = _compose(f"{group}={option}")
     if (group, option) in NEEDS_NETWORK_OR_ARGS:
         assert cfg[group]["_target_"].startswith("lightning_zo.recipe.models.")
@@ -27,7 +27,7 @@ def test_every_config_composes_and_instantiates(group, option, tmp_path, shared_
     if group == "experiment":  # a bundle of overrides: its offline parts instantiate, its model is named
         assert "???" not in str(cfg.model.get("name", ""))
         if cfg.task.get("data_dir_required"):  # the user's data: required, never a path of ours
-            cfg.task.data_dir = str(shared_data / cfg.task.name)
+            cfg.task.data_dir = str(task_data / cfg.task.name)
         assert instantiate(cfg.task).name == cfg.task.name and instantiate(cfg.quantization) is not None
         assert instantiate(cfg.optimizer).keywords["lr"] == cfg.optimizer.lr
         return
@@ -35,7 +35,7 @@ def test_every_config_composes_and_instantiates(group, option, tmp_path, shared_
     if (group, option) in OPTIONAL_PACKAGE:
         pytest.importorskip(OPTIONAL_PACKAGE[group, option])
     if group == "task" and cfg.task.data_dir is None and option != "sentiment":
-        cfg.task.data_dir = str(shared_data / option)
+        cfg.task.data_dir = str(task_data / option)
     if group in ("task", "quantization", "model", "logger"):
         assert instantiate(node) is not None
     elif group == "callbacks":
@@ -59,10 +59,10 @@ def test_smoke_run_writes_the_run_directory(tmp_path):
     assert "val_acc_zero_shot" in proc.stdout
 
 
-def test_eval_file_is_reported(tmp_path, shared_data):
-    lines = (shared_data / "sst2" / "train.tsv").read_text().splitlines()[:301]
+def test_eval_file_is_reported(tmp_path, task_data):
+    lines = (task_data / "sst2" / "train.tsv").read_text().splitlines()[:301]
     (tmp_path / "eval.tsv").write_text("\n".join(lines) + "\n")
-    train(tmp_path, "task=sst2", f"task.data_dir={shared_data / 'sst2'}", "task.train_per_class=8",
+    train(tmp_path, "task=sst2", f"task.data_dir={task_data / 'sst2'}", "task.train_per_class=8",
           "task.val_per_class=8", f"task.eval_file={tmp_path / 'eval.tsv'}", "trainer.max_steps=2")
     (s,) = summaries(tmp_path)
     assert 0 <= s["eval_acc_final"] <= 1 and "eval_acc_zero_shot" in s
