@@ -53,7 +53,9 @@ def test_smoke_run_writes_the_run_directory(tmp_path):
     assert s["steps"] == 12 and s["world_size"] == 1 and s["payload_bytes_per_step"] == 1
     assert 0 <= s["val_acc_zero_shot"] <= 1 and 0 <= s["val_acc_final"] <= 1
     assert len(s["weights_sha256"]) == 64
-    assert (tmp_path / "weights.safetensors").stat().st_size > 100_000
+    # the weights once, as the directory from_pretrained loads (issue 43: not also as weights.safetensors)
+    assert (tmp_path / "model" / "model.safetensors").stat().st_size > 100_000
+    assert (tmp_path / "model" / "config.json").is_file() and not (tmp_path / "weights.safetensors").exists()
     metrics = (tmp_path / "csv" / "metrics.csv").read_text()
     assert "train/loss" in metrics and "val/acc" in metrics
     assert "val_acc_zero_shot" in proc.stdout
