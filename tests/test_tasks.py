@@ -97,9 +97,11 @@ def test_two_job_multirun_and_report(tmp_path):
     report = python("-m", "lightning_zo.report", str(sweep), "--out", str(tmp_path / "rep"))
     assert report.returncode == 0, report.stderr[-3000:]
     out = report.stdout
-    assert "| lr=1e-05 |" in out and "| lr=0.001 |" in out  # legends: what differs, not override strings
-    for png in ("accuracy_vs_steps.png", "accuracy_vs_bytes.png"):
+    # legends: task, rule, seed, then what differs (not override strings, not the runs' directories)
+    assert "| sentiment, rule=sgd, seed=0, lr=1e-05 |" in out and "| sentiment, rule=sgd, seed=0, lr=0.001 |" in out
+    for png in ("accuracy_vs_steps.png", "accuracy_vs_forwards.png", "loss_vs_steps.png"):
         assert (tmp_path / "rep" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (tmp_path / "rep" / "accuracy_vs_bytes.png").exists()  # one rank each: nothing sent
     assert (tmp_path / "rep" / "report.md").read_text().count("\n| ") == 2  # one row per run
 
 

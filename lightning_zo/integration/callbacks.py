@@ -149,6 +149,7 @@ class RunSummary(pl.Callback):
             "generator_calls": {"triton": engine.launches, "cpu_kernel": engine.cpu_calls,
                                 "other": engine.other_calls},
             "weights_sha256": weights_digest(opt.model),
+            **_validation_size(trainer),
         }
         if self.save_weights and trainer.is_global_zero:
             save_model(opt.model, out, self.tokenizer)
@@ -174,13 +175,20 @@ class RunSummary(pl.Callback):
                    "optimizer": ", ".join(type(getattr(o, "optimizer", o)).__name__ for o in trainer.optimizers),
                    "payload_bytes_per_step": 4 * numel * trainer.world_size if trainer.world_size > 1 else 0,
                    "gradient_bytes_per_rank_per_step": 4 * numel, "train_seconds": round(train_seconds, 3),
-                   "weights_sha256": weights_digest(model)}
+                   "weights_sha256": weights_digest(model), **_validation_size(trainer)}
         if self.save_weights and trainer.is_global_zero:
             save_model(model, out, self.tokenizer)
         path = out / f"summary.rank{trainer.global_rank}.json"
         path.write_text(json.dumps(summary, indent=2) + "\n")
         if trainer.is_global_zero:
             log.info("steps = %d (%s, first order), summary: %s", summary["steps"], summary["optimizer"], path)
+
+
+def _validation_size(trainer) -> dict:
+    """{"val_examples": N} where the data module says how many examples the accuracies are measured on: the report
+    draws their binomial standard error (120 sentences: about 4.5 points at 50 %)."""
+    val = getattr(getattr(trainer, "datamodule", None), "val", None)
+    return {"val_examples": len(val)} if isinstance(val, (list, tuple)) else {}
 
 
 def save_model(model: torch.nn.Module, out: Path, tokenizer=None) -> None:
