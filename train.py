@@ -1,6 +1,6 @@
 """Train with zeroth-order steps: `python train.py` is the offline default; Hydra overrides for the rest.
 
-A thin alias of the `lightning-zo` command (and of `python -m lightning_zo`): the configs live in lightning_zo/conf.
+A thin alias of the `lightning-zo` command (and of `python -m lightning_zo`): the configs live in conf/.
 
     python train.py model=tiny trainer.max_steps=20          # seconds, for a smoke test
     python train.py task=sst2 task.data_dir=PATH/TO/sst2     # a GLUE-style directory with train.tsv

@@ -1,5 +1,5 @@
 """The command line: `lightning-zo`, `python -m lightning_zo` and `python train.py` compose the Hydra config in
-lightning_zo/conf, instantiate everything from its `_target_`s, and fit."""
+conf/ (config_dir()), instantiate everything from its `_target_`s, and fit."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import re
 import signal
 import sys
 import warnings
+from pathlib import Path
 
 import hydra
 from hydra.errors import InstantiationException
@@ -17,6 +18,14 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import MissingMandatoryValue
 
 from .core.errors import UserError
+
+
+def config_dir() -> Path:
+    """The Hydra configs: lightning_zo/conf inside an installed wheel (pyproject.toml maps conf/ there), conf/ at the
+    top level of a checkout (or an editable install of one)."""
+    package = Path(__file__).resolve().parent
+    installed = package / "conf"
+    return installed if (installed / "config.yaml").is_file() else package.parent / "conf"
 
 
 # Optional packages and the extra that brings each (pyproject.toml).
@@ -59,7 +68,19 @@ def user_errors():
         else:
             raise
         say_line(f"error: {message}")
+        _log_files_line(f"error: {message}")
         sys.exit(2)
+
+
+def _log_files_line(line: str) -> None:
+    """The line also in the log files that Hydra opened for this run (RUN_DIR/train.log): a refused start leaves its
+    reason beside the run, not an empty log. Not through logging's console handler: stderr has it already."""
+    import logging
+
+    record = logging.LogRecord("lightning_zo", logging.ERROR, __file__, 0, line, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
 
 
 def say_line(text: str) -> None:
@@ -92,19 +113,27 @@ def build(cfg: DictConfig, extra_callbacks: list = ()):
     from .core.optimizer import validate_hparams
     from .integration.callbacks import RunSummary, TrajectoryLog
     from .recipe.classifier import is_zo
-    from .recipe.data import PromptDataModule
+    from .recipe.data import PromptDataModule, check_data_settings
 
+    # Every check that needs no model first: a bad setting costs one line, not a model's load time.
     optimizer = instantiate(cfg.optimizer)
     devices, nodes = cfg.trainer.get("devices"), cfg.trainer.get("num_nodes", 1)
     ranks = devices * nodes if isinstance(devices, int) and isinstance(nodes, int) and devices > 0 else None
-    try:  # before the model loads: a bad setting costs one line, not a model's load time
+    try:
         if is_zo(optimizer):
             validate_hparams(**optimizer.keywords, world_size=ranks)
+        else:  # a torch optimizer checks its arguments when built: build it once over a stand-in parameter
+            import torch
+
+            optimizer([torch.nn.Parameter(torch.zeros(1))])
     except ValueError as e:
         raise UserError(f"optimizer: {e}") from e
-    lm = build_model(cfg)
     task = instantiate(cfg.task)
     codec = instantiate(cfg.quantization)
+    check_data_settings(**cfg.data)
+    if not task.per_rank_data:
+        task.load()  # the files read and sampled now (kept for the data module): their errors too
+    lm = build_model(cfg)
     if codec.breaks_one_byte and is_zo(optimizer):
         warnings.warn(f"quantization={codec.name}: the payload is {codec.bytes_per_slot} bytes per slot; "
                       "this ablation breaks the one-byte-per-step property", stacklevel=1)
@@ -202,7 +231,7 @@ _FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--info", "-i"}
 def _overrides(argv: list[str]) -> tuple[list[str], bool] | None:
     """(overrides, multirun) from Hydra's command line, or None when a flag means we must not interfere."""
     overrides, multirun, skip = [], False, False
-    for arg in argv:
+    for i, arg in enumerate(argv):
         if skip:
             skip = False
             continue
@@ -211,15 +240,27 @@ def _overrides(argv: list[str]) -> tuple[list[str], bool] | None:
             return None
         if arg in ("-m", "--multirun"):
             multirun = True
-        elif arg in ("--resolve",):
+        elif arg in ("--resolve", "-r", "--run"):
             continue
         elif flag in _FLAGS_WITH_VALUE:
             skip = "=" not in arg
+        elif arg.startswith("--") and len(arg) > 2:
+            raise UserError(_key_value_hint(argv, i))
         elif arg.startswith("-"):
             return None  # a flag we do not know: let Hydra handle (and explain) it
         else:
             overrides.append(arg)
     return overrides, multirun
+
+
+def _key_value_hint(argv: list[str], i: int) -> str:
+    """`--model tiny` (or `--model=tiny`), an option as other tools spell it: Hydra's overrides are `model=tiny`."""
+    key, _, value = argv[i][2:].partition("=")
+    following = argv[i + 1] if i + 1 < len(argv) else ""
+    if not value and following and not following.startswith("-") and "=" not in following:
+        value = following
+    given = " ".join(argv[i:i + 2]) if value and value == following else argv[i]
+    return f"{given}: not an option of this command; settings are written key=value: {key}={value or 'VALUE'}"
 
 
 def _sweep_jobs(overrides: list[str], limit: int = 64) -> list[list[str]]:
@@ -240,9 +281,9 @@ def _sweep_jobs(overrides: list[str], limit: int = 64) -> list[list[str]]:
 
 
 def _compose(overrides: list[str]):
-    from hydra import compose, initialize_config_module
+    from hydra import compose, initialize_config_dir
 
-    with initialize_config_module(config_module="lightning_zo.conf", version_base="1.3"):
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         return compose(config_name="config", overrides=overrides, return_hydra_config=True)
 
 
@@ -262,6 +303,49 @@ def _unknown_key_message(key: str, override: str, overrides: list[str]) -> str:
     return f"unknown key {key!r}{hint} (to add a new key on purpose: +{override.lstrip('+~')})"
 
 
+# Numeric keys of Lightning's Trainer that take more than their default's type: devices="auto" or "0,1"; a fraction
+# of an epoch (a float) where the default counts batches or steps.
+_WORDS_ALLOWED = {"trainer.devices"}
+_FRACTIONS_ALLOWED = {"trainer.val_check_interval", "trainer.limit_train_batches", "trainer.limit_val_batches",
+                      "trainer.limit_test_batches", "trainer.overfit_batches"}
+
+
+def _check_types(overrides: list[str], cfg: DictConfig) -> None:
+    """A value of the wrong type for its key's default (trainer.max_steps=ten, optimizer.lr=fast, a word for a flag)
+    is one line here, during composition: the config has no schema, and it ended in a TypeError deep in a run."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import OverrideType
+    from omegaconf import Container
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    values = {o.key_or_group: (text, o.value()) for text, o in zip(overrides, parsed)
+              if o.type == OverrideType.CHANGE and "/" not in o.key_or_group and o.package is None
+              and o.value() is not None and not (isinstance(o.value(), str) and "${" in o.value())}
+    groups = OmegaConf.select(cfg, "hydra.runtime.choices") or {}  # model=tiny, experiment=quick: choices, not values
+    leaves = {key for key in values if key not in groups
+              and not isinstance(OmegaConf.select(cfg, key, throw_on_resolution_failure=False), Container)}
+    if not leaves:
+        return
+    defaults = _compose([text for text, o in zip(overrides, parsed) if o.key_or_group not in leaves])
+    for key in sorted(leaves):
+        text, value = values[key]
+        default = OmegaConf.select(defaults, key, throw_on_resolution_failure=False)
+        if isinstance(default, bool):
+            ok, expected = isinstance(value, bool), "true or false"
+        elif isinstance(default, int):
+            ok = (isinstance(value, int) and not isinstance(value, bool)
+                  or key in _FRACTIONS_ALLOWED and isinstance(value, float)
+                  or key in _WORDS_ALLOWED and isinstance(value, str))
+            expected = "an integer"
+        elif isinstance(default, float):
+            ok, expected = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+        else:
+            continue
+        if not ok:
+            shown = str(default).lower() if isinstance(default, bool) else default
+            raise UserError(f"{text}: expected {expected} (the config's default is {shown})")
+
+
 def precheck(argv: list[str]) -> None:
     """Compose the config from the command line's overrides before Hydra runs, so that an unknown group option
     or key is one `error:` line (UserError) instead of Hydra's multi-line report and exit code 1."""
@@ -273,7 +357,7 @@ def precheck(argv: list[str]) -> None:
     overrides, multirun = parsed
     try:
         for overrides in _sweep_jobs(overrides) if multirun else [overrides]:
-            _compose(overrides)
+            _check_types(overrides, _compose(overrides))
     except MissingConfigException as e:
         group, _, option = (e.missing_cfg_file or "").rpartition("/")
         if group and e.options:
@@ -309,7 +393,7 @@ def hydra_record(cfg: DictConfig) -> "ConfigRecord":
     return ConfigRecord(files, hydra_cfg.runtime.output_dir, subdir=".hydra")
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
 def _app(cfg: DictConfig) -> None:
     with user_errors():
         run(cfg, hydra_record(cfg))  # before run() adds to cfg: the record is the config as composed

@@ -1,13 +1,16 @@
-"""Compare runs: a markdown table and plots of accuracy against steps, forward passes and bytes on the wire, and
-loss against steps.
+"""Compare runs: a markdown table and plots of accuracy against steps and forward passes (and bytes on the wire for
+runs that sent any), and loss against steps.
 
     python -m lightning_zo.report RUN_DIR [RUN_DIR ...] [--out DIR] [--bytes-axis auto|linear|log]
 
-A directory holding several runs (a Hydra multirun) is expanded. Runs are labelled by what differs between their
-configs (RUN_DIR/.hydra/config.yaml), e.g. `lr=1e-05, k=4`. Writes DIR/report.md, DIR/accuracy_vs_steps.png,
-DIR/accuracy_vs_bytes.png, DIR/accuracy_vs_forwards.png (the runs whose summary counts `forwards`: a forward costs
-the same whatever the update rule) and, where RUN_DIR/csv/metrics.csv has train/loss, DIR/loss_vs_steps.png. Without
-matplotlib the table is still written and one line says why there are no plots.
+A directory holding several runs (a Hydra multirun) is expanded. Runs are labelled by their task, update rule and
+seed, then by what else differs between their configs (RUN_DIR/.hydra/config.yaml), e.g. `sentiment, rule=sgd,
+seed=0, lr=1e-05`. Writes into DIR (default: RUN_DIR/report; with several RUN_DIRs --out is required) report.md,
+accuracy_vs_steps.png, accuracy_vs_forwards.png (the runs whose summary counts `forwards`: a forward costs the same
+whatever the update rule), accuracy_vs_bytes.png (only runs of several ranks, which sent bytes) and, where
+RUN_DIR/csv/metrics.csv has train/loss, loss_vs_steps.png. An accuracy is drawn with a band of one binomial standard
+error where the summary says how many validation examples it was measured on. Without matplotlib the table is still
+written and one line says why there are no plots.
 """
 
 from __future__ import annotations
@@ -68,10 +71,23 @@ def _value(key: str, value) -> str:
     return str(value)
 
 
+# What every legend starts with: the task, the update rule (the first-order reference: its optimizer), the seed.
+IDENTITY = ("task.name", "optimizer.rule", "optimizer._target_", "seed")
+
+
+def _identity(config: dict[str, object]) -> list[str]:
+    task, rule, seed = config.get("task.name"), config.get("optimizer.rule"), config.get("seed")
+    if rule is None and config.get("optimizer._target_"):
+        rule = _value("optimizer._target_", config["optimizer._target_"])
+    return [part for part, value in ((f"{task}", task), (f"rule={rule}", rule), (f"seed={seed}", seed))
+            if value is not None]
+
+
 def labels(configs: list[dict[str, object]], names: list[str]) -> list[str]:
-    """Short legends from the config keys whose values differ between runs: `lr=1e-05, k=4`. A group's choice
-    (its `_target_`) shows as the group's name; a key's last part stands for it unless two keys share that part.
-    Runs whose configs are identical keep their directory names."""
+    """Legends: task, rule and seed (_identity), then the config keys whose values differ between runs: `sentiment,
+    rule=sgd, seed=0, lr=1e-05, k=4`. A group's choice (its `_target_`) shows as the group's name; a key's last part
+    stands for it unless two keys share that part. Runs that still read alike (reruns of one config) add their
+    directory names; a run without a config is its directory name."""
     keys = sorted({k for c in configs for k in c if not k.startswith(IGNORED)})
     differing = [k for k in keys if len({repr(c.get(k)) for c in configs}) > 1]
     # A group chosen differently changes all its keys: its _target_ (or name) says it, the rest is noise.
@@ -81,15 +97,16 @@ def labels(configs: list[dict[str, object]], names: list[str]) -> list[str]:
     def short(key: str) -> str:
         if key.endswith("._target_"):
             return key.rsplit(".", 2)[-2]
-        last = key.rsplit(".", 1)[-1]
-        return last if sum(k.rsplit(".", 1)[-1] == last for k in differing) == 1 else key
+        last = key.rsplit(".", 1)[-1]  # the legend's own seed=... counts: model.seed stays model.seed
+        return last if sum(k.rsplit(".", 1)[-1] == last for k in {*differing, *IDENTITY}) == 1 else key
 
     out = []
     for config, name in zip(configs, names):
-        parts = [f"{short(k)}={_value(k, config.get(k))}" for k in differing]
+        parts = _identity(config) + [f"{short(k)}={_value(k, config.get(k))}" for k in differing if k not in IDENTITY]
         out.append(", ".join(parts) if parts else name)
     if len(set(out)) < len(out):  # still ambiguous (e.g. reruns of one config): add the directory
-        out = [f"{label} ({name})" if out.count(label) > 1 else label for label, name in zip(out, names)]
+        out = [f"{label} ({name})" if out.count(label) > 1 and label != name else label
+               for label, name in zip(out, names)]
     return out
 
 
@@ -121,13 +138,21 @@ def loss_curve(rows: list[dict[str, str]]) -> list[tuple[int, float]]:
 
 
 def _moving_average(values: list[float], window: int) -> list[float]:
+    """Trailing means over full windows only (len(values) - window + 1 of them): a mean of the first few batches
+    would draw one batch's loss as the curve's start."""
     out, total = [], 0.0
     for i, v in enumerate(values):
         total += v
         if i >= window:
             total -= values[i - window]
-        out.append(total / min(i + 1, window))
+        if i >= window - 1:
+            out.append(total / window)
     return out
+
+
+def standard_error(accuracy: float, examples: int) -> float:
+    """One binomial standard error of an accuracy measured on `examples` examples."""
+    return (accuracy * (1 - accuracy) / examples) ** 0.5
 
 
 def human_bytes(n: float) -> str:
@@ -154,12 +179,14 @@ def _plots(out: Path, series: list[dict], bytes_axis: str) -> list[str]:
 
     def style(i: int, n: int) -> dict:
         # Curves that coincide stay visible: each run its own marker and line style, hollow markers shrinking
-        # with the run's index so that one drawn later does not cover an earlier one.
+        # with the run's index so that one drawn later does not cover an earlier one. A marker is a measurement.
         return dict(marker=MARKERS[i % len(MARKERS)], linestyle=LINESTYLES[i % len(LINESTYLES)],
                     markersize=max(3.0, 8.0 - 4.0 * i / max(1, n - 1)), markerfacecolor="none", linewidth=1.4,
                     alpha=0.9)
 
     written = []
+    banded = any(s["val_examples"] for s in series)
+    band_note = " (band: ±1 binomial standard error)" if banded else ""
 
     def save(fig, ax, name: str, grid: str = "major", **labels) -> None:
         ax.set(**labels)
@@ -170,40 +197,62 @@ def _plots(out: Path, series: list[dict], bytes_axis: str) -> list[str]:
         written.append(name)
         plt.close(fig)
 
-    n = len(series)
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    for i, s in enumerate(series):
-        steps, accs = zip(*s["acc"]) if s["acc"] else ((), ())
-        ax.plot(steps, accs, label=s["label"], **style(i, n))
-    save(fig, ax, "accuracy_vs_steps.png", title="Validation accuracy vs training steps", xlabel="training step",
-         ylabel="validation accuracy")
+    def accuracy(ax, s: dict, xs, i: int, n: int, label: str) -> None:
+        accs = [acc for _, acc in s["acc"]]
+        if s["val_examples"]:
+            label += f", {s['val_examples']} validation examples"
+        line, = ax.plot(xs, accs, label=label, **style(i, n))
+        if s["val_examples"]:
+            se = [standard_error(a, s["val_examples"]) for a in accs]
+            ax.fill_between(xs, [a - e for a, e in zip(accs, se)], [a + e for a, e in zip(accs, se)],
+                            color=line.get_color(), alpha=0.12, linewidth=0)
 
-    scale = _bytes_scale([s["bytes_per_step"] for s in series], bytes_axis)
+    def forwards_axis(ax, runs: list[dict]) -> None:
+        """Forward passes on a second x axis where every run costs the same per step."""
+        per_step = {s["forwards_per_step"] for s in runs}
+        if len(per_step) == 1 and None not in per_step:
+            f = per_step.pop()
+            top = ax.secondary_xaxis("top", functions=(lambda x: x * f, lambda x: x / f))
+            top.set_xlabel(f"forward passes per rank ({f:g} per step)")
+
+    n = len(series)
+    acc_label = "validation accuracy" + band_note
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     for i, s in enumerate(series):
-        pts = [(step * s["bytes_per_step"], acc) for step, acc in s["acc"]]
-        if scale == "log":
-            pts = [p for p in pts if p[0] > 0]  # the zero-shot point sent nothing: no place on a log axis
-        if pts:
-            xs, ys = zip(*pts)
-            ax.plot(xs, ys, label=f"{s['label']} ({s['bytes_per_step']} B/step)", **style(i, n))
-    if scale == "log":
-        ax.set_xscale("log", base=10)
-        ax.xaxis.set_major_locator(LogLocator(base=10))
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: human_bytes(x)))
-    save(fig, ax, "accuracy_vs_bytes.png", grid="both" if scale == "log" else "major",
-         title="Validation accuracy vs bytes on the wire (all-reduce payload, all ranks)",
-         xlabel=f"bytes sent in training steps ({'log10' if scale == 'log' else 'linear'} scale)",
-         ylabel="validation accuracy")
+        accuracy(ax, s, [step for step, _ in s["acc"]], i, n, s["label"])
+    forwards_axis(ax, series)
+    save(fig, ax, "accuracy_vs_steps.png", title="Validation accuracy vs training steps", xlabel="training step",
+         ylabel=acc_label)
 
     counted = [s for s in series if s["forwards_per_step"]]  # runs made before forwards were counted: not here
     if counted:
         fig, ax = plt.subplots(figsize=(7.5, 4.8))
         for i, s in enumerate(counted):
-            xs, ys = zip(*[(step * s["forwards_per_step"], acc) for step, acc in s["acc"]]) if s["acc"] else ((), ())
-            ax.plot(xs, ys, label=f"{s['label']} ({s['forwards_per_step']:g} forwards/step)", **style(i, n))
+            accuracy(ax, s, [step * s["forwards_per_step"] for step, _ in s["acc"]], i, len(counted),
+                     f"{s['label']} ({s['forwards_per_step']:g} forwards/step)")
         save(fig, ax, "accuracy_vs_forwards.png", title="Validation accuracy vs forward passes",
-             xlabel="forward passes per rank", ylabel="validation accuracy")
+             xlabel="forward passes per rank", ylabel=acc_label)
+
+    # One rank sends nothing: its accuracy against bytes would be a line at x = 0 bytes, or a made-up payload.
+    sent = [s for s in series if s["world_size"] > 1 and s["bytes_per_step"]]
+    if sent:
+        scale = _bytes_scale([s["bytes_per_step"] for s in sent], bytes_axis)
+        fig, ax = plt.subplots(figsize=(7.5, 4.8))
+        for i, s in enumerate(sent):
+            pts = [(step * s["bytes_per_step"], acc) for step, acc in s["acc"]]
+            if scale == "log":
+                pts = [p for p in pts if p[0] > 0]  # the zero-shot point sent nothing: no place on a log axis
+            if pts:
+                accuracy(ax, s | {"acc": pts}, [x for x, _ in pts], i, len(sent),
+                         f"{s['label']} ({s['bytes_per_step']} B/step)")
+        if scale == "log":
+            ax.set_xscale("log", base=10)
+            ax.xaxis.set_major_locator(LogLocator(base=10))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: human_bytes(x)))
+        save(fig, ax, "accuracy_vs_bytes.png", grid="both" if scale == "log" else "major",
+             title="Validation accuracy vs bytes on the wire (all-reduce payload, all ranks)",
+             xlabel=f"bytes sent in training steps ({'log10' if scale == 'log' else 'linear'} scale)",
+             ylabel=acc_label)
 
     with_loss = [s for s in series if s["loss"]]
     if with_loss:
@@ -211,12 +260,15 @@ def _plots(out: Path, series: list[dict], bytes_axis: str) -> list[str]:
         fig, ax = plt.subplots(figsize=(7.5, 4.8))
         for i, s in enumerate(with_loss):
             steps, losses = zip(*s["loss"])
-            line, = ax.plot(steps, _moving_average(list(losses), window), label=s["label"],
-                            **(style(i, len(with_loss)) | {"markevery": max(1, len(steps) // 12)}))
-            if window > 1:
+            lines = style(i, len(with_loss)) | {"marker": None}  # a point every step: markers would be noise
+            if window > 1 and len(losses) >= window:
+                line, = ax.plot(steps[window - 1:], _moving_average(list(losses), window), label=s["label"], **lines)
                 ax.plot(steps, losses, color=line.get_color(), alpha=0.2, linewidth=0.8)
+            else:
+                ax.plot(steps, losses, label=s["label"], **lines)
+        forwards_axis(ax, with_loss)
         save(fig, ax, "loss_vs_steps.png", xlabel="training step", ylabel="train/loss (on each step's batch)",
-             title="Training loss vs steps" + (f" (moving average of {window} steps; raw, faint)" if window > 1
+             title="Training loss vs steps" + (f" (mean of the last {window} steps; raw, faint)" if window > 1
                                                else ""))
     return written
 
@@ -239,7 +291,8 @@ def build_report(runs: list[Path], out: Path, bytes_axis: str = "auto") -> tuple
                     f"`{s.get('weights_sha256', '')[:12]}` |")
         metrics = _metrics(run)
         series.append({"label": legend, "acc": accuracy_curve(metrics, s), "loss": loss_curve(metrics),
-                       "bytes_per_step": s.get("payload_bytes_per_step", 0),
+                       "bytes_per_step": s.get("payload_bytes_per_step", 0), "world_size": s.get("world_size", 1),
+                       "val_examples": s.get("val_examples"),
                        "forwards_per_step": s["forwards"] / s["steps"] if s.get("forwards") and s["steps"] else None})
     table = "\n".join(rows) + "\n"
     try:
@@ -257,11 +310,16 @@ def build_report(runs: list[Path], out: Path, bytes_axis: str = "auto") -> tuple
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lightning_zo.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", type=Path, help="run directories (or directories of runs)")
-    parser.add_argument("--out", type=Path, default=Path("report"), help="where report.md and the PNGs go")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="where report.md and the PNGs go (default: RUN_DIR/report, for one RUN_DIR)")
     parser.add_argument("--bytes-axis", choices=("auto", "linear", "log"), default="auto",
                         help="x axis of accuracy vs bytes (auto: log10 when bytes per step differ 8x or more)")
     args = parser.parse_args(argv)
     with user_errors():
+        if args.out is None:  # under the run (or the sweep) it reports on, never the current directory
+            if len(args.runs) > 1:
+                raise UserError("several run directories: name the report's directory with --out DIR")
+            args.out = args.runs[0] / "report"
         table, written, why = build_report(find_runs(args.runs), args.out, args.bytes_axis)
     print(table, end="")
     print(f"wrote {args.out}/report.md" + "".join(f", {name}" for name in written))

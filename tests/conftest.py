@@ -7,15 +7,15 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
 sys.path.insert(0, str(Path(__file__).parent))  # tests/helpers.py for subprocesses and spawned ranks
 
 
 @pytest.fixture(scope="session")
-def shared_data() -> Path:
-    if not SHARED_DATA.is_dir():
-        pytest.skip("../shared/data is not present")
-    return SHARED_DATA
+def task_data(tmp_path_factory) -> Path:
+    """A directory with <task>/train.tsv for every task that reads a data directory (tests/task_files.py)."""
+    from task_files import write_task_data
+
+    return write_task_data(tmp_path_factory.mktemp("task_data"))
 
 
 @pytest.fixture

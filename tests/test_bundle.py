@@ -43,6 +43,28 @@ def test_own_module_trains_and_replays(tmp_path, mode):
     assert (tmp_path / "model" / "config.json").exists()  # the run directory's model loads with from_pretrained
 
 
+def test_the_weights_are_written_once_in_the_format_users_load(tmp_path, tiny_lm):
+    """A Hugging Face model: model/ only (what from_pretrained loads), not also weights.safetensors (issue 43: both
+    were 1.08 GB for a 135 M model); a module of another kind: weights.safetensors."""
+    import safetensors.torch
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lightning_zo.integration.callbacks import save_model
+
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "weights.safetensors").write_bytes(b"an earlier version's copy, from before a resume")
+    save_model(tiny_lm.model, tmp_path / "hf", tiny_lm.tokenizer)
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["model"]
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf" / "model")
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), tiny_lm.model.state_dict().values()))
+    plain = torch.nn.Linear(3, 2)
+    (tmp_path / "plain").mkdir()
+    save_model(plain, tmp_path / "plain")
+    assert sorted(p.name for p in (tmp_path / "plain").iterdir()) == ["weights.safetensors"]
+    assert torch.equal(safetensors.torch.load_file(tmp_path / "plain" / "weights.safetensors")["weight"], plain.weight)
+
+
 def test_own_module_on_two_ranks_stays_identical(tmp_path):
     fit(tmp_path, "--devices", "2", "--strategy", "zo_spawn", "--max-steps", "10")
     s = summaries(tmp_path)

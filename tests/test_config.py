@@ -6,7 +6,7 @@ from hydra.utils import instantiate
 
 from helpers import REPO, python, summaries, train
 
-CONF = REPO / "lightning_zo" / "conf"
+CONF = REPO / "conf"
 GROUPS = {g.name: sorted(p.stem for p in g.glob("*.yaml")) for g in CONF.iterdir() if g.is_dir()}
 NEEDS_NETWORK_OR_ARGS = {("model", "hf"), ("model", "smollm2")}
 OPTIONAL_PACKAGE = {("logger", "wandb"): "wandb", ("logger", "tensorboard"): "tensorboard"}
@@ -19,7 +19,7 @@ def _compose(*overrides):
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g, opts in GROUPS.items() for o in opts])
-def test_every_config_composes_and_instantiates(group, option, tmp_path, shared_data):
+def test_every_config_composes_and_instantiates(group, option, tmp_path, task_data):
     cfg = _compose(f"{group}={option}")
     if (group, option) in NEEDS_NETWORK_OR_ARGS:
         assert cfg[group]["_target_"].startswith("lightning_zo.recipe.models.")
@@ -27,7 +27,7 @@ def test_every_config_composes_and_instantiates(group, option, tmp_path, shared_
     if group == "experiment":  # a bundle of overrides: its offline parts instantiate, its model is named
         assert "???" not in str(cfg.model.get("name", ""))
         if cfg.task.get("data_dir_required"):  # the user's data: required, never a path of ours
-            cfg.task.data_dir = str(shared_data / cfg.task.name)
+            cfg.task.data_dir = str(task_data / cfg.task.name)
         assert instantiate(cfg.task).name == cfg.task.name and instantiate(cfg.quantization) is not None
         assert instantiate(cfg.optimizer).keywords["lr"] == cfg.optimizer.lr
         return
@@ -35,7 +35,7 @@ def test_every_config_composes_and_instantiates(group, option, tmp_path, shared_
     if (group, option) in OPTIONAL_PACKAGE:
         pytest.importorskip(OPTIONAL_PACKAGE[group, option])
     if group == "task" and cfg.task.data_dir is None and option != "sentiment":
-        cfg.task.data_dir = str(shared_data / option)
+        cfg.task.data_dir = str(task_data / option)
     if group in ("task", "quantization", "model", "logger"):
         assert instantiate(node) is not None
     elif group == "callbacks":
@@ -53,16 +53,18 @@ def test_smoke_run_writes_the_run_directory(tmp_path):
     assert s["steps"] == 12 and s["world_size"] == 1 and s["payload_bytes_per_step"] == 1
     assert 0 <= s["val_acc_zero_shot"] <= 1 and 0 <= s["val_acc_final"] <= 1
     assert len(s["weights_sha256"]) == 64
-    assert (tmp_path / "weights.safetensors").stat().st_size > 100_000
+    # the weights once, as the directory from_pretrained loads (issue 43: not also as weights.safetensors)
+    assert (tmp_path / "model" / "model.safetensors").stat().st_size > 100_000
+    assert (tmp_path / "model" / "config.json").is_file() and not (tmp_path / "weights.safetensors").exists()
     metrics = (tmp_path / "csv" / "metrics.csv").read_text()
     assert "train/loss" in metrics and "val/acc" in metrics
     assert "val_acc_zero_shot" in proc.stdout
 
 
-def test_eval_file_is_reported(tmp_path, shared_data):
-    lines = (shared_data / "sst2" / "train.tsv").read_text().splitlines()[:301]
+def test_eval_file_is_reported(tmp_path, task_data):
+    lines = (task_data / "sst2" / "train.tsv").read_text().splitlines()[:301]
     (tmp_path / "eval.tsv").write_text("\n".join(lines) + "\n")
-    train(tmp_path, "task=sst2", f"task.data_dir={shared_data / 'sst2'}", "task.train_per_class=8",
+    train(tmp_path, "task=sst2", f"task.data_dir={task_data / 'sst2'}", "task.train_per_class=8",
           "task.val_per_class=8", f"task.eval_file={tmp_path / 'eval.tsv'}", "trainer.max_steps=2")
     (s,) = summaries(tmp_path)
     assert 0 <= s["eval_acc_final"] <= 1 and "eval_acc_zero_shot" in s
@@ -99,6 +101,33 @@ def test_bad_input_from_the_command_line_exits_2_without_traceback(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == "error: optimizer: eps must be a positive finite number, got 0"
     assert "Traceback" not in proc.stderr
+    # the run's own log says why it did not start (it was left empty)
+    assert "error: optimizer: eps must be a positive finite number, got 0" in (tmp_path / "train.log").read_text()
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["optimizer.lr=-1e-5"], "optimizer: lr must be >= 0"),
+    (["optimizer=adam", "optimizer.lr=-1"], "optimizer: Invalid learning rate: -1"),
+    (["optimizer.k=0"], "optimizer: k (perturbations per rank per step) must be a positive integer"),
+    (["data.partition=zipf"], "data.partition must be one of iid, dirichlet"),
+    (["data.max_length=1"], "data.max_length must be an integer >= 2"),
+    (["data.batch_size=0"], "data.batch_size and data.eval_batch_size must be >= 1"),
+    (["task.name=nope"], "unknown task 'nope'"),
+    (["task.data_dir=/does/not/exist"], "task.data_dir not found: /does/not/exist"),
+    (["task.val_per_class=500"], "task sentiment: the training split is empty"),
+])
+def test_optimizer_and_data_are_checked_before_the_model_loads(overrides, message, capsys, monkeypatch):
+    """The issue's `optimizer.lr=-1e-5` was refused after SmolLM2's weights had loaded."""
+    from lightning_zo import cli
+
+    def model_loads(cfg):
+        raise AssertionError("the model was loaded before the check")
+
+    monkeypatch.setattr(cli, "build_model", model_loads)
+    cfg = _compose("model=tiny", *overrides)
+    with pytest.raises(SystemExit) as e, cli.user_errors():
+        cli.build(cfg)
+    assert e.value.code == 2 and capsys.readouterr().err.startswith(f"error: {message}")
 
 
 def test_malformed_tsv_reports_file_and_line(tmp_path):
@@ -135,6 +164,18 @@ def test_malformed_tsv_reports_file_and_line(tmp_path):
     (["-m", "model=tiny,foo"], "unknown model 'foo'"),  # every value of a sweep, not only the first
     (["-m", "model=tiny", "optimizer.lr=1e-5,1e-4", "data.batch_sise=1,2"], "unknown key 'data.batch_sise'"),
     (["--cfg", "job", "task=sst3"], "unknown task 'sst3'"),
+    # a value of the wrong type for its key's default: refused while composing, not by a TypeError in the run
+    (["model=tiny", "trainer.max_steps=ten"], "trainer.max_steps=ten: expected an integer (the config's default is "
+                                              "300)"),
+    (["experiment=quick", "trainer.max_steps=1.5"], "trainer.max_steps=1.5: expected an integer (the config's default "
+                                                    "is 20)"),
+    (["optimizer.lr=fast"], "optimizer.lr=fast: expected a number (the config's default is 1e-05)"),
+    (["trainer.enable_progress_bar=yes"], "trainer.enable_progress_bar=yes: expected true or false"),
+    (["-m", "optimizer.k=1,two"], "optimizer.k=two: expected an integer"),
+    # an option spelled as other tools do
+    (["--model", "tiny"], "--model tiny: not an option of this command; settings are written key=value: model=tiny"),
+    (["--trainer.max_steps=5"], "--trainer.max_steps=5: not an option of this command; settings are written "
+                                "key=value: trainer.max_steps=5"),
 ])
 def test_unknown_group_options_and_keys_are_one_clear_line(argv, message):
     from lightning_zo.cli import precheck
@@ -149,7 +190,9 @@ def test_unknown_group_options_and_keys_are_one_clear_line(argv, message):
                                   ["--cfg", "job", "model=tiny"], ["hydra/launcher=slurm", "model=tiny"],
                                   ["model=tiny", 'hydra.run.dir="/tmp/a b"', "hydra.job.name=train_ddp_process_1",
                                    "hydra.output_subdir=null"], ["-cp", "/nowhere", "-cn", "config.yaml"],
-                                  ["+callbacks.extra._target_=helpers.Diverge", "model=tiny"]])
+                                  ["+callbacks.extra._target_=helpers.Diverge", "model=tiny"],
+                                  ["trainer.devices=auto", "trainer.val_check_interval=0.5", "optimizer.lr=1",
+                                   "progress.every_n_steps=5", "trainer.max_steps=null", "data.seed=${seed}"]])
 def test_precheck_lets_valid_command_lines_through(argv):
     from lightning_zo.cli import precheck
 
@@ -160,7 +203,11 @@ def test_command_line_errors_exit_2_with_one_line(tmp_path):
     for argv, message in [(["task=sst3"], "error: unknown task 'sst3'; choose one of cb, copa, rte, sentiment, sst2, "
                                            "sst5, trec"),
                           (["model=tiny", "trainer.max_steps=0"], "error: trainer.max_steps=0: nothing would be "
-                                                                  "trained")]:
+                                                                  "trained"),
+                          (["model=tiny", "trainer.max_steps=ten"], "error: trainer.max_steps=ten: expected an "
+                                                                    "integer"),
+                          (["--model", "tiny"], "error: --model tiny: not an option of this command; settings are "
+                                                "written key=value: model=tiny")]:
         proc = python("-m", "lightning_zo", *argv, f"hydra.run.dir={tmp_path}")
         assert proc.returncode == 2, proc.stderr[-2000:]
         assert proc.stderr.strip().startswith(message) and len(proc.stderr.strip().splitlines()) == 1, proc.stderr

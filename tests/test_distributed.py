@@ -146,7 +146,7 @@ def test_each_rank_reads_its_own_data_directory(tmp_path):
 def _weights_max_abs(run_dir) -> float:
     import safetensors.torch
 
-    tensors = safetensors.torch.load_file(str(Path(run_dir) / "weights.safetensors"))
+    tensors = safetensors.torch.load_file(str(Path(run_dir) / "model" / "model.safetensors"))
     return max(float(t.float().abs().max()) for t in tensors.values())
 
 

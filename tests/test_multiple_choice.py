@@ -13,8 +13,8 @@ from lightning_zo.recipe.tasks import TASKS, PromptTask, read_tsv
 from lightning_zo.replay import replay
 
 
-def _copa(shared_data, **kw):
-    return PromptTask("copa", data_dir=str(shared_data / "copa"), train_per_class=None, val_per_class=50, **kw)
+def _copa(task_data, **kw):
+    return PromptTask("copa", data_dir=str(task_data / "copa"), train_per_class=None, val_per_class=50, **kw)
 
 
 def _batch(tiny_lm, task, examples, max_length=64):
@@ -22,12 +22,12 @@ def _batch(tiny_lm, task, examples, max_length=64):
     return items, LeftPadCollator(tiny_lm.tokenizer.pad_token_id)(items)
 
 
-def test_copa_prompt_and_candidates(shared_data):
+def test_copa_prompt_and_candidates(task_data):
     spec = TASKS["copa"]
-    rows = read_tsv(shared_data / "copa" / "train.tsv", spec)
+    rows = read_tsv(task_data / "copa" / "train.tsv", spec)
     assert len(rows) == 400 and [sum(e.label == c for e in rows) for c in (0, 1)] == [195, 205]
-    first = rows[0]
-    assert spec.prompt(first.fields) == "My body cast a shadow over the grass because"
+    first = rows[0]  # tests/task_files.py's first COPA row
+    assert spec.prompt(first.fields) == "My shadow fell over the grass because"
     assert spec.candidates(first.fields) == [" the sun was rising.", " the grass was cut."]
     effect = next(e for e in rows if e.fields["question"] == "effect")
     assert spec.prompt(effect.fields).endswith(" so") and not spec.prompt(effect.fields).endswith(". so")
@@ -35,9 +35,9 @@ def test_copa_prompt_and_candidates(shared_data):
     assert spec.candidates(mine.fields)[0].startswith(" I ")  # "I" keeps its capital
 
 
-def test_copa_validation_is_carved_from_train_deterministically(shared_data):
-    train_a, val_a, _ = _copa(shared_data).load()
-    train_b, val_b, _ = _copa(shared_data).load()
+def test_copa_validation_is_carved_from_train_deterministically(task_data):
+    train_a, val_a, _ = _copa(task_data).load()
+    train_b, val_b, _ = _copa(task_data).load()
     assert [e.fields for e in train_a] == [e.fields for e in train_b] and len(val_a) == 100 and len(train_a) == 300
     assert [sum(e.label == c for e in val_a) for c in (0, 1)] == [50, 50]
     assert not {e.fields["premise"] + e.fields["choice1"] for e in train_a} & {
@@ -53,8 +53,8 @@ def _direct_score(model, ids: list[int], n_scored: int) -> float:
     return float(logp[-n_scored:].mean())
 
 
-def test_length_normalised_score_equals_direct_per_candidate_computation(tiny_lm, shared_data):
-    task = _copa(shared_data)
+def test_length_normalised_score_equals_direct_per_candidate_computation(tiny_lm, task_data):
+    task = _copa(task_data)
     examples = task.load()[0][:6]
     items, batch = _batch(tiny_lm, task, examples)
     module = ZOClassifier.for_task(tiny_lm, task)
@@ -79,8 +79,8 @@ def test_length_normalised_score_equals_direct_per_candidate_computation(tiny_lm
 
 
 @pytest.mark.parametrize("k", [2, 4])
-def test_candidates_of_an_example_never_split_across_micro_batches(tiny_lm, shared_data, k):
-    task = _copa(shared_data)
+def test_candidates_of_an_example_never_split_across_micro_batches(tiny_lm, task_data, k):
+    task = _copa(task_data)
     examples = task.load()[0][:8]
     items, batch = _batch(tiny_lm, task, examples)
     chunks = ZOClassifier.micro_batches(batch, k)
@@ -101,9 +101,9 @@ def test_candidates_of_an_example_never_split_across_micro_batches(tiny_lm, shar
         ZOClassifier.micro_batches(batch, 3)
 
 
-def test_rank_shards_hold_whole_examples(tiny_lm, shared_data):
+def test_rank_shards_hold_whole_examples(tiny_lm, task_data):
     """A rank's stream yields example indices: the collator turns each into all its candidate rows."""
-    task = _copa(shared_data)
+    task = _copa(task_data)
     items = encode(task.load()[0], task, tiny_lm.tokenizer, "causal", 64)
     streams = [iter(ShardStream(len(items), r, 2, 4, seed=0)) for r in range(2)]
     for r, stream in enumerate(streams):
@@ -111,21 +111,21 @@ def test_rank_shards_hold_whole_examples(tiny_lm, shared_data):
         assert batch["input_ids"].shape[0] == 8 and batch["labels"].shape == (4,)
 
 
-def test_multiple_choice_needs_a_causal_lm(tiny_lm, shared_data):
-    task = _copa(shared_data)
+def test_multiple_choice_needs_a_causal_lm(tiny_lm, task_data):
+    task = _copa(task_data)
     with pytest.raises(UserError, match="causal"):
         encode(task.load()[0][:2], task, tiny_lm.tokenizer, "masked", 64)
 
 
-def test_too_short_max_length_is_refused(tiny_lm, shared_data):
-    task = _copa(shared_data)
+def test_too_short_max_length_is_refused(tiny_lm, task_data):
+    task = _copa(task_data)
     with pytest.raises(UserError, match="max_length"):
         encode(task.load()[0][:20], task, tiny_lm.tokenizer, "causal", 3)
 
 
 @pytest.mark.parametrize("name", ["sentiment", "copa"])
-def test_accuracy_objective_is_minus_the_batch_accuracy(tiny_lm, shared_data, name):
-    task = _copa(shared_data, objective="accuracy") if name == "copa" else PromptTask(name, objective="accuracy")
+def test_accuracy_objective_is_minus_the_batch_accuracy(tiny_lm, task_data, name):
+    task = _copa(task_data, objective="accuracy") if name == "copa" else PromptTask(name, objective="accuracy")
     examples = task.load()[0][:16]
     _, batch = _batch(tiny_lm, task, examples)
     module = ZOClassifier.for_task(tiny_lm, task)
@@ -135,7 +135,7 @@ def test_accuracy_objective_is_minus_the_batch_accuracy(tiny_lm, shared_data, na
         loss = module.loss(batch)
     assert float(loss) == -float(right.mean()) and float(loss) <= 0
     assert 0 < float(right.sum()) < 16  # a mixed batch: the value is not a constant
-    default = ZOClassifier.for_task(tiny_lm, PromptTask(name) if name != "copa" else _copa(shared_data))
+    default = ZOClassifier.for_task(tiny_lm, PromptTask(name) if name != "copa" else _copa(task_data))
     assert default.objective == "cross_entropy" and "objective" not in default.hparams  # old headers unchanged
     with torch.no_grad():
         assert float(default.loss(batch)) > 0
@@ -156,17 +156,17 @@ def _assert_exact(run_dir, world_size, steps):
     return live, log
 
 
-def test_copa_two_ranks_replay_equals_live(tmp_path, shared_data):
+def test_copa_two_ranks_replay_equals_live(tmp_path, task_data):
     run = tmp_path / "copa2"
-    train(run, "task=copa", f"task.data_dir={shared_data}/copa", "trainer.strategy=zo_spawn", "trainer.devices=2",
+    train(run, "task=copa", f"task.data_dir={task_data}/copa", "trainer.strategy=zo_spawn", "trainer.devices=2",
           "trainer.max_steps=8", "data.batch_size=4", "optimizer.k=2", "optimizer.lr=1e-3")
     live, log = _assert_exact(run, 2, 8)
     assert all(r.world_size == 2 and r.k == 2 for r in log.records) and log.header["run"]["data.task"] == "'copa'"
     assert 0 <= live[0]["val_acc_final"] <= 1 and live[0]["val_acc_final"] == live[1]["val_acc_final"]
 
 
-def test_copa_two_ranks_equal_one_process_simulating_two_machines(tmp_path, shared_data):
-    common = ["task=copa", f"task.data_dir={shared_data}/copa", "trainer.max_steps=6", "optimizer.lr=1e-3"]
+def test_copa_two_ranks_equal_one_process_simulating_two_machines(tmp_path, task_data):
+    common = ["task=copa", f"task.data_dir={task_data}/copa", "trainer.max_steps=6", "optimizer.lr=1e-3"]
     train(tmp_path / "ddp", *common, "trainer.strategy=zo_spawn", "trainer.devices=2", "data.batch_size=4")
     train(tmp_path / "single", *common, "optimizer.k=2", "data.batch_size=8")
     (a, b), (one,) = summaries(tmp_path / "ddp"), summaries(tmp_path / "single")

@@ -33,6 +33,11 @@ def test_wheel_ships_configs_kernel_source_data_and_the_command(tmp_path):
                    "lightning_zo/conf/logger/tensorboard.yaml", "lightning_zo/core/cpu_kernel.c",
                    "lightning_zo/recipe/data/sentiment/train.tsv", "lightning_zo/__main__.py"):
         assert needed in names, needed
+    # pyproject.toml lists the packages (conf/ is mapped into lightning_zo/conf): none of the checkout's is missing
+    shipped = {f"lightning_zo/{p.relative_to(REPO / 'lightning_zo').as_posix()}" for p in
+               (REPO / "lightning_zo").rglob("*.py")} | {f"lightning_zo/conf/{p.relative_to(REPO / 'conf').as_posix()}"
+                                                         for p in (REPO / "conf").rglob("*.yaml")}
+    assert shipped <= names, sorted(shipped - names)
     assert "lightning-zo = lightning_zo.cli:main" in entry_points
     requires = [line for line in metadata.splitlines() if line.startswith("Requires-Dist:")]
     core = [r for r in requires if "extra ==" not in r]

@@ -111,13 +111,13 @@ EXPERIMENTS = {  # the model swapped for the tiny one (TINY) of the same kind: t
 
 
 def test_every_shipped_experiment_is_listed_here():
-    shipped = {p.stem for p in (REPO / "lightning_zo" / "conf" / "experiment").glob("*.yaml")}
+    shipped = {p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml")}
     assert shipped == set(EXPERIMENTS)
 
 
 @pytest.mark.parametrize("experiment", sorted(EXPERIMENTS))
-def test_every_shipped_experiment_runs_its_first_steps(tmp_path, shared_data, experiment):
-    data = [] if experiment == "quick" else [f"task.data_dir={shared_data / 'sst2'}"]
+def test_every_shipped_experiment_runs_its_first_steps(tmp_path, task_data, experiment):
+    data = [] if experiment == "quick" else [f"task.data_dir={task_data / 'sst2'}"]
     train(tmp_path, f"experiment={experiment}", *EXPERIMENTS[experiment], *data, "trainer=cpu",
           "trainer.precision=32-true", "trainer.max_steps=2")
     (s,) = summaries(tmp_path)
@@ -146,7 +146,7 @@ def _checksums(run_dir: Path) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("ranks", [1, 2])
-def test_a_refused_or_finished_rerun_leaves_every_file_byte_identical(tmp_path, shared_data, ranks):
+def test_a_refused_or_finished_rerun_leaves_every_file_byte_identical(tmp_path, task_data, ranks):
     """Hydra wrote .hydra/ (and we the lock's pid) before any check: a refused rerun replaced the run's record with
     the settings it refused (a run trained on `sentiment` was reported as `sst2`). Now only an accepted start
     writes, and .hydra/ keeps the first accepted start's configuration."""
@@ -157,7 +157,7 @@ def test_a_refused_or_finished_rerun_leaves_every_file_byte_identical(tmp_path, 
     assert {".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml", ".lightning_zo.lock"} <= set(before)
     for overrides, message in [(["optimizer.lr=1e-3"], "lr: [1e-05, 1e-05] -> [0.001, 0.001]"),
                                (["optimizer.k=2"], "k: 1 -> 2"),
-                               (["task=sst2", f"task.data_dir={shared_data / 'sst2'}"], "with changed settings"),
+                               (["task=sst2", f"task.data_dir={task_data / 'sst2'}"], "with changed settings"),
                                (["trainer.max_steps=4"], "already holds a finished run of 4 steps")]:
         refused = train(tmp_path, *common, "trainer.max_steps=6", *overrides, launcher=launcher, check=False)
         assert refused.returncode != 0 and message in refused.stderr, (overrides, refused.stderr[-3000:])

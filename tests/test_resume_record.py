@@ -3,6 +3,7 @@ training and validation row at the same steps, the same columns), the summary an
 
 import csv
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -48,7 +49,8 @@ def test_a_run_killed_twice_leaves_the_uninterrupted_runs_record(tmp_path, ranks
     assert len(resumed) == ranks
     for a, b in zip(whole, resumed):
         assert {k: v for k, v in a.items() if k not in LOCAL} == {k: v for k, v in b.items() if k not in LOCAL}
-    assert (run / "weights.safetensors").read_bytes() == (tmp_path / "whole" / "weights.safetensors").read_bytes()
+    weights = Path("model") / "model.safetensors"
+    assert (run / weights).read_bytes() == (tmp_path / "whole" / weights).read_bytes()
     assert (run / "trajectory.zot").read_bytes() == (tmp_path / "whole" / "trajectory.zot").read_bytes()
 
 

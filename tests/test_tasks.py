@@ -8,23 +8,23 @@ from helpers import REPO, python, train
 from lightning_zo.recipe.data import dirichlet_partition, encode, label_word_ids
 from lightning_zo.recipe.models import tiny_tokenizer
 from lightning_zo.recipe.tasks import TASKS, PromptTask, k_shot_split, read_tsv
+from task_files import CB_COUNTS
 
-EXPECTED_PROMPT = {
-    "sst2": ("hide new secretions from the parental units It was", "terrible"),
-    "sst5": ("a stirring , funny and finally transporting re-imagining of beauty and the beast and 1930s horror "
-             "films It was", "great"),
-    "trec": ("How did serfdom develop in and then leave Russia ? Answer type:", "Description"),
-    "rte": ('No Weapons of Mass Destruction Found in Iraq Yet.\nDoes this mean that "Weapons of Mass Destruction '
-            'Found in Iraq." is true? Yes or No?\n', "No"),
-    "cb": ("Suppose It was a complex language. Not written down but handed down. One might say it was peeled down. "
-           'Can we infer that "the language was peeled down"? Yes, No, or Maybe?\n', "Yes"),
+EXPECTED_PROMPT = {  # the first rows of tests/task_files.py
+    "sst2": ("a film that hides its best moments It was", "terrible"),
+    "sst5": ("a bright , funny and finally moving tale of a town and its river It was", "great"),
+    "trec": ("How did the old river town get its name ? Answer type:", "Description"),
+    "rte": ('No rain fell in the valley last week.\nDoes this mean that "Rain fell in the valley." is true? Yes or No?\n',
+            "No"),
+    "cb": ('Suppose It was a long road. Not paved but worn down by carts. Can we infer that "the road was worn down"? '
+           "Yes, No, or Maybe?\n", "Yes"),
 }
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_PROMPT))
-def test_task_loads_and_formats_its_prompt(name, shared_data):
+def test_task_loads_and_formats_its_prompt(name, task_data):
     spec = TASKS[name]
-    examples = read_tsv(shared_data / name / "train.tsv", spec)
+    examples = read_tsv(task_data / name / "train.tsv", spec)
     first = examples[0]
     prompt, word = EXPECTED_PROMPT[name]
     assert spec.template.format(**first.fields) == prompt
@@ -33,8 +33,8 @@ def test_task_loads_and_formats_its_prompt(name, shared_data):
 
 
 @pytest.mark.parametrize("seed", [13, 21, 42, 87, 100])
-def test_k_shot_is_deterministic_and_class_balanced(seed, shared_data):
-    task = PromptTask("trec", data_dir=str(shared_data / "trec"), train_per_class=16, val_per_class=8, seed=seed)
+def test_k_shot_is_deterministic_and_class_balanced(seed, task_data):
+    task = PromptTask("trec", data_dir=str(task_data / "trec"), train_per_class=16, val_per_class=8, seed=seed)
     train_a, val_a, _ = task.load()
     train_b, val_b, _ = task.load()
     assert [e.fields for e in train_a] == [e.fields for e in train_b] and [e.fields for e in val_a] == [
@@ -42,15 +42,16 @@ def test_k_shot_is_deterministic_and_class_balanced(seed, shared_data):
     counts = [sum(e.label == c for e in train_a) for c in range(6)]
     assert counts == [16] * 6 and [sum(e.label == c for e in val_a) for c in range(6)] == [8] * 6
     assert not {e.fields["sentence"] for e in train_a} & {e.fields["sentence"] for e in val_a}
-    other = PromptTask("trec", data_dir=str(shared_data / "trec"), train_per_class=16, val_per_class=8,
+    other = PromptTask("trec", data_dir=str(task_data / "trec"), train_per_class=16, val_per_class=8,
                        seed=seed + 1).load()[0]
     assert [e.fields for e in other] != [e.fields for e in train_a]
 
 
-def test_small_class_gives_what_it_has(shared_data):
-    examples = read_tsv(shared_data / "cb" / "train.tsv", TASKS["cb"])
+def test_small_class_gives_what_it_has(task_data):
+    examples = read_tsv(task_data / "cb" / "train.tsv", TASKS["cb"])
     train, val = k_shot_split(examples, 3, train_per_class=32, val_per_class=8, seed=13)
     assert [sum(e.label == c for e in train) for c in range(3)] == [32, 32, 8]  # neutral has 16 in all
+    assert CB_COUNTS == {"entailment": 50, "contradiction": 50, "neutral": 16}
 
 
 def test_label_words_are_single_tokens_for_the_tiny_tokenizer():
@@ -96,9 +97,11 @@ def test_two_job_multirun_and_report(tmp_path):
     report = python("-m", "lightning_zo.report", str(sweep), "--out", str(tmp_path / "rep"))
     assert report.returncode == 0, report.stderr[-3000:]
     out = report.stdout
-    assert "| lr=1e-05 |" in out and "| lr=0.001 |" in out  # legends: what differs, not override strings
-    for png in ("accuracy_vs_steps.png", "accuracy_vs_bytes.png"):
+    # legends: task, rule, seed, then what differs (not override strings, not the runs' directories)
+    assert "| sentiment, rule=sgd, seed=0, lr=1e-05 |" in out and "| sentiment, rule=sgd, seed=0, lr=0.001 |" in out
+    for png in ("accuracy_vs_steps.png", "accuracy_vs_forwards.png", "loss_vs_steps.png"):
         assert (tmp_path / "rep" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (tmp_path / "rep" / "accuracy_vs_bytes.png").exists()  # one rank each: nothing sent
     assert (tmp_path / "rep" / "report.md").read_text().count("\n| ") == 2  # one row per run
 
 

