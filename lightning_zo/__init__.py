@@ -9,6 +9,8 @@ Layers, each importing only those below it:
 
 This face loads each name on first use (`lightning_zo.ZOStrategy` loads Lightning, `lightning_zo.ZOOptimizer` only
 torch), and makes `Trainer(strategy="zo")` work as soon as Lightning is loaded, whichever was imported first.
+
+"DESIGN §n" and "DESIGN In" in comments and docstrings refer to docs/DESIGN.md (its sections and invariants I1-I7).
 """
 
 import importlib
