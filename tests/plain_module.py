@@ -2,7 +2,7 @@
 `Trainer(strategy="zo")` and lightning_zo's callbacks. Run as a script by tests/test_bundle.py:
 
     python tests/plain_module.py RUN_DIR [--devices N] [--max-steps N] [--manual] [--scheduler] [--lora] ...
-        [--loader stream|plain|random|stateful|unseeded|distributed]
+        [--loader stream|plain|random|stateful|stateful_shuffle|unseeded|distributed]
 """
 
 from __future__ import annotations
@@ -95,6 +95,10 @@ class NextToken(pl.LightningModule):
             from torchdata.stateful_dataloader import StatefulDataLoader
 
             return StatefulDataLoader(self.data, batch_size=8)
+        if kind == "stateful_shuffle":  # torchdata's own shuffle, from the DataLoader's generator (its iterators draw
+            from torchdata.stateful_dataloader import StatefulDataLoader  # from it too): only its state repeats it
+
+            return StatefulDataLoader(self.data, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(5))
         if kind == "unseeded":
             return DataLoader(self.data, batch_size=8, shuffle=True)
         # plain: in order; distributed: shuffled, and Lightning swaps in its DistributedSampler (seed 0, set_epoch)
@@ -123,8 +127,8 @@ def main(argv=None) -> None:
     parser.add_argument("--dropout", type=float, default=0.0)
     parser.add_argument("--hf-dir", default=None)
     parser.add_argument("--optimizer", default="zo")
-    parser.add_argument("--loader", default="stream", choices=["stream", "plain", "random", "stateful", "unseeded",
-                                                                   "distributed"])
+    parser.add_argument("--loader", default="stream", choices=["stream", "plain", "random", "stateful",
+                                                               "stateful_shuffle", "unseeded", "distributed"])
     parser.add_argument("--steps-per-batch", type=int, default=1)
     args = parser.parse_args(argv)
     module = NextToken(manual=args.manual, scheduler=args.scheduler, k=args.k, dropout=args.dropout, lora=args.lora,

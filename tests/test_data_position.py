@@ -1,6 +1,7 @@
 """A resumed run continues with the batch an uninterrupted run would see, with the user's own DataLoader and no code
 in the user's module (integration/data_position.py, issue 41): kill -9 mid-run, rerun the same command, and the
-weights equal the uninterrupted run's, on 1 and 2 ranks, across an epoch boundary."""
+weights equal the uninterrupted run's, on 1 and 2 ranks, across an epoch boundary; a stateful loader with its own
+shuffle (torchdata's StatefulDataLoader(shuffle=True)) continues from its state kept beside the log."""
 
 import os
 import signal
@@ -38,7 +39,7 @@ def kill_9_at(run_dir, steps, *args):
 
 
 @pytest.mark.parametrize("devices", [1, 2])
-@pytest.mark.parametrize("loader", ["plain", "random", "stateful", "distributed"])
+@pytest.mark.parametrize("loader", ["plain", "random", "stateful", "stateful_shuffle", "distributed"])
 def test_kill_9_and_rerun_continue_with_the_uninterrupted_batches(tmp_path, loader, devices):
     args = ["--max-steps", str(STEPS), "--manual", "--scheduler", "--loader", loader]
     if devices == 2:
@@ -71,3 +72,20 @@ def test_a_batch_that_steps_twice_is_said(tmp_path):
     """Resume positions the data at one batch per step: a module that steps twice per batch is told so."""
     proc = fit(tmp_path, "--max-steps", "4", "--manual", "--steps-per-batch", "2")
     assert "a training batch stepped the ZO optimizer 2 times" in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("stop_at", [12, 14])  # the first epoch's end; mid-way through the second
+def test_a_stateful_loaders_own_shuffle_continues_exactly(tmp_path, stop_at):
+    """torchdata's StatefulDataLoader(shuffle=True, generator=...) draws each epoch's order (and its iterators' base
+    seeds) from its generator when an iterator is made: a run stopped at an epoch's end or mid-epoch and continued
+    into a third epoch equals the uninterrupted run (the loader's state and its generators' are kept beside the
+    log, data_state.rank0.pt)."""
+    args = ["--manual", "--loader", "stateful_shuffle"]
+    fit(tmp_path / "whole", "--max-steps", "30", *args)
+    run = tmp_path / "stopped"
+    fit(run, "--max-steps", str(stop_at), *args)
+    resumed = fit(run, "--max-steps", "30", *args)
+    epoch, batch = divmod(stop_at, 12)
+    assert (f"resuming at step {stop_at}: the training data continues at epoch {epoch}, batch {batch} (the "
+            "DataLoader's own state)" in resumed.stdout + resumed.stderr)
+    assert summaries(run)[0]["weights_sha256"] == summaries(tmp_path / "whole")[0]["weights_sha256"]

@@ -23,6 +23,7 @@ from ..core import trajectory
 from ..core.errors import UserError
 from ..core.layout import weights_digest
 from ..core.optimizer import StepRecord, ZOOptimizer
+from .data_position import DataStates, stateful
 from .loggers import ResumableCSVLogger
 from .run_record import RunLock
 from .strategy import ZOStrategy, module_settings
@@ -300,7 +301,16 @@ class TrajectoryLog(pl.Callback):
             self.pending = record
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        loader = trainer.train_dataloader
+        if stateful(loader):  # kept before the last step's record reaches the log (data_position.DataStates)
+            self.data_states(trainer).keep(trainer.global_step, loader)
         self._append_pending()
+
+    def data_states(self, trainer) -> DataStates:
+        """This rank's stateful-loader states beside the log (ZOStrategy positions a resumed run's data with it)."""
+        if getattr(self, "_data_states", None) is None:
+            self._data_states = DataStates(self.path(trainer).parent, trainer.global_rank)
+        return self._data_states
 
     def _append_pending(self) -> None:
         """A step's record reaches the log once everything of that step is on disk (its metrics rows, its

@@ -11,6 +11,10 @@ indices. The fit loop's epoch counter is set to e. An order that this cannot rep
 shuffle drawn from the unseeded global generator or from the DataLoader's own generator (which its iterators also
 draw worker seeds from), a sampler that draws its shuffle when an iterator is made (torchdata's RandomSampler), an
 iterable dataset.
+
+A stateful DataLoader (one with `state_dict`/`load_state_dict`, as torchdata's StatefulDataLoader) is positioned
+exactly whatever its shuffle: `TrajectoryLog` keeps its state at each step's start beside the log
+(`DataStates`), and a resumed run loads the state of the step before the first one it redoes.
 """
 
 from __future__ import annotations
@@ -18,8 +22,12 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
+import os
+from pathlib import Path
+from typing import Callable
 
 import lightning.pytorch as pl
+import torch
 from torch.utils.data import BatchSampler, DataLoader, IterableDataset, RandomSampler, Sampler
 
 log = logging.getLogger(__name__)
@@ -113,10 +121,96 @@ def continue_at(trainer: "pl.Trainer", loader, steps: int):
     size = loader.batch_sampler.batch_size
     per_epoch = None if n is None else min(len(sampler), n * size)
     loader.batch_sampler.sampler = StartAt(sampler, epoch, batch * size, per_epoch)
-    progress = trainer.fit_loop.epoch_progress
+    _continue_epoch(trainer, steps, epoch, batch)
+    return loader
+
+
+def stateful(loader) -> bool:
+    return callable(getattr(loader, "state_dict", None)) and callable(getattr(loader, "load_state_dict", None))
+
+
+def continue_from_state(trainer: "pl.Trainer", loader, steps: int, states: "DataStates",
+                        kept: dict) -> Callable[[], None]:
+    """Position a stateful `loader` `steps` batches into the data from `kept` (`DataStates.before(steps)`). Returns
+    what loads the state: call it before the iterator the fit loop trains with is made (the loader applies a loaded
+    state to its next iterator; past epoch 0 the fit loop makes a second one at the epoch's start, after the one its
+    setup made)."""
+    n = _batches_per_epoch(trainer, loader)
+    epoch, batch = divmod(steps, n) if n else (0, steps)
+    _continue_epoch(trainer, steps, epoch, batch, " (the DataLoader's own state)")
+    return states.resume(loader, kept, at_epoch_start=bool(n) and batch == 0)
+
+
+def _continue_epoch(trainer: "pl.Trainer", steps: int, epoch: int, batch: int, how: str = "") -> None:
+    progress = trainer.fit_loop.epoch_progress  # Lightning's epoch counter, as an uninterrupted run's
     for counter in (progress.current, progress.total):
         counter.ready = counter.started = counter.processed = counter.completed = epoch
     if trainer.is_global_zero:
-        log.info("resuming at step %d: the training data continues at epoch %d, batch %d", steps, epoch, batch)
-    return loader
+        log.info("resuming at step %d: the training data continues at epoch %d, batch %d%s", steps, epoch, batch, how)
+
+
+def _generators(loader) -> list:
+    """The random generators a loader's order draws from (its own, its samplers'), each once."""
+    found = {}
+    for owner in (loader, loader.sampler, getattr(loader.batch_sampler, "sampler", None)):
+        g = getattr(owner, "generator", None)
+        if isinstance(g, torch.Generator):
+            found.setdefault(id(g), g)
+    return list(found.values())
+
+
+def _set_generators(loader, states: list) -> None:
+    for g, state in zip(_generators(loader), states):
+        g.set_state(state)
+
+
+class DataStates:
+    """A stateful training loader's state at the start of the last two steps, in `RUN_DIR/data_state.rank{r}.pt`
+    (rewritten atomically each step; a few KB): its `state_dict()` and the states of the generators it draws from
+    (its iterators draw from them when they are made, which the state_dict does not repeat). At step t's start the
+    loader has yielded exactly t + 1 batches of its epoch (the fit loop fetches a step's batch, no further ahead,
+    before the step starts) and its generators hold what the epoch's iterator left, so step t - 1's entry is where a
+    run resumed at step t continues."""
+
+    def __init__(self, run_dir: str | Path, rank: int):
+        self.path = Path(run_dir) / f"data_state.rank{rank}.pt"
+        self._kept: dict[int, dict] = self._load()  # a resumed run's first step keeps the state before it
+        self._settle: Callable[[], None] | None = None
+
+    def keep(self, step: int, loader) -> None:
+        if self._settle is not None:  # a resumed run's first step: its generators as the uninterrupted run's now
+            self._settle()
+            self._settle = None
+        self._kept = {s: v for s, v in self._kept.items() if s == step - 1}
+        self._kept[step] = {"loader": loader.state_dict(), "generators": [g.get_state() for g in _generators(loader)]}
+        tmp = self.path.with_suffix(".tmp")
+        torch.save(self._kept, tmp)
+        os.replace(tmp, self.path)
+
+    def resume(self, loader, kept: dict, at_epoch_start: bool) -> Callable[[], None]:
+        """What loads `kept` into `loader` (see `continue_from_state`). Mid-epoch, the loaded state continues the
+        epoch's iterator, and the generators are set as they were once that iterator exists (at the next `keep`); at
+        an epoch's start, the finished epoch's empty rest is drawn first and the generators set before the next
+        epoch's iterator draws from them."""
+        def load() -> None:
+            loader.load_state_dict(kept["loader"])
+            if at_epoch_start:
+                for _ in loader:  # the last epoch's rest: nothing
+                    break
+                _set_generators(loader, kept["generators"])
+
+        if not at_epoch_start:
+            self._settle = lambda: _set_generators(loader, kept["generators"])
+        return load
+
+    def before(self, step: int) -> dict | None:
+        """The state saved at the start of step `step` - 1, if this run directory holds it."""
+        return self._load().get(step - 1)
+
+    def _load(self) -> dict:
+        try:
+            kept = torch.load(self.path, weights_only=False)
+        except (OSError, EOFError, RuntimeError, ValueError):  # none yet, or torn: positioned as without it
+            return {}
+        return kept if isinstance(kept, dict) else {}
 

@@ -27,7 +27,7 @@ from ..core.codecs import check_received
 from ..core.errors import UserError
 from ..core.layout import weights_digest
 from ..core.optimizer import ZOOptimizer
-from .data_position import continue_at
+from .data_position import continue_at, continue_from_state, stateful
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +119,7 @@ class ZOStrategy(DDPStrategy):
         self.payload_bytes = 0  # size of every exchanged payload tensor (the all_reduce), summed
         self._restore: list[Callable[[], None]] = []  # undoes what we changed in Lightning, in teardown
         self._data_positioned = False  # the first training loader of a resumed fit is positioned once
+        self._load_data_state: Callable[[], None] | None = None  # a stateful loader's, for the epoch's own iterator
         self._exchanges_at_batch: int | None = None
         self._warned_batches = False
 
@@ -171,14 +172,28 @@ class ZOStrategy(DDPStrategy):
         trainer = self.lightning_module.trainer
         if not trainer.training or self._data_positioned or trainer.global_step == 0:
             return dataloader
-        if trainer.ckpt_path is not None and callable(getattr(dataloader, "load_state_dict", None)):
-            return dataloader  # a stateful loader: Lightning restores its position from the checkpoint
+        if stateful(dataloader):
+            if trainer.ckpt_path is not None:
+                return dataloader  # Lightning restores its position from the checkpoint
+            for keeper in (c for c in trainer.callbacks if hasattr(c, "data_states")):  # TrajectoryLog
+                states = keeper.data_states(trainer)
+                kept = states.before(trainer.global_step)
+                if kept is not None and set(kept) == {"loader", "generators"}:
+                    self._load_data_state = continue_from_state(trainer, dataloader, trainer.global_step, states,
+                                                                kept)
+                    if trainer.current_epoch == 0:  # the fit loop trains with the iterator its setup makes next
+                        self._load_data_state()
+                        self._load_data_state = None
+                    return dataloader
         return continue_at(trainer, dataloader, trainer.global_step)
 
     @override
     def on_train_start(self) -> None:
         super().on_train_start()
         self._data_positioned = True  # once; a reloaded loader starts its epoch as Lightning says
+        if self._load_data_state is not None:  # past epoch 0: before the epoch loop makes its iterator
+            self._load_data_state()
+            self._load_data_state = None
 
     @override
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
