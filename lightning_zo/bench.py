@@ -1,4 +1,4 @@
-"""Benchmark the ZO step against a MeZO-style reference, measured in the same run (DESIGN §8).
+"""Benchmark the ZO step against a MeZO-style reference, measured in the same run (docs/DESIGN.md §8).
 
     python -m lightning_zo.bench [--model tiny|smollm2|roberta-large|opt-1.3b|opt-13b] [--device cpu|cuda]
                                  [--machines 1,8,64,512] [--profile]

@@ -1,4 +1,4 @@
-"""Rebuild a run's weights from its base model and trajectory log (DESIGN I4).
+"""Rebuild a run's weights from its base model and trajectory log (docs/DESIGN.md I4).
 
     python -m lightning_zo.replay RUN_DIR [--to-step T] [--out DIR] [--model MODULE:FACTORY]
 

@@ -21,7 +21,7 @@ from helpers import REPO, TINY, env, python, summaries
 from lightning_zo.core import trajectory
 
 CLUSTER = REPO / "scripts" / "slurm_cluster.sh"
-# 2 nodes x 1 task, no GPUs: the #SBATCH lines a CPU user overrides (README, "SLURM")
+# 2 nodes x 1 task, no GPUs: the #SBATCH lines a CPU user overrides (docs/clusters.md)
 CPU_JOB = ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1", "--time=10"]
 STEPS = 45
 RUN = [*TINY, f"trainer.max_steps={STEPS}", "optimizer.lr=1e-3"]

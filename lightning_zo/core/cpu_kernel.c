@@ -3,7 +3,7 @@
  * groups added, the pairs summed left to right; for m <= 4 slots the plain left-to-right sum.
  * Same bits as noise.py's reference semantics (Rademacher: bit g % 128 of Philox block g / 128, LSB first, set =
  * -1; Gaussian: uint16 lane g % 8 of block g / 8 through the inverse-CDF table). Built with -ffp-contract=off: no
- * FMA, so the product and the sum are rounded separately exactly as in the numpy and torch paths; with -fopenmp
+ * FMA, so the product and the sum are rounded separately exactly as in the torch-op reference; with -fopenmp
  * where the compiler has it (noise_pieces' threads). */
 #include <stdint.h>
 #include <stdlib.h>

@@ -92,7 +92,7 @@ def _build(cc: str, lib_path: Path, flags: list[str]) -> str | None:
 
 
 def _fallback(reason: str) -> None:
-    warnings.warn(f"CPU noise kernel unavailable, using the numpy path (same bits, slower): {reason}",
+    warnings.warn(f"CPU noise kernel unavailable, using torch ops (same bits, slower): {reason}",
                   stacklevel=3)
 
 

@@ -214,7 +214,8 @@ def save_model(model: torch.nn.Module, out: Path, tokenizer=None) -> None:
     """The final weights, written once: a Hugging Face model as `model/`, the directory `from_pretrained` loads (its
     model.safetensors, config and tokenizer; a peft model also writes its small `adapter/`, and `model/` merged);
     any other module as `weights.safetensors` (its tensors; the module's code rebuilds the rest). A run used to write
-    both (1.08 GB for a 135 M model); `python -m lightning_zo.replay RUN_DIR --out DIR` rebuilds either from the log.
+    both (1.08 GB for a 135 M model); `python -m lightning_zo.replay RUN_DIR --out DIR` rebuilds a Hugging Face model's
+    directory from the log (of any module, replay checks the weights' digest).
     Each is written to a temporary name and renamed, so a crash leaves the previous copy."""
     def atomic(target: Path, write) -> None:
         tmp = target.with_name(f".{target.name}.{os.getpid()}")
