@@ -72,6 +72,12 @@ def rule_keywords(header: dict) -> dict:
     return {"rule": rule.name, "beta": rule.beta, "history": rule.history, "beta2": rule.beta2}
 
 
+def mask_keywords(header: dict) -> dict:
+    """Sparse masks' keywords from a header (logs without `mask`: dense)."""
+    mask = header.get("mask")
+    return {} if mask is None else {"mask_keep": mask["keep"], "mask_every": mask["every"]}
+
+
 def optimizer_for(model: torch.nn.Module, header: dict) -> ZOOptimizer:
     """A ZOOptimizer with the logged step rules (lr comes from each record; logs without `aggregation`, `estimator`
     or `population`: the mean, two-sided, none)."""
@@ -80,7 +86,7 @@ def optimizer_for(model: torch.nn.Module, header: dict) -> ZOOptimizer:
                       distribution=header["distribution"], norm=header["norm"], seed=header["seed"],
                       codec=codec_from_config(header["codec"]), aggregation=aggregation.name, trim=aggregation.trim,
                       estimator=header.get("estimator", "two_sided"), population=header.get("population", "none"),
-                      **rule_keywords(header))
+                      **mask_keywords(header), **rule_keywords(header))
     opt.follow_log(header)
     return opt
 

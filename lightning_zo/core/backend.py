@@ -54,12 +54,14 @@ class Terms:
 @dataclass(eq=False)
 class Piece:
     """One weight tensor's share of a pass: `dst` (flat, contiguous, the weight's dtype) = theta + the terms, or
-    theta itself updated in place where `dst` is None; `decay` multiplies theta in its update."""
+    theta itself updated in place where `dst` is None; `decay` multiplies theta in its update; `mask` (bool, theta's
+    shape; core/masks.py): only its elements get the terms and the update, the rest keep theta exactly."""
 
     theta: torch.Tensor
     offset: int
     dst: torch.Tensor | None = None
     decay: float = 1.0
+    mask: torch.Tensor | None = None
 
 
 class BufferPool:
@@ -140,7 +142,7 @@ class Backend:
         fused = update is None or update.distribution == terms.distribution  # the kernels take one distribution
         groups: dict[tuple, list[Piece]] = {}
         for piece in pieces:
-            kind = self.kind_of(piece.theta) if fused else "torch"
+            kind = self.kind_of(piece.theta) if fused and piece.mask is None else "torch"  # the kernels have no mask
             if kind == "kernel" and piece.decay != 1.0:
                 kind = "torch"
             groups.setdefault((kind, piece.theta.device, piece.theta.dtype), []).append(piece)
@@ -180,6 +182,8 @@ class Backend:
         theta = piece.theta.reshape(-1).float()
         out = add_noise_sum(self.pool.take(theta.numel(), theta.device), theta, terms.seeds, terms.coeffs,
                             piece.offset, terms.distribution)
+        if piece.mask is not None:
+            out = torch.where(piece.mask.reshape(-1), out, theta)
         piece.dst.copy_(out)  # one rounding to the weight's dtype (to nearest)
         self.pool.give(out)
 
@@ -189,11 +193,13 @@ class Backend:
         if terms.seeds:
             acc = add_noise_sum(self.pool.take(p.numel(), p.device), None, terms.seeds, terms.coeffs, piece.offset,
                                 terms.distribution)
-        theta = p.reshape(-1).float()
+        theta = before = p.reshape(-1).float()
         if piece.decay != 1.0:
             theta = theta * torch.tensor(piece.decay, dtype=torch.float32, device=theta.device)
         if acc is not None:
             theta = theta + acc
+        if piece.mask is not None:  # the elements left out keep their value exactly (it rounds to itself)
+            theta = torch.where(piece.mask.reshape(-1), theta, before)
         if p.dtype == torch.bfloat16 and terms.rounding_seed is not None:
             theta = round_to_bfloat16(theta, terms.rounding_seed, piece.offset)
         p.copy_(theta.view_as(p))

@@ -49,15 +49,16 @@ def row_lookup(module: torch.nn.Module, layout: ParamLayout, backend: Backend) -
             and layout.span_of(module.weight) is not None and backend.kind_of(module.weight.data) == "kernel")
 
 
-def plan_blocks(model: torch.nn.Module, layout: ParamLayout, backend: Backend,
-                budget: int | None = None) -> tuple[list[Block], list[Wrapper], list[torch.nn.Embedding], int]:
+def plan_blocks(model: torch.nn.Module, layout: ParamLayout, backend: Backend, budget: int | None = None,
+                rows: bool = True) -> tuple[list[Block], list[Wrapper], list[torch.nn.Embedding], int]:
     """Cut the module tree into blocks of at most `budget` bytes of trainable parameters (default: the most that one
     module owns directly, which can never be split, so the bound of DESIGN I3 does not grow).
 
     Walking the tree in module order, a subtree that fits is a unit (if it has a forward of its own: a ModuleList's
     hooks never run); one that does not is split into its children, and its own parameters (if any) become a
     `Wrapper`. Consecutive units are packed into blocks greedily, never across a wrapper's boundary (a block then
-    never outlives the wrapper that may hold some of its parameters). Embeddings perturbed by rows are no block.
+    never outlives the wrapper that may hold some of its parameters). Embeddings perturbed by rows (where `rows`)
+    are no block.
     Returns (blocks, wrappers, row embeddings, budget).
     """
     def trainable(params):
@@ -68,14 +69,14 @@ def plan_blocks(model: torch.nn.Module, layout: ParamLayout, backend: Backend,
     budget = largest_own if budget is None else int(budget)
     units: list[tuple[torch.nn.Module, list[ParamSpan]] | None] = []  # None: a wrapper's boundary
     wrappers: list[Wrapper] = []
-    rows: list[torch.nn.Embedding] = []
+    row_modules: list[torch.nn.Embedding] = []
 
     def visit(module: torch.nn.Module) -> None:
         spans = trainable(module.parameters())
         if not spans:
             return
-        if row_lookup(module, layout, backend):
-            rows.append(module)  # perturbed row by row in its forward hook: no block
+        if rows and row_lookup(module, layout, backend):
+            row_modules.append(module)  # perturbed row by row in its forward hook: no block
             return
         children = [c for c in module.children() if trainable(c.parameters())]
         callable_ = type(module).forward is not torch.nn.Module.forward  # ModuleList, ModuleDict: never called
@@ -111,7 +112,7 @@ def plan_blocks(model: torch.nn.Module, layout: ParamLayout, backend: Backend,
         members.append(module)
         params.update({id(s.param): s for s in spans})
     close_block()
-    return blocks, wrappers, rows, budget
+    return blocks, wrappers, row_modules, budget
 
 
 def packed(pool: BufferPool, spans: list[ParamSpan], buffers: list) -> dict[int, torch.Tensor]:

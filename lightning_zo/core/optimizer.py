@@ -20,6 +20,7 @@ from .aggregation import Aggregation, validate as validate_aggregation
 from .codecs import Codec, LinearCodec, check_received, is_stop
 from .backend import Backend, Terms
 from .layout import ParamLayout
+from .masks import SparseMasks, validate as validate_masks
 from .perturbation import PerturbedForward
 from .errors import UserError
 from .noise import DISTRIBUTIONS, GENERATOR_VERSION, GROUP
@@ -64,7 +65,7 @@ def no_decay(name: str) -> bool:
 
 def validate_hparams(lr=1e-5, eps=1e-3, k=1, distribution="rademacher", norm="mean", weight_decay=0.0,
                      aggregation="mean", trim=0.25, rule="sgd", beta=0.9, history=8, beta2=0.99,
-                     estimator="two_sided", population="none", world_size=None, **_):
+                     estimator="two_sided", population="none", mask_keep=1.0, mask_every=100, world_size=None, **_):
     """Raise ValueError for hyperparameters the step cannot use (called early by the CLI, and by __init__);
     `world_size` where known (the CLI's trainer config, the step)."""
     if not eps > 0 or not math.isfinite(eps):
@@ -84,6 +85,7 @@ def validate_hparams(lr=1e-5, eps=1e-3, k=1, distribution="rademacher", norm="me
     if estimator not in ESTIMATORS:
         raise ValueError(f"unknown estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
     validate_population(population, aggregation, None if world_size is None else world_size * k)
+    validate_masks(mask_keep, mask_every)
 
 
 class ZOOptimizer(torch.optim.Optimizer):
@@ -109,9 +111,10 @@ class ZOOptimizer(torch.optim.Optimizer):
                  k: int = 1, distribution: str = "rademacher", norm: str = "mean", seed: int = 0,
                  codec: Optional[Codec] = None, aggregation: str = "mean", trim: float = 0.25, rule: str = "sgd",
                  beta: float = 0.9, history: int = 8, beta2: float = 0.99, fuse_update: bool = False,
-                 estimator: str = "two_sided", population: str = "none"):
+                 estimator: str = "two_sided", population: str = "none", mask_keep: float = 1.0,
+                 mask_every: int = 100):
         validate_hparams(lr, eps, k, distribution, norm, weight_decay, aggregation, trim, rule, beta, history, beta2,
-                         estimator, population)
+                         estimator, population, mask_keep, mask_every)
         layout = ParamLayout(model)
         if layout.numel == 0:
             raise ValueError("the model has no trainable parameters")
@@ -133,10 +136,14 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.forwards = 0  # per rank, of the applied steps (replayed ones included): the cost axis of issue 44
         # What applies the noise (core/backend.py), the updates (core/update.py) and the perturbed forward
         # (core/perturbation.py): this optimizer's own, closed by `close()`.
+        self.masks = SparseMasks(layout, mask_keep, mask_every)  # perturb only small weights (core/masks.py); off at 1
         self.backend = Backend()
         self.updater = Updater(model, self.backend)
         self.perturbed_forward = PerturbedForward(model, layout, distribution, backend=self.backend,
-                                                  updater=self.updater)
+                                                  updater=self.updater,
+                                                  mask_of=self.masks.of if self.masks.on else None)
+        if self.masks.on:
+            self.updater.mask_of = self.masks.of
         self.fuse_update = bool(fuse_update)
         self.closed = False
         self.rank, self.world_size = 0, 1
@@ -154,6 +161,7 @@ class ZOOptimizer(torch.optim.Optimizer):
                 "seed": self.seed, "weight_decay": self.weight_decay, "codec": self.codec.config(),
                 "aggregation": self.aggregation.config(), "rule": self.rule.config(),
                 "estimator": self.estimator, "population": self.population,
+                **({"mask": self.masks.describe()} if self.masks.on else {}),
                 "payload_dtype": str(self.codec.dtype).replace("torch.", ""), "numel": self.layout.numel,
                 "param_dtype": str(self.layout.spans[0].param.dtype).replace("torch.", "")}
 
@@ -227,6 +235,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             raise UserError("this ZOOptimizer was closed (its hooks are off the model); make a new one to train on")
         validate_population(self.population, self.aggregation.name, self.world_size * self.k)
         t, lr = self.step_count, float(self.param_groups[0]["lr"])
+        self._refresh_masks(t)
         codec = self.codec
         payload = torch.zeros(self.world_size * self.k, dtype=codec.dtype)
         seeds = [self.direction_seed(t, self.aggregation.direction(self.rank * self.k + j, self.k))
@@ -273,6 +282,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         """Decode a step's codes and update the weights; advances the codec and the step counter. Used by replay."""
         codec = self.codec
         check_received(codec, record.codes, record.step)
+        self._refresh_masks(record.step)
         aggregation = self.aggregation
         estimates = [(self.direction_seed(record.step, direction), value) for direction, value in
                      normalise(self.population, aggregation.estimates(codec, record.codes, record.k))]
@@ -297,6 +307,12 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.step_count = record.step + 1
         self.forwards += self.forwards_per_step(record.k)
 
+    def _refresh_masks(self, step: int) -> None:
+        """At a refresh step, the masks from the weights with every earlier update applied (a pending one first)."""
+        if self.masks.due(step):
+            self.updater.flush()
+            self.masks.refresh(step)
+
     def close(self) -> None:
         """Apply a pending update and take this optimizer's hooks off the model (and its worker threads down):
         the model is the user's own again. A closed optimizer steps no more."""
@@ -314,7 +330,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         state = super().state_dict()
         state["zo"] = {"step_count": self.step_count, "codec": self.codec.state_dict(), "seed": self.seed,
                        "rule": self.rule.config(), "rule_state": self.rule.state_dict(),
-                       "forwards": self.forwards}
+                       "forwards": self.forwards, **({"masks": self.masks.state_dict()} if self.masks.on else {})}
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -330,3 +346,5 @@ class ZOOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"the checkpoint's update rule {saved} is not this optimizer's {self.rule.config()}")
             if "rule_state" in zo:
                 self.rule.load_state_dict(zo["rule_state"])
+            if "masks" in zo:
+                self.masks.load_state_dict(zo["masks"])

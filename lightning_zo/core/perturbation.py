@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import warnings
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -39,13 +39,15 @@ class PerturbedForward:
     """
 
     def __init__(self, model: torch.nn.Module, layout: ParamLayout, distribution: str,
-                 block_bytes: int | None = None, backend: Backend | None = None, updater: Updater | None = None):
+                 block_bytes: int | None = None, backend: Backend | None = None, updater: Updater | None = None,
+                 mask_of: Callable[[torch.nn.Parameter], torch.Tensor | None] | None = None):
         self.layout = layout
         self.distribution = distribution
         self.backend = backend or Backend()
         self.updater = updater or Updater(model, self.backend)
+        self.mask_of = mask_of  # core/masks.py: masked tables are perturbed whole, not by looked-up rows
         self.blocks, self.wrappers, self.rows, self.block_bytes = plan_blocks(model, layout, self.backend,
-                                                                             block_bytes)
+                                                                             block_bytes, rows=mask_of is None)
         self._terms: Terms | None = None  # this perturbation's, while one is active
         self._swapped: set[int] = set()  # ids of the parameters that now hold their perturbed copy
         self._live: list[Block] = []  # blocks whose copies are swapped in
@@ -86,11 +88,12 @@ class PerturbedForward:
         pending = self.updater.pending
         with torch.profiler.record_function("lightning_zo.perturb_block"):
             if waiting:  # theta += the pending update in place, and its perturbed copy from that: one pass
-                self.backend.apply([Piece(s.param.data, s.offset, views[id(s.param)], pending.decay.get(id(s.param), 1.0))
-                                    for s in waiting], self._terms, pending.terms, key=(id(owner), True))
+                self.backend.apply([Piece(s.param.data, s.offset, views[id(s.param)], pending.decay.get(id(s.param), 1.0),
+                                          self._mask(s)) for s in waiting], self._terms, pending.terms,
+                                   key=(id(owner), True))
                 self.updater.take(waiting)  # applied (a pass that raised leaves it pending)
-            self.backend.apply([Piece(s.param.data, s.offset, views[id(s.param)]) for s in spans if s not in waiting],
-                               self._terms, key=(id(owner), False))
+            self.backend.apply([Piece(s.param.data, s.offset, views[id(s.param)], mask=self._mask(s))
+                                for s in spans if s not in waiting], self._terms, key=(id(owner), False))
         saved = []
         for s in spans:
             saved.append((s.param, s.param.data))
@@ -99,6 +102,9 @@ class PerturbedForward:
         self.scratch_bytes += nbytes(s.param for s in spans)
         self.peak_scratch_bytes = max(self.peak_scratch_bytes, self.scratch_bytes)
         return saved, buffers
+
+    def _mask(self, span: ParamSpan) -> torch.Tensor | None:
+        return None if self.mask_of is None else self.mask_of(span.param)
 
     def _restore(self, saved: list, buffers: list) -> None:
         for p, original in saved:

@@ -32,11 +32,14 @@ FORMAT_VERSION = 2
 HISTORY_VERSION = 3  # a log whose update rule depends on past steps: releases before rules (which would replay it
                      # as sgd, silently wrong) refuse it
 POPULATION_VERSION = 4  # a log whose steps are normalised as a population (issue 44): releases before it refuse it
-READABLE_VERSIONS = (1, 2, 3, 4)
+MASK_VERSION = 5  # a log whose steps perturb sparse masks (core/masks.py): releases before it refuse it
+READABLE_VERSIONS = (1, 2, 3, 4, 5)
 
 
 def format_version(header: dict) -> int:
     """The version a log with this header is written as: 2 unless its update needs a later release to replay."""
+    if header.get("mask") is not None:
+        return MASK_VERSION
     if header.get("population", "none") != "none":
         return POPULATION_VERSION
     return FORMAT_VERSION if (header.get("rule") or {"name": "sgd"})["name"] == "sgd" else HISTORY_VERSION

@@ -9,7 +9,7 @@ pending), `state_dict`/`load_state_dict` (pre-hooks), `flush()`, `close()`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -34,6 +34,7 @@ class Updater:
         self.pending: Pending | None = None
         self.perturbing = False  # a perturbation's own forwards apply the pending update block by block
         self._members = {id(m) for m in model.modules()}
+        self.mask_of: Callable[[torch.nn.Parameter], torch.Tensor | None] = lambda p: None  # core/masks.py
         self._guard = None
         self._state_hooks = [model.register_state_dict_pre_hook(self._flush_hook),
                              model.register_load_state_dict_pre_hook(self._flush_hook)]
@@ -42,7 +43,7 @@ class Updater:
         self._refuse_copy("copying")
         copy = object.__new__(Updater)  # nothing pending, no hooks: the copy's own optimizer makes its own
         copy.__dict__.update(backend=Backend(self.backend.threads), pending=None, perturbing=False, _members=set(),
-                             _guard=None, _state_hooks=[])
+                             _guard=None, _state_hooks=[], mask_of=lambda p: None)
         return copy
 
     def __getstate__(self) -> dict:
@@ -105,7 +106,7 @@ class Updater:
             self._apply(chosen, pending.terms, pending.decay)
 
     def _apply(self, spans: list[ParamSpan], terms: Terms, decay: dict[int, float]) -> None:
-        update_pass(self.backend, spans, terms, decay)
+        update_pass(self.backend, spans, terms, decay, self.mask_of)
 
     def close(self) -> None:
         """Apply a pending update and take the hooks off the model."""
@@ -129,8 +130,10 @@ def apply_update(layout: ParamLayout, seeds: Sequence[int], coeffs: Sequence[flo
         backend.close()
 
 
-def update_pass(backend: Backend, spans: list[ParamSpan], terms: Terms, decay: dict[int, float]) -> None:
+def update_pass(backend: Backend, spans: list[ParamSpan], terms: Terms, decay: dict[int, float],
+                mask_of: Callable | None = None) -> None:
     """theta <- theta * decay_p + terms, in place, for each of `spans` (one pass per kind of tensor)."""
-    pieces = [Piece(s.param.data, s.offset, decay=decay.get(id(s.param), 1.0)) for s in spans]
+    pieces = [Piece(s.param.data, s.offset, decay=decay.get(id(s.param), 1.0),
+                    mask=None if mask_of is None else mask_of(s.param)) for s in spans]
     with torch.profiler.record_function("lightning_zo.update"):  # a range in profiles (the kernels are opaque)
         backend.apply([p for p in pieces if terms.seeds or p.decay != 1.0], terms, key="update")

@@ -420,9 +420,9 @@ def check_compatible(logged: dict, current: dict, path, allow_changes: bool = Fa
                         f"({logged.get('base_model')}), but the loaded base model has "
                         f"{current['base_weights_sha256'][:16]}… ({current.get('base_model')}): refusing to replay")
     defaults = {"aggregation": {"name": "mean"}, "rule": {"name": "sgd"}, "estimator": "two_sided",
-                "population": "none"}  # what logs before the keys used
+                "population": "none", "mask": None}  # what logs before the keys used
     keys = ("generator", "distribution", "norm", "eps", "seed", "weight_decay", "codec", "aggregation", "rule",
-            "estimator", "population", "payload_dtype", "numel")
+            "estimator", "population", "mask", "payload_dtype", "numel")
     diff = [f"{k}: log {logged.get(k, defaults.get(k))!r} != run {current.get(k)!r}" for k in keys
             if logged.get(k, defaults.get(k)) != current.get(k)]
     if diff:
