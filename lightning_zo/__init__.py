@@ -23,7 +23,8 @@ _NAMES = {
     ".core.coverage": ("check_coverage",),
     ".core.layout": ("weights_digest",),
     ".core.optimizer": ("ZOOptimizer",),
-    ".integration.callbacks": ("ReplicaChecksum", "RunSummary", "TrajectoryLog"),
+    ".integration.callbacks": ("ReplicaChecksum", "RunSummary"),
+    ".integration.trajectory_log": ("TrajectoryLog",),
     ".integration.strategy": ("ZOStrategy",),
     ".recipe.classifier": ("ZOClassifier",),
 }

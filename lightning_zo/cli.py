@@ -111,7 +111,8 @@ def build(cfg: DictConfig, extra_callbacks: list = ()):
     from hydra.utils import instantiate
 
     from .core.optimizer import validate_hparams
-    from .integration.callbacks import RunSummary, TrajectoryLog
+    from .integration.callbacks import RunSummary
+    from .integration.trajectory_log import TrajectoryLog
     from .recipe.classifier import is_zo
     from .recipe.data import PromptDataModule, check_data_settings
 

@@ -15,7 +15,7 @@ from lightning_zo.core.errors import UserError
 from lightning_zo.core.layout import weights_digest
 from lightning_zo.core.optimizer import StepRecord, ZOOptimizer
 from lightning_zo.core.population import centred_ranks, normalise
-from lightning_zo.integration.callbacks import check_compatible
+from lightning_zo.integration.trajectory_log import check_compatible
 from lightning_zo.replay import optimizer_for, replay
 
 

@@ -17,6 +17,10 @@ from .backend import Backend, Piece, Terms
 from .layout import ParamLayout, ParamSpan
 
 
+def no_mask(param: torch.nn.Parameter) -> None:  # a function, not a lambda: a model with our hooks still pickles
+    return None
+
+
 @dataclass(eq=False)
 class Pending:
     """An update not yet applied: its terms, each waiting parameter's span (by id) and decay factor."""
@@ -34,7 +38,7 @@ class Updater:
         self.pending: Pending | None = None
         self.perturbing = False  # a perturbation's own forwards apply the pending update block by block
         self._members = {id(m) for m in model.modules()}
-        self.mask_of: Callable[[torch.nn.Parameter], torch.Tensor | None] = lambda p: None  # core/masks.py
+        self.mask_of: Callable[[torch.nn.Parameter], torch.Tensor | None] = no_mask  # core/masks.py
         self._guard = None
         self._state_hooks = [model.register_state_dict_pre_hook(self._flush_hook),
                              model.register_load_state_dict_pre_hook(self._flush_hook)]
@@ -43,7 +47,7 @@ class Updater:
         self._refuse_copy("copying")
         copy = object.__new__(Updater)  # nothing pending, no hooks: the copy's own optimizer makes its own
         copy.__dict__.update(backend=Backend(self.backend.threads), pending=None, perturbing=False, _members=set(),
-                             _guard=None, _state_hooks=[], mask_of=lambda p: None)
+                             _guard=None, _state_hooks=[], mask_of=no_mask)
         return copy
 
     def __getstate__(self) -> dict:

@@ -31,7 +31,8 @@ from torch.utils.data import BatchSampler
 from ..core import trajectory
 from ..core.layout import weights_digest
 from ..core.optimizer import ZOOptimizer
-from .callbacks import ensure_visible_logs, log_header, restore_logs, resume_from_log
+from .callbacks import ensure_visible_logs, restore_logs
+from .trajectory_log import log_header, resume_from_log
 from .data_position import StartAt
 from .run_record import RunLock
 from .strategy import all_reduce_codes, verify_agreement
