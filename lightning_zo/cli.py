@@ -73,14 +73,17 @@ def user_errors():
 
 
 def _log_files_line(line: str) -> None:
-    """The line also in the log files that Hydra opened for this run (RUN_DIR/train.log): a refused start leaves its
-    reason beside the run, not an empty log. Not through logging's console handler: stderr has it already."""
+    """The line also in the log files that Hydra opened for this run (RUN_DIR/train.log), where they hold nothing yet:
+    a refused first start leaves its reason beside the run, not an empty log, while a refused rerun of an accepted
+    run leaves its directory byte-identical. Not through logging's console handler: stderr has it already."""
     import logging
 
     record = logging.LogRecord("lightning_zo", logging.ERROR, __file__, 0, line, None, None)
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.FileHandler):
-            handler.handle(record)
+            handler.flush()
+            if not os.path.exists(handler.baseFilename) or os.path.getsize(handler.baseFilename) == 0:
+                handler.handle(record)
 
 
 def say_line(text: str) -> None:

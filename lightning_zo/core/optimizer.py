@@ -149,7 +149,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.rank, self.world_size = 0, 1
         self.exchange: Callable[[torch.Tensor], torch.Tensor] = lambda payload: payload
         self.step_count = 0
-        self.generator_version = GENERATOR_VERSION  # how multi-slot sums associate (noise.term_sum)
+        self.generator_version = GENERATOR_VERSION  # how sums of several terms associate (noise.term_sum)
         self.last_record: Optional[StepRecord] = None
         self.weight_decay = float(weight_decay)
         self._warned_dropout = False
