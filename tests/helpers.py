@@ -295,3 +295,20 @@ def kill_9_when_logged(cmd: list[str], run_dir: Path, steps: int, cwd: Path = RE
             os.kill(pid, signal.SIGKILL)
     proc.wait()
     return logged_steps(run_dir / "trajectory.zot")
+
+
+class NaNLossAt(pl.Callback):
+    """Makes the module's loss NaN for one training step on one rank: `at` = [[rank, step], ...] (scripts/chaos.py).
+    The optimizer then sends its skip code for that rank's slots; the schedule is fixed, so a run that restarts
+    meets the same NaNs at the same steps as an uninterrupted one."""
+
+    def __init__(self, at: list):
+        self.at = {(int(rank), int(step)) for rank, step in at}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if (trainer.global_rank, trainer.global_step) in self.at:
+            pl_module.loss = lambda chunk: torch.tensor(float("nan"))  # an instance attribute: the method is back at
+            # the batch's end
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        pl_module.__dict__.pop("loss", None)

@@ -1,7 +1,6 @@
 """Ranks that disagree, runs that collide, SIGTERM before the first step, SIGTERM then resume, and every shipped
 experiment's first steps (real processes, gloo on CPU, the tiny model)."""
 
-import contextlib
 import os
 import signal
 import subprocess
@@ -200,34 +199,3 @@ def test_sigterm_while_starting_stops_cleanly_and_a_rerun_continues(tmp_path):
         assert [x["steps"] for x in summaries(run)] == [5] * ranks
 
 
-@pytest.mark.xfail(strict=False, reason="flaky under load: 2 of 5 runs here on 2026-12-07 (both beside other tests) "
-                   "ended in torchrun's restart, not in our code: once the restarted ranks' gloo rendezvous was "
-                   "refused (connectFullMesh) until the restarts ran out, once the restarted group hung past 300 s; "
-                   "isolated runs pass in 26 s with the uninterrupted run's bytes (issue 42's chaos test)")
-def test_under_torchrun_with_restarts_a_sigterm_to_a_rank_continues_the_run(tmp_path):
-    """With restarts left (--max-restarts) a rank's SIGTERM stops every rank cleanly with exit 75, so that torchrun
-    restarts them and the run resumes from its log: it finishes by itself, as the uninterrupted run."""
-    args = ["trainer.devices=2", "trainer.max_steps=40", "optimizer.lr=1e-3"]
-    launcher = [*TORCHRUN, "--standalone", "--nproc-per-node=2"]
-    train(tmp_path / "whole", *args, launcher=launcher)
-    run = tmp_path / "restarted"
-    # Restarts to spare: the restarted group's gloo rendezvous on loopback now and then fails to connect (connection
-    # refused), which torchrun answers with one more restart; the run still resumes exactly.
-    cmd = [*launcher, "--max-restarts=4", str(REPO / "train.py"), *TINY, f"hydra.run.dir={run}", *args]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 120
-    while logged_steps(run / "trajectory.zot") < 10 and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    os.kill(sorted(children(proc.pid))[1], signal.SIGTERM)
-    try:
-        out = proc.communicate(timeout=300)[0]
-    except subprocess.TimeoutExpired:  # a restarted group that hangs would otherwise outlive the test (seen: an hour)
-        for pid in [*children(proc.pid), proc.pid]:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        raise
-    assert proc.returncode == 0 and "exit 75 so that torchrun restarts the ranks" in out, out[-4000:]
-    whole, restarted = summaries(tmp_path / "whole"), summaries(run)
-    assert [s["steps"] for s in restarted] == [40, 40] and not any(s["stopped_by_signal"] for s in restarted)
-    assert {s["weights_sha256"] for s in restarted} == {whole[0]["weights_sha256"]}
-    assert (run / "trajectory.zot").read_bytes() == (tmp_path / "whole" / "trajectory.zot").read_bytes()

@@ -68,3 +68,5 @@ def test_a_resume_keeps_the_rows_of_the_logs_steps_and_drops_a_torn_row(tmp_path
     assert path.read_bytes() == whole.encode()
     logger.keep_steps_before(2)  # the log holds steps 0 and 1: the rows of step 2 are redone by the resumed run
     assert path.read_bytes() == whole.rsplit("0,2,", 1)[0].encode()
+    logger.keep_steps_before(1)  # the validation row of step 1 goes, and its column with it (no kept row has it)
+    assert path.read_bytes() == b"epoch,step,train/loss\r\n0,0,0.7\r\n"

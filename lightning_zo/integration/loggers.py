@@ -40,11 +40,16 @@ class ResumableCSVLogger(CSVLogger):
         # A row with a missing field is one a kill -9 cut short (csv reads its missing fields as None).
         kept = [row for row in rows if None not in row.values()
                 and (not row.get("step", "").isdigit() or int(row["step"]) < steps)]
-        if len(kept) == len(rows):
+        # Columns only the dropped rows had (a validation of a stopped start) go too: the uninterrupted run has a
+        # column once a row of it has a value, and so does the resumed one when it logs that metric again.
+        columns = [c for c in reader.fieldnames or [] if any(row.get(c) not in ("", None) for row in kept)]
+        if len(kept) == len(rows) and columns == reader.fieldnames:
             return
         tmp = f"{path}.{os.getpid()}"
         with self._fs.open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=reader.fieldnames)
+            writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(kept)
         self._fs.mv(tmp, path)
+        if self._experiment is not None:  # a writer that read the old header would write its columns back
+            self._experiment.metrics_keys = sorted(columns)

@@ -14,6 +14,7 @@ Any LightningModule trains under it when `configure_optimizers` returns a `ZOOpt
 from __future__ import annotations
 
 import logging
+import os
 import signal
 from typing import Any, Callable
 
@@ -130,6 +131,23 @@ class ZOStrategy(DDPStrategy):
     @override
     def configure_ddp(self) -> None:
         """No DistributedDataParallel wrapper: there are no gradients to reduce."""
+
+    @override
+    def setup_distributed(self) -> None:
+        """Under torchrun, the process group gets a key space of its own restart attempt. torchrun's workers share
+        its rendezvous store across restarts, and torch's env:// store no longer prefixes the attempt (torch 2.13:
+        "we create a new TCPStore for every retry"; the shared one is not new): a restarted rank could read a
+        peer's address written by the attempt before, whose process is gone (seen: gloo's connectFullMesh refused,
+        restart after restart, until torchrun's --max-restarts ran out)."""
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and not dist.is_initialized():
+            self.set_world_ranks()
+            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), self.world_size,
+                                  is_master=False, timeout=self._timeout)
+            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+            dist.init_process_group(self._get_process_group_backend(), timeout=self._timeout, rank=self.global_rank,
+                                    world_size=self.world_size,
+                                    store=dist.PrefixStore(f"lightning_zo/attempt_{attempt}", store))
+        super().setup_distributed()  # Lightning's own connection returns at once when the group exists
 
     @override
     def setup_environment(self) -> None:
