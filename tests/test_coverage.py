@@ -1,6 +1,6 @@
 """Coverage (core/coverage.py, issue 41): every trainable parameter is read perturbed, however a user's module reaches
-it; a parameter read outside its own module's forward is held perturbed for the whole forward, and one the engine
-cannot reach is refused in one line that names it."""
+it; a parameter read outside its own module's forward is held perturbed for the whole forward, and one the perturbed
+forward cannot reach is refused in one line that names it."""
 
 import copy
 import warnings
@@ -30,7 +30,7 @@ class ParentReadsChildren(nn.Module):
 
 
 class HandTiedOutput(nn.Module):
-    """A hand-written tied output layer beside the embedding's lookup (which the engine perturbs by rows)."""
+    """A hand-written tied output layer beside the embedding's lookup (which the perturbed forward perturbs by rows)."""
 
     def __init__(self):
         super().__init__()
@@ -122,7 +122,7 @@ class KeepsAView(nn.Module):
     def __init__(self):
         super().__init__()
         self.lin = nn.Linear(8, 8)
-        self.rows = self.lin.weight.data[:4]  # made before training: the engine's copies never reach it
+        self.rows = self.lin.weight.data[:4]  # made before training: the perturbed copies never reach it
 
     def forward(self, x):
         return self.lin(x)[:, :4] + x[:, :8] @ self.rows.T

@@ -3,7 +3,7 @@
 Every rank (and replay) calls `Aggregation.terms` on the same code vector, so the update is identical everywhere.
 Each term is (direction, coefficient): theta <- theta + sum coefficient * z(direction), in the order returned.
 All arithmetic is plain Python on floats (IEEE float64), sorting is by (value, slot), so ties never depend on the
-platform; the engine then rounds each coefficient once to float32, as before.
+platform; the backend then rounds each coefficient once to float32, as before.
 
     mean          sum_i g_i z_i / norm(N*k) over the N*k slots' own directions: the paper's rule (norm: N*k, or
                   sqrt(N*k)); skipped slots count. Not robust: one rank's +126 moves the weights 126 codes' worth.

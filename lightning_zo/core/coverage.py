@@ -1,12 +1,12 @@
 """Which trainable parameters a perturbed forward reads unperturbed: checked, not assumed (issue 41).
 
-The engine perturbs a parameter while the block (module subtree) that holds it runs its forward. A user's module can
+The perturbed forward (core/perturbation.py) perturbs a parameter while the block (module subtree) that holds it runs its forward. A user's module can
 read a weight elsewhere: a parent calling `F.linear(x, self.child.weight)` without calling the child, a hand-written
 tied output layer `h @ self.embed.weight.T` beside a row-wise embedding lookup. Such a read sees theta instead of
 theta + eps*z, silently (a zero or biased estimate). `ParameterReads` is a `TorchFunctionMode` that sees every torch
 function call of a forward and records each one that reads a trainable parameter while it is not perturbed, or that
 reads the master weights through another tensor that shares their storage (a view made before training, which the
-engine cannot reach). `PerturbedForward.evaluate` runs the first perturbed forward under it, holds every parameter
+perturbed forward cannot reach). `PerturbedForward.evaluate` runs the first perturbed forward under it, holds every parameter
 it names perturbed for the whole forward, and refuses what it cannot cover; `check_coverage` is the same check for
 users.
 """
@@ -36,9 +36,9 @@ def _name(func) -> str:
 class ParameterReads(TorchFunctionMode):
     """Records the reads of `layout`'s parameters inside a forward that do not see their perturbed values.
 
-    `perturbed(param)`: whether the parameter now holds its perturbed copy; `allowed(param)`: a read the engine
-    accounts for otherwise (an embedding's own lookup, whose output the engine recomputes from the perturbed rows).
-    The engine's own work on the master weights runs under `paused()`.
+    `perturbed(param)`: whether the parameter now holds its perturbed copy; `allowed(param)`: a read the perturbed
+    forward accounts for otherwise (an embedding's own lookup, whose output it recomputes from the perturbed rows).
+    The perturbed forward's own work on the master weights runs under `paused()`.
     """
 
     def __init__(self, layout: ParamLayout, perturbed: Callable[[torch.nn.Parameter], bool],
@@ -98,7 +98,7 @@ class Coverage:
 
 
 def refuse_aliases(aliased: dict[str, str]) -> None:
-    """What the engine cannot cover: a read of the master weights through a tensor that is not the parameter."""
+    """What the perturbed forward cannot cover: a read of the master weights through a tensor that is not the parameter."""
     if aliased:
         name, func = next(iter(aliased.items()))
         raise UserError(f"cannot perturb {name}: the forward reads its storage through another tensor ({func}), "
@@ -108,7 +108,7 @@ def refuse_aliases(aliased: dict[str, str]) -> None:
 def check_coverage(model: torch.nn.Module, forward: Callable[[], object], distribution: str = "rademacher",
                    seed: int = 0, eps: float = 1e-3) -> Coverage:
     """Run `forward()` (e.g. `lambda: model(batch)`) once under a perturbation, as ZOOptimizer's first step does, and
-    say which trainable parameters the engine must hold perturbed for the whole forward; raises UserError, naming
+    say which trainable parameters the perturbed forward must hold perturbed for the whole forward; raises UserError, naming
     the parameter, for one it cannot cover. The model's weights are unchanged afterwards."""
     from .perturbation import PerturbedForward  # which uses this module's check
 

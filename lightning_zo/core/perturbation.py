@@ -117,7 +117,7 @@ class PerturbedForward:
     # -- hooks
 
     def _unchecked(self):
-        """The engine's own reads of the master weights (making perturbed copies) are not the forward's."""
+        """Our own reads of the master weights (making perturbed copies) are not the forward's."""
         return contextlib.nullcontext() if self._reads is None else self._reads.paused()
 
     def _enter(self, block: Block, module, args) -> None:
@@ -219,7 +219,7 @@ class PerturbedForward:
     def evaluate(self, seed: int, coeff: float, fn):
         """`fn()` (a loss) under theta + coeff * z(seed). The first call checks that the forward reads every trainable
         parameter perturbed (core/coverage.py): a parameter read outside its block is then held perturbed for every
-        whole perturbation, and `fn` runs again, checked again; one the engine cannot cover raises UserError."""
+        whole perturbation, and `fn` runs again, checked again; one it cannot cover raises UserError."""
         if self.coverage is not None:
             with self.perturb(seed, coeff):
                 return fn()

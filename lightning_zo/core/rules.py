@@ -5,7 +5,7 @@ decoded codes keeps the replicas bit-identical and replay exact, on the same one
 sees, per applied step, the aggregation's estimates [(seed, value)] and their divisor (norm(N*k) or norm(k)) and
 returns the (seed, coefficient) terms of this step's update. Its state is rebuilt by applying the
 log's records in order (replay, resume), and travels in the optimizer's state_dict (Lightning checkpoints).
-All arithmetic is Python floats (IEEE float64) in a fixed order; the engine rounds each coefficient once.
+All arithmetic is Python floats (IEEE float64) in a fixed order; the backend rounds each coefficient once.
 
     sgd         theta -= lr * sum c z: the paper's rule. No state, no extra cost.
     momentum    heavy ball over a window: theta -= lr * sum_{h<H} beta^h * (step t-h's sum c z), regenerating the
