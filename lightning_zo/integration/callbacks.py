@@ -23,7 +23,7 @@ from ..core import trajectory
 from ..core.errors import UserError
 from ..core.layout import weights_digest
 from ..core.optimizer import ZOOptimizer
-from .strategy import ZOStrategy
+from .strategy import ZOStrategy, wire_device
 
 log = logging.getLogger("lightning_zo")
 
@@ -251,7 +251,7 @@ class ReplicaChecksum(pl.Callback):
         step = trainer.global_step
         if step % self.every_n_steps or trainer.world_size == 1:
             return
-        digests = torch.zeros(trainer.world_size, dtype=torch.int64, device=trainer.strategy.wire_device())
+        digests = torch.zeros(trainer.world_size, dtype=torch.int64, device=wire_device(trainer.strategy.root_device))
         digests[trainer.global_rank] = int(weights_digest(zo_optimizer(trainer).model)[:15], 16)
         dist.all_reduce(digests)
         values = digests.tolist()

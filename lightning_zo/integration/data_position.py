@@ -204,8 +204,8 @@ class DataStates:
         return load
 
     def before(self, step: int) -> dict | None:
-        """The state saved at the start of step `step` - 1, if this run directory holds it."""
-        return self._load().get(step - 1)
+        """The state saved at the start of step `step` - 1, if this run directory held it when the run started."""
+        return self._kept.get(step - 1)
 
     def _load(self) -> dict:
         try:

@@ -35,7 +35,7 @@ from .callbacks import ensure_visible_logs, restore_logs
 from .trajectory_log import log_header, resume_from_log
 from .data_position import StartAt
 from .run_record import RunLock
-from .strategy import all_reduce_codes, verify_agreement
+from .strategy import all_reduce_codes, verify_agreement, wire_device
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class ZOFabric:
         self.fabric, self.opt = fabric, opt
         self.run_dir = Path(run_dir)
         self.rank, self.world_size = fabric.global_rank, fabric.world_size
-        self.device = torch.device("cpu") if self._gloo() else fabric.device
+        self.device = fabric.device
         opt.attach(self.rank, self.world_size, self._exchange)
         header = log_header(opt, {k: str(v) for k, v in (settings or {}).items()})
         if self.world_size > 1:  # nothing broadcasts rank 0's weights: they must already agree (DESIGN I6)
@@ -80,13 +80,10 @@ class ZOFabric:
             self.writer = trajectory.Writer(path, header, records or [], fsync=fsync,
                                             slots=self.world_size * opt.k)
 
-    def _gloo(self) -> bool:
-        return self.world_size == 1 or torch.distributed.get_backend() != "nccl"
-
     def _exchange(self, payload: torch.Tensor) -> torch.Tensor:
         if self.world_size == 1:
             return payload
-        return all_reduce_codes(payload, self.opt, self.rank, self.device)
+        return all_reduce_codes(payload, self.opt, self.rank, wire_device(self.device))
 
     def step(self, loss_fn: Callable[[int], torch.Tensor]) -> torch.Tensor:
         """One ZO step (`ZOOptimizer.step(loss_fn=...)`), logged."""

@@ -96,6 +96,11 @@ def verify_agreement(mine: dict, world_size: int) -> None:
                         "the same command on the same base model")
 
 
+def wire_device(local: torch.device) -> torch.device:
+    """Where the process group's collective tensors live: the process's own GPU for nccl, the CPU for gloo."""
+    return local if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
 def all_reduce_codes(payload: torch.Tensor, opt: ZOOptimizer, rank: int, device: torch.device) -> torch.Tensor:
     """The step's one collective: an all_reduce(SUM) of the int8 payload, in which rank r wrote only its own slots.
     Every rank then checks that its own slots came back as it sent them (DESIGN I7: a peer that writes into another
@@ -224,10 +229,6 @@ class ZOStrategy(DDPStrategy):
                         "batch per step, so it would not continue with the batch an uninterrupted run sees", steps)
         self._exchanges_at_batch = self.exchanges
 
-    def wire_device(self) -> torch.device:
-        """Where collective tensors must live: the GPU for nccl, the CPU for gloo."""
-        return self.root_device if dist.get_backend() == "nccl" else torch.device("cpu")
-
     def exchange(self, payload: torch.Tensor) -> torch.Tensor:
         """The step's one collective (`all_reduce_codes`). A stopping rank overwrites its own slots with STOP."""
         opt = self.zo_optimizer
@@ -237,7 +238,7 @@ class ZOStrategy(DDPStrategy):
         self.payload_bytes += payload.numel() * payload.element_size()
         if self.world_size == 1:
             return payload
-        return all_reduce_codes(payload, opt, self.global_rank, self.wire_device())
+        return all_reduce_codes(payload, opt, self.global_rank, wire_device(self.root_device))
 
     @override
     def backward(self, closure_loss: torch.Tensor, optimizer, *args: Any, **kwargs: Any) -> torch.Tensor:
