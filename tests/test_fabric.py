@@ -53,3 +53,29 @@ def test_fabric_kill_9_and_rerun_equal_the_uninterrupted_run(tmp_path):
     refused = fit(run, *args[:2], "--max-steps", "30", "--lr", "2e-3", check=False)
     assert refused.returncode == 2 and "resuming" in refused.stderr and "lr: '0.001' -> '0.002'" in refused.stderr
     assert files() == before
+
+
+def test_a_resumed_loop_warns_where_its_sampler_draws_an_order_it_cannot_repeat(caplog):
+    """ZOFabric.batches positions the sampler as the Trainer's path does, and says so where it cannot (no processes:
+    a ZOFabric of just the fields batches reads)."""
+    from types import SimpleNamespace
+
+    import torch
+    from torch.utils.data import DataLoader, RandomSampler
+
+    from lightning_zo.integration.fabric import ZOFabric
+
+    run = ZOFabric.__new__(ZOFabric)
+    run.start_step, run.rank, run.fabric = 3, 0, SimpleNamespace(to_device=lambda batch: batch)
+    data = torch.arange(32)
+    with caplog.at_level("WARNING", logger="lightning_zo.integration.fabric"):
+        assert len(list(run.batches(DataLoader(data, batch_size=4, sampler=RandomSampler(data)), 5))) == 2
+    assert "resuming at step 3: the training sampler (RandomSampler) shuffles with the unseeded global generator" \
+        in caplog.text
+    caplog.clear()
+    seeded = RandomSampler(data, generator=torch.Generator().manual_seed(0))
+    whole = [b.tolist() for b in DataLoader(data, batch_size=4, sampler=seeded)]
+    seeded.generator.manual_seed(0)
+    with caplog.at_level("WARNING", logger="lightning_zo.integration.fabric"):
+        resumed = [b.tolist() for b in run.batches(DataLoader(data, batch_size=4, sampler=seeded), 5)]
+    assert resumed == whole[3:5] and not caplog.text  # a seeded sampler is continued, silently

@@ -84,7 +84,7 @@ def _batches_per_epoch(trainer: "pl.Trainer", loader: DataLoader) -> int | None:
     return min(n, limit) if isinstance(limit, int) else int(n * limit) if limit < 1.0 else n
 
 
-def _random_draws(loader: DataLoader, sampler) -> str | None:
+def random_draws(loader: DataLoader, sampler) -> str | None:
     """Why the order depends on random draws this module cannot repeat, if it does."""
     inner = getattr(getattr(sampler, "dataset", None), "_sampler", None)  # inside Lightning's DistributedSamplerWrapper
     if inner is not None and hasattr(inner, "generator"):
@@ -112,7 +112,7 @@ def continue_at(trainer: "pl.Trainer", loader, steps: int):
             "uninterrupted run would see", steps, unsure)
         return loader
     sampler = loader.batch_sampler.sampler
-    drawn = _random_draws(loader, sampler)
+    drawn = random_draws(loader, sampler)
     if drawn:
         say("resuming at step %d: %s, so the resumed run's order differs from an uninterrupted run's (shuffle with "
             "RandomSampler(generator=<seeded>) alone, or let Lightning inject its DistributedSampler)", steps, drawn)

@@ -33,7 +33,7 @@ from ..core.layout import weights_digest
 from ..core.optimizer import ZOOptimizer
 from .callbacks import ensure_visible_logs, restore_logs
 from .trajectory_log import log_header, resume_from_log
-from .data_position import StartAt
+from .data_position import StartAt, random_draws
 from .run_record import RunLock
 from .strategy import all_reduce_codes, verify_agreement, wire_device
 
@@ -104,6 +104,11 @@ class ZOFabric:
         epoch, skip = divmod(self.start_step, n)
         if self.start_step and isinstance(getattr(inner, "batch_sampler", None), BatchSampler):
             sampler, size = inner.batch_sampler.sampler, inner.batch_sampler.batch_size
+            drawn = random_draws(inner, sampler)
+            if drawn and self.rank == 0:
+                log.warning("resuming at step %d: %s, so the resumed run's order differs from an uninterrupted run's "
+                            "(shuffle with RandomSampler(generator=<seeded>) alone, or let Fabric's "
+                            "setup_dataloaders inject its DistributedSampler)", self.start_step, drawn)
             inner.batch_sampler.sampler = StartAt(sampler, epoch, skip * size, min(len(sampler), n * size))
         elif self.start_step:
             log.warning("resuming at step %d: the loader has no torch BatchSampler, so its data starts again from its "
