@@ -62,11 +62,17 @@ METHODS = {
     "one_sided_zscore_mask": (["optimizer.estimator=one_sided", "optimizer.population=zscore", "optimizer.k=4",
                                "optimizer.lr=1e-3", "optimizer.mask_keep=0.2", "optimizer.mask_every=20"], 4,
                               "one-sided, 4 directions, z-scores, lr 1e-3, 20 % masks"),
+    # A z-scored step has the same length whatever the gradient: annealed, lr 1e-3 falls linearly to 0 at 1200 forwards
+    "one_sided_zscore_decay": (["optimizer.estimator=one_sided", "optimizer.population=zscore", "optimizer.k=4",
+                                "optimizer.lr=1e-3", "scheduler={_target_:torch.optim.lr_scheduler.LinearLR,"
+                                "_partial_:true,start_factor:1.0,end_factor:0.0,total_iters:240}"], 4,
+                               "one-sided, 4 directions, z-scores, lr 1e-3 falling linearly to 0 at 1200 forwards"),
 }
 COMPARED = ("spsa", "momentum", "normalized", "adam")  # the update rules' comparison (issues 17 and 32)
 # A larger step for `normalized` (on TREC lr 5e-4 over its RMS is plain SPSA's own step): SST-2 and TREC.
 LARGER_STEP = "normalized_lr1e-3"
-POPULATIONS = ("one_sided_zscore", "one_sided_rank", "one_sided_zscore_mask")  # issue 44
+POPULATIONS = ("one_sided_zscore", "one_sided_rank", "one_sided_zscore_mask",  # issue 44
+               "one_sided_zscore_decay")
 RULES = ("momentum", "normalized", LARGER_STEP, *POPULATIONS)  # the methods held to the targets
 SHOWN = (*COMPARED, LARGER_STEP, *POPULATIONS)  # rows and curves of the task tables, where the runs exist
 # The order the runs are made in: issue 44's comparison first (plain SPSA, the best new setting, the first-order
