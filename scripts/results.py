@@ -350,7 +350,8 @@ def main(argv=None) -> int:
     parser.add_argument("--tasks", type=lambda s: s.split(","), default=list(TASKS))
     parser.add_argument("--methods", type=lambda s: s.split(","), default=list(METHODS))
     parser.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=None, help="steps per run (default: FORWARDS forwards per ZO method, 100 for adam; see STEPS_OF)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="steps per run (default: FORWARDS forwards per ZO method, 100 for adam; see STEPS_OF)")
     parser.add_argument("--page", type=Path, default=ROOT / "docs" / "RESULTS.md")
     args = parser.parse_args(argv)
     args.out = args.out.resolve()
