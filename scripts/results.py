@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -74,7 +75,7 @@ LARGER_STEP = "normalized_lr1e-3"
 POPULATIONS = ("one_sided_zscore", "one_sided_rank", "one_sided_zscore_mask",  # issue 44
                "one_sided_zscore_decay")
 RULES = ("momentum", "normalized", LARGER_STEP, *POPULATIONS)  # the methods held to the targets
-SHOWN = (*COMPARED, LARGER_STEP, *POPULATIONS)  # rows and curves of the task tables, where the runs exist
+SHOWN = ("spsa", *POPULATIONS, "momentum", "normalized", LARGER_STEP, "adam")  # the tables' rows, where runs exist
 # The order the runs are made in: issue 44's comparison first (plain SPSA, the best new setting, the first-order
 # reference; SST-2, then TREC), so that a machine that runs out of time leaves whole comparisons behind.
 FIRST = ("spsa", "one_sided_zscore", "adam")
@@ -150,6 +151,16 @@ def run(args) -> None:
 # ------------------------------------------------------------------------------------------------------ page
 
 
+def steps_trained(where: Path, summary: dict) -> int:
+    """The steps the run's last start trained, which its `train_seconds` timed: the summary says so; an older one's
+    run says in train.log how many steps its last start replayed."""
+    if "steps_trained" in summary:
+        return summary["steps_trained"]
+    log = where / "train.log"
+    replayed = re.findall(r"replayed (\d+) steps", log.read_text()) if log.exists() else []
+    return summary["steps"] - int(replayed[-1]) if replayed else summary["steps"]
+
+
 def load(out: Path, task: str, method: str, seeds: list[int]) -> list[dict]:
     """The finished runs of one (task, method): summary, accuracy curve, wall time."""
     from lightning_zo.report import _metrics, accuracy_curve
@@ -167,7 +178,9 @@ def load(out: Path, task: str, method: str, seeds: list[int]) -> list[dict]:
         per_step = summary["forwards"] / summary["steps"] if summary.get("steps") and "forwards" in summary \
             else forwards_per_step(method)
         tokens = sum(float(r["train/tokens"]) for r in rows if r.get("train/tokens")) if "forwards" in summary else 0
+        seconds_per_step = summary["train_seconds"] / max(1, steps_trained(where, summary))
         runs.append({"seed": seed, "method": method, "summary": summary, "curve": curve, "wall_s": wall,
+                     "seconds_per_forward": seconds_per_step / forwards_per_step(method),
                      "forwards": {round(step * per_step): acc for step, acc in curve.items()},
                      "tokens_per_forward": tokens / summary["forwards"] if tokens else None})
     return runs
@@ -211,8 +224,7 @@ def table(out: Path, task: str, methods: list[str], seeds: list[int]) -> tuple[l
         wire = f"{per_step} B" if method != "adam" else \
             f"0 (one rank; data-parallel: {summary['gradient_bytes_per_rank_per_step'] / 1e6:.0f} MB)"
         tokens = [r["tokens_per_forward"] for r in runs if r["tokens_per_forward"]]
-        per_forward = statistics.mean(r["summary"]["train_seconds"] / max(1, r["summary"]["steps"])
-                                      / forwards_per_step(method) for r in runs)
+        per_forward = statistics.mean(r["seconds_per_forward"] for r in runs)
         rows.append(f"| {METHODS[method][2]} | {forwards_per_step(method)}{' + backward' if method == 'adam' else ''}"
                     f" | {f'{statistics.mean(tokens):.0f}' if tokens else ''} | {wire} | {len(runs)} | "
                     f"{mean_spread(at(runs, 0))} | " + " | ".join(cells) + f" | {per_forward:.2f} | "

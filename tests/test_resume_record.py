@@ -11,7 +11,7 @@ from helpers import REPO, TINY, TORCHRUN, kill_9_when_logged, summaries, train
 
 ARGS = ["trainer.max_steps=40", "trainer.val_check_interval=10", "optimizer.lr=1e-3"]
 # Measured per process, not part of what the run computed: the time, and the generator calls (a resume adds replay's).
-LOCAL = ("train_seconds", "generator_calls")
+LOCAL = ("train_seconds", "steps_trained", "generator_calls")
 
 
 def _launcher(ranks: int) -> list[str] | None:
@@ -48,6 +48,7 @@ def test_a_run_killed_twice_leaves_the_uninterrupted_runs_record(tmp_path, ranks
     whole, resumed = summaries(tmp_path / "whole"), summaries(run)
     assert len(resumed) == ranks
     for a, b in zip(whole, resumed):
+        assert (a["steps_trained"], b["steps_trained"]) == (40, 40 - second)  # what train_seconds timed
         assert {k: v for k, v in a.items() if k not in LOCAL} == {k: v for k, v in b.items() if k not in LOCAL}
     weights = Path("model") / "model.safetensors"
     assert (run / weights).read_bytes() == (tmp_path / "whole" / weights).read_bytes()

@@ -131,7 +131,7 @@ class RunSummary(pl.Callback):
             if trainer.is_global_zero and self.results:
                 saved.parent.mkdir(parents=True, exist_ok=True)
                 saved.write_text(json.dumps(self.results))
-        self._t0 = time.time()
+        self._t0, self._first_step = time.time(), trainer.global_step
 
     def on_train_end(self, trainer, pl_module) -> None:
         train_seconds = time.time() - self._t0
@@ -161,6 +161,7 @@ class RunSummary(pl.Callback):
             "trajectory_bytes_per_step": trajectory.record_size(opt.world_size * opt.k, opt.codec.bytes_per_slot),
             "stopped_by_signal": bool(record and record.stop),
             "train_seconds": round(train_seconds, 3),
+            "steps_trained": opt.step_count - self._first_step,  # in train_seconds; a resumed run replayed the rest
             # which generator ran the perturbations and updates (a GPU rank: Triton launches; a CPU rank: C kernel)
             "generator_calls": {"triton": backend.launches, "cpu_kernel": backend.cpu_calls,
                                 "other": backend.other_calls},
@@ -191,7 +192,8 @@ class RunSummary(pl.Callback):
                    "optimizer": ", ".join(type(getattr(o, "optimizer", o)).__name__ for o in trainer.optimizers),
                    "payload_bytes_per_step": 4 * numel * trainer.world_size if trainer.world_size > 1 else 0,
                    "gradient_bytes_per_rank_per_step": 4 * numel, "train_seconds": round(train_seconds, 3),
-                   "weights_sha256": weights_digest(model), **_validation_size(trainer)}
+                   "steps_trained": trainer.global_step - self._first_step, "weights_sha256": weights_digest(model),
+                   **_validation_size(trainer)}
         if self.save_weights and trainer.is_global_zero:
             save_model(model, out, self.tokenizer)
         path = out / f"summary.rank{trainer.global_rank}.json"
