@@ -152,13 +152,15 @@ def run(args) -> None:
 
 
 def steps_trained(where: Path, summary: dict) -> int:
-    """The steps the run's last start trained, which its `train_seconds` timed: the summary says so; an older one's
-    run says in train.log how many steps its last start replayed."""
+    """The steps that the start which wrote the summary trained, which its `train_seconds` timed: the summary says so;
+    an older one's run says in train.log how many steps that start replayed (the last resume that replayed fewer than
+    the summary's steps: a start still under way, continuing the summary's run, replayed all of them)."""
     if "steps_trained" in summary:
         return summary["steps_trained"]
     log = where / "train.log"
-    replayed = re.findall(r"replayed (\d+) steps", log.read_text()) if log.exists() else []
-    return summary["steps"] - int(replayed[-1]) if replayed else summary["steps"]
+    replayed = [int(n) for n in re.findall(r"replayed (\d+) steps", log.read_text())] if log.exists() else []
+    replayed = [n for n in replayed if n < summary["steps"]]
+    return summary["steps"] - replayed[-1] if replayed else summary["steps"]
 
 
 def load(out: Path, task: str, method: str, seeds: list[int]) -> list[dict]:

@@ -80,3 +80,14 @@ def test_every_zo_method_runs_plain_spsas_forwards_and_validates_every_100():
         cmd = results.command(REPO, REPO, "sst2", method, 0, results.STEPS_OF[method])
         assert f"trainer.max_steps={steps}" in cmd and f"trainer.val_check_interval={every}" in cmd
     assert results.forwards_per_step("one_sided_rank") == 5 and results.forwards_per_step("spsa") == 2
+
+
+def test_seconds_per_step_of_a_run_continued_over_several_starts(tmp_path):
+    """train_seconds times the start that wrote the summary: its steps come from the summary or, for an older one,
+    from train.log's last resume that replayed fewer steps than the summary holds (a start under way replays all)."""
+    log = tmp_path / "train.log"
+    log.write_text("... replayed 165 steps\n... replayed 700 steps\n... replayed 1200 steps\n")
+    assert results.steps_trained(tmp_path, {"steps": 1200}) == 500
+    assert results.steps_trained(tmp_path, {"steps": 1200, "steps_trained": 480}) == 480
+    log.unlink()
+    assert results.steps_trained(tmp_path, {"steps": 1200}) == 1200  # never resumed
