@@ -49,8 +49,8 @@ def test_the_page_reports_means_spread_and_where_a_rule_reaches_plain_spsa(tmp_p
     assert "momentum: plain SPSA's best mean (70.0 % at 600 forwards) reached at 200 forwards, 3.0x fewer (target " \
            "met); its best mean, 72.0 % at 200 forwards, is 13.0 points below Adam's 100-step 85.0 % (target of 3 " \
            "points not met)" in text
-    assert "one_sided_zscore (one seed): plain SPSA's best mean (70.0 % at 600 forwards) reached at 200 forwards, 3.0x " \
-        "fewer" in text
+    assert "one_sided_zscore (one seed): plain SPSA's best mean (70.0 % at 600 forwards) reached at 200 forwards, " \
+        "3.0x fewer" in text
     # forwards per step, tokens per forward (50 per step over 5 forwards), accuracy at 100, 200, ..., 600 forwards
     # then train seconds per forward (240 s / 600) and the wall per 1000 forwards ((240 + 30) s / 600 forwards)
     assert "| one-sided, 4 directions, z-scores, lr 1e-3 | 5 | 10 | 4 B | 1 | 50.0 | 58.0 | 73.0 | 74.0 | 75.0 | " \
