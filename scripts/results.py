@@ -263,9 +263,10 @@ def plots(out: Path, page_dir: Path, tasks: list[str], methods: list[str], seeds
                     points = [p for p in points if p > 0]
                 xs = [p * per_step if name == "bytes" else p for p in points]
                 values = [[r[key][p] for r in runs if p in r[key]] for p in points]
-                ax.plot(xs, [statistics.mean(v) for v in values], marker="o", markersize=3,
+                color = f"C{methods.index(method)}"  # one colour per method in every panel
+                ax.plot(xs, [statistics.mean(v) for v in values], marker="o", markersize=3, color=color,
                         label=method + (" (data-parallel gradients)" if name == "bytes" and method == "adam" else ""))
-                ax.fill_between(xs, [min(v) for v in values], [max(v) for v in values], alpha=0.15)
+                ax.fill_between(xs, [min(v) for v in values], [max(v) for v in values], color=color, alpha=0.15)
             ax.set(title=task.upper(), xlabel=xlabel, ylabel="validation accuracy")
             if name == "bytes":
                 ax.set_xscale("log")
