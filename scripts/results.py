@@ -69,7 +69,7 @@ METHODS = {
                                 "_partial_:true,start_factor:1.0,end_factor:0.0,total_iters:240}"], 4,
                                "one-sided, 4 directions, z-scores, lr 1e-3 falling linearly to 0 at 1200 forwards"),
 }
-COMPARED = ("spsa", "momentum", "normalized", "adam")  # the update rules' comparison (issues 17 and 32)
+COMPARED = ("spsa", "momentum", "normalized", "adam")  # the update rules' comparison (issue 15)
 # A larger step for `normalized` (on TREC lr 5e-4 over its RMS is plain SPSA's own step): SST-2 and TREC.
 LARGER_STEP = "normalized_lr1e-3"
 POPULATIONS = ("one_sided_zscore", "one_sided_rank", "one_sided_zscore_mask",  # issue 44
