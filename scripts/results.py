@@ -182,7 +182,8 @@ def load(out: Path, task: str, method: str, seeds: list[int]) -> list[dict]:
         tokens = sum(float(r["train/tokens"]) for r in rows if r.get("train/tokens")) if "forwards" in summary else 0
         seconds_per_step = summary["train_seconds"] / max(1, steps_trained(where, summary))
         runs.append({"seed": seed, "method": method, "summary": summary, "curve": curve, "wall_s": wall,
-                     "seconds_per_forward": seconds_per_step / forwards_per_step(method),
+                     "seconds_per_forward": seconds_per_step / per_step,
+                     "wall_per_forward": wall / (summary["steps"] * per_step) if wall else None,
                      "forwards": {round(step * per_step): acc for step, acc in curve.items()},
                      "tokens_per_forward": tokens / summary["forwards"] if tokens else None})
     return runs
@@ -221,7 +222,7 @@ def table(out: Path, task: str, methods: list[str], seeds: list[int]) -> tuple[l
         seeds_of[method] = len(runs)
         means[method] = {f: statistics.mean(at(runs, f)) for f in sorted({f for r in runs for f in r["forwards"]})
                          if len(at(runs, f)) == len(runs)}
-        walls = [r["wall_s"] / (r["summary"]["steps"] * forwards_per_step(method)) for r in runs if r["wall_s"]]
+        walls = [r["wall_per_forward"] for r in runs if r["wall_per_forward"]]
         summary = runs[0]["summary"]
         per_step = summary.get("payload_bytes_per_step", 0) // max(1, summary.get("world_size", 1))
         wire = f"{per_step} B" if method != "adam" else \
