@@ -79,3 +79,7 @@ def test_a_resumed_loop_warns_where_its_sampler_draws_an_order_it_cannot_repeat(
     with caplog.at_level("WARNING", logger="lightning_zo.integration.fabric"):
         resumed = [b.tolist() for b in run.batches(DataLoader(data, batch_size=4, sampler=seeded), 5)]
     assert resumed == whole[3:5] and not caplog.text  # a seeded sampler is continued, silently
+    with caplog.at_level("WARNING", logger="lightning_zo.integration.fabric"):
+        unbatched = list(run.batches(DataLoader(data, batch_size=None), 5))  # no BatchSampler: no position to set
+    assert [b.item() for b in unbatched] == [0, 1] and "resuming at step 3: the loader has no torch BatchSampler, " \
+        "so the run continues with the data from its start" in caplog.text

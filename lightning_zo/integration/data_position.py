@@ -84,7 +84,7 @@ def _batches_per_epoch(trainer: "pl.Trainer", loader: DataLoader) -> int | None:
     return min(n, limit) if isinstance(limit, int) else int(n * limit) if limit < 1.0 else n
 
 
-def random_draws(loader: DataLoader, sampler) -> str | None:
+def _random_draws(loader: DataLoader, sampler) -> str | None:
     """Why the order depends on random draws this module cannot repeat, if it does."""
     inner = getattr(getattr(sampler, "dataset", None), "_sampler", None)  # inside Lightning's DistributedSamplerWrapper
     if inner is not None and hasattr(inner, "generator"):
@@ -98,6 +98,22 @@ def random_draws(loader: DataLoader, sampler) -> str | None:
     return None
 
 
+def unrepeatable_order(loader: DataLoader, steps: int, injector: str) -> str | None:
+    """The warning for a loop resumed at `steps` whose sampler draws an order it cannot repeat, if it does; `injector`
+    names what would inject a DistributedSampler (Lightning's Trainer, Fabric's setup_dataloaders)."""
+    drawn = _random_draws(loader, loader.batch_sampler.sampler)
+    if drawn is None:
+        return None
+    return (f"resuming at step {steps}: {drawn}, so the resumed run's order differs from an uninterrupted run's "
+            f"(shuffle with RandomSampler(generator=<seeded>) alone, or let {injector} inject its DistributedSampler)")
+
+
+def starts_over(steps: int, why: str) -> str:
+    """The warning for a loop resumed at `steps` whose data this module cannot position."""
+    return (f"resuming at step {steps}: {why}, so the run continues with the data from its start, not with the batch "
+            "an uninterrupted run would see")
+
+
 def continue_at(trainer: "pl.Trainer", loader, steps: int):
     """Position the training `loader` (after Lightning's sampler injection) `steps` batches into the data; returns
     it (the same object). Loaders it cannot position are left as they are, with one warning."""
@@ -108,14 +124,12 @@ def continue_at(trainer: "pl.Trainer", loader, steps: int):
         unsure = f"the DataLoader's batch sampler ({type(loader.batch_sampler).__name__}) is not a BatchSampler"
     say = log.warning if trainer.is_global_zero else log.debug  # once per run, not once per rank
     if unsure is not None:
-        say("resuming at step %d: %s, so the run continues with the data from its start, not with the batch an "
-            "uninterrupted run would see", steps, unsure)
+        say(starts_over(steps, unsure))
         return loader
     sampler = loader.batch_sampler.sampler
-    drawn = random_draws(loader, sampler)
+    drawn = unrepeatable_order(loader, steps, "Lightning")
     if drawn:
-        say("resuming at step %d: %s, so the resumed run's order differs from an uninterrupted run's (shuffle with "
-            "RandomSampler(generator=<seeded>) alone, or let Lightning inject its DistributedSampler)", steps, drawn)
+        say(drawn)
     n = _batches_per_epoch(trainer, loader)
     epoch, batch = divmod(steps, n) if n else (0, steps)
     size = loader.batch_sampler.batch_size

@@ -33,7 +33,7 @@ from ..core.layout import weights_digest
 from ..core.optimizer import ZOOptimizer
 from .callbacks import ensure_visible_logs, restore_logs
 from .trajectory_log import log_header, resume_from_log
-from .data_position import StartAt, random_draws
+from .data_position import StartAt, starts_over, unrepeatable_order
 from .run_record import RunLock
 from .strategy import all_reduce_codes, verify_agreement, wire_device
 
@@ -54,7 +54,6 @@ class ZOFabric:
         self.fabric, self.opt = fabric, opt
         self.run_dir = Path(run_dir)
         self.rank, self.world_size = fabric.global_rank, fabric.world_size
-        self.device = fabric.device
         opt.attach(self.rank, self.world_size, self._exchange)
         header = log_header(opt, {k: str(v) for k, v in (settings or {}).items()})
         if self.world_size > 1:  # nothing broadcasts rank 0's weights: they must already agree (DESIGN I6)
@@ -83,7 +82,7 @@ class ZOFabric:
     def _exchange(self, payload: torch.Tensor) -> torch.Tensor:
         if self.world_size == 1:
             return payload
-        return all_reduce_codes(payload, self.opt, self.rank, wire_device(self.device))
+        return all_reduce_codes(payload, self.opt, self.rank, wire_device(self.fabric.device))
 
     def step(self, loss_fn: Callable[[int], torch.Tensor]) -> torch.Tensor:
         """One ZO step (`ZOOptimizer.step(loss_fn=...)`), logged."""
@@ -104,15 +103,12 @@ class ZOFabric:
         epoch, skip = divmod(self.start_step, n)
         if self.start_step and isinstance(getattr(inner, "batch_sampler", None), BatchSampler):
             sampler, size = inner.batch_sampler.sampler, inner.batch_sampler.batch_size
-            drawn = random_draws(inner, sampler)
+            drawn = unrepeatable_order(inner, self.start_step, "Fabric's setup_dataloaders")
             if drawn and self.rank == 0:
-                log.warning("resuming at step %d: %s, so the resumed run's order differs from an uninterrupted run's "
-                            "(shuffle with RandomSampler(generator=<seeded>) alone, or let Fabric's "
-                            "setup_dataloaders inject its DistributedSampler)", self.start_step, drawn)
+                log.warning(drawn)
             inner.batch_sampler.sampler = StartAt(sampler, epoch, skip * size, min(len(sampler), n * size))
-        elif self.start_step:
-            log.warning("resuming at step %d: the loader has no torch BatchSampler, so its data starts again from its "
-                        "first batch, not with the batch an uninterrupted run would see", self.start_step)
+        elif self.start_step and self.rank == 0:
+            log.warning(starts_over(self.start_step, "the loader has no torch BatchSampler"))
         step = self.start_step
         while step < max_steps:
             _set_sampler_epoch(inner, epoch)
