@@ -147,10 +147,13 @@ def test_the_first_order_reference_trains_the_same_module_by_backprop(tmp_path):
     assert summary["gradient_bytes_per_rank_per_step"] == 4 * 44_608  # every parameter of the tiny model
     assert not (tmp_path / "trajectory.zot").exists()
     import csv
-    losses = [float(r["train/loss"]) for r in csv.DictReader((tmp_path / "csv" / "metrics.csv").open())
-              if r.get("train/loss")]
+    rows = [r for r in csv.DictReader((tmp_path / "csv" / "metrics.csv").open()) if r.get("train/loss")]
+    losses = [float(r["train/loss"]) for r in rows]
     # measured: the mean loss of steps 1-10 0.70, of 31-40 0.23 (backprop fits the bundled set's sentences)
     assert len(losses) == 40 and sum(losses[-10:]) < 0.6 * sum(losses[:10])
+    # the cost columns of the ZO path: one forward per step, the batch's tokens (16 prompts of at least 2 tokens)
+    assert [float(r["forwards"]) for r in rows] == list(range(1, 41))
+    assert all(float(r["train/tokens"]) >= 32 for r in rows)
 
 
 def test_the_first_order_reference_refuses_a_non_differentiable_objective(tmp_path):

@@ -196,7 +196,9 @@ class ZOClassifier(pl.LightningModule):
         opt.zero_grad(set_to_none=True)
         self.manual_backward(loss)
         opt.step()
-        self.log_dict({"train/loss": loss.detach(), "train/lr": torch.tensor(float(opt.param_groups[0]["lr"]))},
+        self.log_dict({"train/loss": loss.detach(), "train/lr": torch.tensor(float(opt.param_groups[0]["lr"])),
+                       "train/tokens": batch["attention_mask"].sum().float(),  # one forward (and a backward) per step
+                       "forwards": torch.tensor(float(self.global_step))},  # counted by opt.step()
                       on_step=True, on_epoch=False)
         scheduler = self.lr_schedulers()
         if scheduler is not None:
