@@ -5,7 +5,8 @@ Layers, each importing only those below it:
   trajectory format (torch only: importing it loads neither Lightning, Hydra nor torchmetrics);
 - `lightning_zo.integration`: `ZOStrategy` ("zo", "zo_spawn"), the callbacks, `ZOFabric` (Lightning);
 - `lightning_zo.recipe`: prompt classification (tasks, data, models, `ZOClassifier`);
-- tools: `lightning_zo.cli` (the `lightning-zo` command), `.replay`, `.report`, `.bench`.
+- tools: `lightning_zo.cli` (the `lightning-zo` command; `.precheck`, its checks of the overrides), `.replay`,
+  `.report`, `.bench`.
 
 This face loads each name on first use (`lightning_zo.ZOStrategy` loads Lightning, `lightning_zo.ZOOptimizer` only
 torch), and makes `Trainer(strategy="zo")` work as soon as Lightning is loaded, whichever was imported first.

@@ -178,7 +178,7 @@ def test_malformed_tsv_reports_file_and_line(tmp_path):
                                 "key=value: trainer.max_steps=5"),
 ])
 def test_unknown_group_options_and_keys_are_one_clear_line(argv, message):
-    from lightning_zo.cli import precheck
+    from lightning_zo.precheck import precheck
     from lightning_zo.core.errors import UserError
 
     with pytest.raises(UserError) as e:
@@ -194,7 +194,7 @@ def test_unknown_group_options_and_keys_are_one_clear_line(argv, message):
                                   ["trainer.devices=auto", "trainer.val_check_interval=0.5", "optimizer.lr=1",
                                    "progress.every_n_steps=5", "trainer.max_steps=null", "data.seed=${seed}"]])
 def test_precheck_lets_valid_command_lines_through(argv):
-    from lightning_zo.cli import precheck
+    from lightning_zo.precheck import precheck
 
     precheck(argv)
 

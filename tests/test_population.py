@@ -125,9 +125,10 @@ def test_a_population_of_one_estimate_is_refused_at_the_step():
     (["optimizer.population=rank"], "population=rank normalises a step's 1 estimate(s): it needs at least two"),
     (["optimizer.estimator=forward"], "unknown estimator 'forward'")])
 def test_the_cli_refuses_bad_settings_in_one_line_before_loading_the_model(overrides, message, capsys):
-    from lightning_zo.cli import _compose, build, user_errors
+    from lightning_zo.cli import build, user_errors
+    from lightning_zo.precheck import compose_config
 
-    cfg = _compose(["model=tiny", "model._target_=no_such_module.build", *overrides])  # a model that cannot load
+    cfg = compose_config(["model=tiny", "model._target_=no_such_module.build", *overrides])  # a model that cannot load
     with pytest.raises(SystemExit) as e, user_errors():
         build(cfg)
     err = capsys.readouterr().err.strip()
