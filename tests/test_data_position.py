@@ -38,8 +38,12 @@ def kill_9_at(run_dir, steps, *args):
     return killed_at
 
 
-@pytest.mark.parametrize("devices", [1, 2])
-@pytest.mark.parametrize("loader", ["plain", "random", "stateful", "stateful_shuffle", "distributed"])
+# Every loader on one rank; on two, those whose path differs there: a seeded sampler on each rank, Lightning's injected
+# DistributedSampler (its shards, set_epoch), a stateful loader with the injected sampler (one state per rank). In order
+# (`plain`) and torchdata's own shuffle (`stateful_shuffle`) take on two ranks the path of `random` and `stateful`.
+@pytest.mark.parametrize("loader,devices", [(loader, 1) for loader in ("plain", "random", "stateful",
+                                                                       "stateful_shuffle", "distributed")]
+                         + [(loader, 2) for loader in ("random", "stateful", "distributed")])
 def test_kill_9_and_rerun_continue_with_the_uninterrupted_batches(tmp_path, loader, devices):
     args = ["--max-steps", str(STEPS), "--manual", "--scheduler", "--loader", loader]
     if devices == 2:

@@ -141,24 +141,26 @@ def _csv_forwards(run_dir):
                 if r.get("forwards")]
 
 
-def test_two_ranks_one_sided_zscore_stay_identical_replay_and_resume_exactly(tmp_path):
+def test_two_ranks_one_sided_zscore_with_masks_stay_identical_replay_and_resume_exactly(tmp_path):
+    """With sparse masks too (test_masks.py): refreshed every 3 steps, the resumed run stops between two refreshes."""
     args = ["trainer.strategy=zo_spawn", "trainer.devices=2", "data.batch_size=4", "optimizer.lr=1e-3",
-            "optimizer.k=2", "optimizer.estimator=one_sided", "optimizer.population=zscore"]
+            "optimizer.k=2", "optimizer.estimator=one_sided", "optimizer.population=zscore",
+            "optimizer.mask_keep=0.5", "optimizer.mask_every=3"]
     train(tmp_path / "whole", *args, "trainer.max_steps=8")
     whole = summaries(tmp_path / "whole")
     assert len({s["weights_sha256"] for s in whole}) == 1
     assert [s["forwards"] for s in whole] == [8 * 3, 8 * 3]  # k + 1 per step per rank
     header = trajectory.read(tmp_path / "whole" / "trajectory.zot").header
-    assert (header["estimator"], header["population"]) == ("one_sided", "zscore")
-    assert header["format_version"] == trajectory.POPULATION_VERSION  # releases before it refuse the log
+    assert (header["estimator"], header["population"]) == ("one_sided", "zscore") and header["mask"] is not None
+    assert header["format_version"] == trajectory.MASK_VERSION  # releases before masks refuse the log
     replayed = replay(tmp_path / "whole", progress=False)[1]
     assert replayed["weights_sha256"] == whole[0]["weights_sha256"] and replayed["forwards"] == 24
     rows = _csv_forwards(tmp_path / "whole")
     assert [(step, forwards) for step, forwards, _ in rows] == [(t, 3.0 * (t + 1)) for t in range(8)]
     assert all(tokens > 0 for _, _, tokens in rows)
-    train(tmp_path / "resumed", *args, "trainer.max_steps=3")
+    train(tmp_path / "resumed", *args, "trainer.max_steps=4")
     proc = train(tmp_path / "resumed", *args, "trainer.max_steps=8")
-    assert "replayed 3 steps" in proc.stdout
+    assert "replayed 4 steps" in proc.stdout
     resumed = summaries(tmp_path / "resumed")
     assert {s["weights_sha256"] for s in resumed} == {whole[0]["weights_sha256"]}
     assert [s["forwards"] for s in resumed] == [24, 24]
