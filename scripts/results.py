@@ -325,7 +325,9 @@ def targets(means: dict, seeds_of: dict) -> list[str]:
         reached = [f for f, v in sorted(means[method].items()) if f > 0 and v >= best]
         top = max(means[method].values())
         at_top = min(f for f, v in means[method].items() if v == top)
-        speed = (f"reached at {reached[0]} forwards, {spent / reached[0]:.1f}x fewer "
+        ratio = (f"{spent / reached[0]:.1f}x fewer" if reached and reached[0] <= spent else
+                 f"{reached[0] / spent:.1f}x more" if reached else "")
+        speed = (f"reached at {reached[0]} forwards, {ratio} "
                  f"({'target met' if spent >= 2 * reached[0] else 'target of 2x not met'})" if reached else
                  f"not reached within {max(means[method])} forwards")
         gap = "" if adam is None else (
