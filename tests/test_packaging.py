@@ -39,6 +39,8 @@ def test_wheel_ships_configs_kernel_source_data_and_the_command(tmp_path):
                                                          for p in (REPO / "conf").rglob("*.yaml")}
     assert shipped <= names, sorted(shipped - names)
     assert "lightning-zo = lightning_zo.cli:main" in entry_points
+    import lightning_zo  # pyproject.toml reads its version from the package: one place, the same number
+    assert f"\nVersion: {lightning_zo.__version__}\n" in metadata
     requires = [line for line in metadata.splitlines() if line.startswith("Requires-Dist:")]
     core = [r for r in requires if "extra ==" not in r]
     assert any("lightning" in r and "<2.7" in r for r in core)
