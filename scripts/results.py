@@ -325,11 +325,13 @@ def targets(means: dict, seeds_of: dict) -> list[str]:
         reached = [f for f, v in sorted(means[method].items()) if f > 0 and v >= best]
         top = max(means[method].values())
         at_top = min(f for f, v in means[method].items() if v == top)
-        ratio = (f"{spent / reached[0]:.1f}x fewer" if reached and reached[0] <= spent else
-                 f"{reached[0] / spent:.1f}x more" if reached else "")
-        speed = (f"reached at {reached[0]} forwards, {ratio} "
-                 f"({'target met' if spent >= 2 * reached[0] else 'target of 2x not met'})" if reached else
-                 f"not reached within {max(means[method])} forwards")
+        if reached:
+            first = reached[0]
+            ratio = f"{spent / first:.1f}x fewer" if first <= spent else f"{first / spent:.1f}x more"
+            speed = (f"reached at {first} forwards, {ratio} "
+                     f"({'target met' if spent >= 2 * first else 'target of 2x not met'})")
+        else:
+            speed = f"not reached within {max(means[method])} forwards"
         gap = "" if adam is None else (
             f"; its best mean, {100 * top:.1f} % at {at_top} forwards, is {100 * (adam - top):.1f} points below Adam's "
             f"100-step {100 * adam:.1f} % ({'target met' if adam - top <= 0.03 else 'target of 3 points not met'})")
